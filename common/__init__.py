@@ -1,0 +1,1 @@
+"""pf2lora.common: the model, trainer, algorithms, data and simulation shared by every process."""

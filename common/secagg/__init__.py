@@ -1,0 +1,1 @@
+"""pf2lora.common.secagg: SecAgg+ secure aggregation (masks, Shamir shares, fixed point, signed keys)."""

@@ -1,0 +1,1 @@
+"""pf2lora.v1: generated protobuf and gRPC code of the wire protocol, version 1."""
