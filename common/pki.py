@@ -1,0 +1,530 @@
+"""The federation's small PKI: a CA and coordinator, silo and admin certificates (ECDSA P-256).
+
+Certificates are complete in the RFC 5280 sense (basicConstraints, keyUsage, EKU, SAN, SKI/AKI)
+because gRPC would accept much less; tests check them with `cryptography.x509.verification`.
+On disk (file names of a Kubernetes TLS Secret in each role directory):
+
+    DIR/ca.crt, DIR/ca.key                       the federation CA (keep ca.key offline)
+    DIR/coordinator/{tls.crt,tls.key,ca.crt}     server certificate (DNS/IP SANs)
+    DIR/silos/ID/{tls.crt,tls.key,ca.crt}        spiffe://FEDERATION/silo/ID
+    DIR/admins/NAME/{tls.crt,tls.key,ca.crt}     spiffe://FEDERATION/admin/NAME
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pf2lora.common.errors import ConfigError
+from pf2lora.common.identity import Identity, Role, validate_label
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CA_DAYS = (
+    1826  # five years (with a leap day): re-issuing every leaf is the cost of a new CA
+)
+DEFAULT_LEAF_DAYS = 365  # one year: leaves are cheap to re-issue with the CA kept
+# not_before is set this far in the past so that a peer whose clock runs behind does not reject
+# a certificate issued a moment ago as "not yet valid".
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+CA_CERT, CA_KEY = "ca.crt", "ca.key"
+TLS_CERT, TLS_KEY = "tls.crt", "tls.key"
+KEY_MODE, CERT_MODE, DIR_MODE = 0o600, 0o644, 0o700
+ORGANIZATION = "pf2lora"
+
+_DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def validate_dns_name(value: object) -> str:
+    """A host name for the server certificate's SAN, lower-cased; ConfigError otherwise.
+
+    ASCII labels only (write IDNs in punycode), no wildcards, no trailing dot; an IP address
+    belongs in an IP SAN instead.
+    """
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"server DNS name {value!r}: must be a non-empty string")
+    name = value.lower()
+    if _is_ip(name):
+        raise ConfigError(
+            f"server DNS name {value!r} is an IP address: give it as an IP SAN (--ip)"
+        )
+    if len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in name.split(".")):
+        raise ConfigError(
+            f"server DNS name {value!r}: use dot-separated labels of a-z, 0-9 and '-' "
+            "(no wildcard, no trailing dot, at most 253 characters)"
+        )
+    return name
+
+
+def validate_ip(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IP address for an IP SAN; ConfigError naming the value otherwise."""
+    try:
+        return ipaddress.ip_address(value)  # type: ignore[arg-type]
+    except ValueError:
+        raise ConfigError(f"server IP address {value!r}: not an IPv4 or IPv6 address") from None
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _utc(name: str, value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None:
+        raise ConfigError(f"{name}={value!r}: give a timezone-aware datetime (e.g. UTC)")
+    return value.astimezone(dt.UTC)
+
+
+def _validity(
+    days: int, not_before: dt.datetime | None, not_after: dt.datetime | None
+) -> tuple[dt.datetime, dt.datetime]:
+    """(not_before, not_after): explicit values win; otherwise now - CLOCK_SKEW and + days."""
+    if isinstance(days, bool) or not isinstance(days, int) or days <= 0:
+        raise ConfigError(f"days={days!r}: validity must be a whole number of days > 0")
+    start = (
+        _utc("not_before", not_before)
+        if not_before is not None
+        else dt.datetime.now(dt.UTC) - CLOCK_SKEW
+    )
+    end = _utc("not_after", not_after) if not_after is not None else start + dt.timedelta(days=days)
+    if end <= start:
+        raise ConfigError(
+            f"not_after={end.isoformat()}: must be after not_before={start.isoformat()}"
+        )
+    return start, end
+
+
+# --- certificates in memory ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A certificate and its private key."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    def __post_init__(self) -> None:
+        if self.cert.public_key() != self.key.public_key():
+            raise ConfigError(
+                f"certificate {self.cert.subject.rfc4514_string()!r}: key does not match it"
+            )
+
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(self) -> bytes:
+        # Unencrypted PKCS#8: gRPC and Kubernetes Secrets need the key readable without a
+        # passphrase; the file mode (0600) and the Secret's RBAC protect it.
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+@dataclass(frozen=True)
+class CertificateAuthority(IssuedCertificate):
+    """The federation CA: signs every leaf; its federation name is its subject's OU."""
+
+    federation: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_label("federation", self.federation)
+        try:
+            bc = self.cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            bc = None
+        if bc is None or not bc.ca:
+            raise ConfigError(
+                f"certificate {self.cert.subject.rfc4514_string()!r}: not a CA (basicConstraints)"
+            )
+
+
+class TlsMaterial(NamedTuple):
+    """PEM bytes of one role directory, as gRPC credentials take them."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _subject(federation: str, common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, federation),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def create_ca(
+    federation: str,
+    *,
+    days: int = DEFAULT_CA_DAYS,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> CertificateAuthority:
+    """A new self-signed federation CA (path length 0: it signs leaves only)."""
+    validate_label("federation", federation)
+    start, end = _validity(days, not_before, not_after)
+    key = _new_key()
+    name = _subject(federation, f"pf2lora {federation} CA")
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    logger.info("created CA %r valid until %s", cert.subject.rfc4514_string(), end.isoformat())
+    return CertificateAuthority(cert=cert, key=key, federation=federation)
+
+
+def _issue_leaf(
+    ca: CertificateAuthority,
+    common_name: str,
+    san: Sequence[x509.GeneralName],
+    eku: x509.ObjectIdentifier,
+    days: int,
+    not_before: dt.datetime | None,
+    not_after: dt.datetime | None,
+) -> IssuedCertificate:
+    start, end = _validity(days, not_before, not_after)
+    if end > ca.cert.not_valid_after_utc:
+        # A leaf cannot outlive its CA in practice: verifiers reject the chain once the CA expires.
+        logger.warning(
+            "%s: validity cut to the CA's expiry %s", common_name, ca.cert.not_valid_after_utc
+        )
+        end = ca.cert.not_valid_after_utc
+        if end <= start:
+            raise ConfigError(f"the CA expired on {end.isoformat()}: create a new CA")
+    key = _new_key()
+    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_subject(ca.federation, common_name))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(list(san)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    logger.info("issued %r valid until %s", common_name, end.isoformat())
+    return IssuedCertificate(cert=cert, key=key)
+
+
+def issue_server_cert(
+    ca: CertificateAuthority,
+    dns_names: Sequence[str] = ("localhost",),
+    ip_addresses: Sequence[str] = (),
+    *,
+    days: int = DEFAULT_LEAF_DAYS,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> IssuedCertificate:
+    """The coordinator's server certificate: EKU serverAuth, a SAN for every name silos dial."""
+    if isinstance(dns_names, str):
+        raise ConfigError(f"dns_names={dns_names!r}: give a list of names, not one string")
+    names = list(dict.fromkeys(validate_dns_name(n) for n in dns_names))
+    ips = list(dict.fromkeys(validate_ip(ip) for ip in ip_addresses))
+    if not names:
+        raise ConfigError("dns_names=[]: the server certificate needs at least one DNS name")
+    san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    san += [x509.IPAddress(ip) for ip in ips]
+    return _issue_leaf(
+        ca, names[0], san, ExtendedKeyUsageOID.SERVER_AUTH, days, not_before, not_after
+    )
+
+
+def _issue_client(
+    ca: CertificateAuthority,
+    role: Role,
+    name: str,
+    days: int,
+    not_before: dt.datetime | None,
+    not_after: dt.datetime | None,
+) -> IssuedCertificate:
+    ident = Identity(ca.federation, role, name)
+    san = [x509.UniformResourceIdentifier(ident.uri)]
+    return _issue_leaf(
+        ca, f"{role} {name}", san, ExtendedKeyUsageOID.CLIENT_AUTH, days, not_before, not_after
+    )
+
+
+def issue_silo_cert(
+    ca: CertificateAuthority,
+    silo_id: str,
+    *,
+    days: int = DEFAULT_LEAF_DAYS,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> IssuedCertificate:
+    """A silo's client certificate: EKU clientAuth, SAN URI spiffe://FEDERATION/silo/SILO_ID."""
+    return _issue_client(ca, "silo", silo_id, days, not_before, not_after)
+
+
+def issue_admin_cert(
+    ca: CertificateAuthority,
+    name: str,
+    *,
+    days: int = DEFAULT_LEAF_DAYS,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> IssuedCertificate:
+    """An admin's client certificate: EKU clientAuth, SAN URI spiffe://FEDERATION/admin/NAME."""
+    return _issue_client(ca, "admin", name, days, not_before, not_after)
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def coordinator_dir(directory: str | os.PathLike[str]) -> Path:
+    return Path(directory) / "coordinator"
+
+
+def silo_dir(directory: str | os.PathLike[str], silo_id: str) -> Path:
+    return Path(directory) / "silos" / validate_label("silo id", silo_id)
+
+
+def admin_dir(directory: str | os.PathLike[str], name: str) -> Path:
+    return Path(directory) / "admins" / validate_label("admin name", name)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to `path` via a temp file created with `mode` (never wider), fsync, rename."""
+    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates the file 0600 with O_EXCL; fchmod sets the exact final mode before any byte
+    # is written, so a key is never readable by others, not even for a moment.
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def refuse_existing_keys(keys: Iterable[Path], force: bool) -> None:
+    """ConfigError listing those of `keys` that exist, unless `force`."""
+    if force:
+        return
+    existing = [str(p) for p in keys if p.exists()]
+    if existing:
+        raise ConfigError(
+            f"refusing to overwrite existing key(s) {', '.join(existing)}: "
+            "use --force (force=True) to replace them"
+        )
+
+
+def write_ca(
+    directory: str | os.PathLike[str], ca: CertificateAuthority, *, force: bool = False
+) -> None:
+    """Write DIR/ca.crt and DIR/ca.key (0600); ConfigError if ca.key exists and not `force`."""
+    d = Path(directory)
+    refuse_existing_keys([d / CA_KEY], force)
+    write_file_atomic(d / CA_KEY, ca.key_pem(), KEY_MODE)
+    write_file_atomic(d / CA_CERT, ca.cert_pem(), CERT_MODE)
+
+
+def write_role(
+    role_dir: str | os.PathLike[str],
+    issued: IssuedCertificate,
+    ca_cert: x509.Certificate,
+    *,
+    force: bool = False,
+) -> None:
+    """Write ROLE_DIR/{tls.key (0600), tls.crt, ca.crt}; ConfigError if tls.key exists."""
+    d = Path(role_dir)
+    refuse_existing_keys([d / TLS_KEY], force)
+    # Key first, then certificate: a reader between the two sees a mismatched pair, which TLS
+    # libraries reject at load time, rather than a new certificate with an old key.
+    write_file_atomic(d / TLS_KEY, issued.key_pem(), KEY_MODE)
+    write_file_atomic(d / TLS_CERT, issued.cert_pem(), CERT_MODE)
+    write_file_atomic(d / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)
+    logger.info("wrote %s", d)
+
+
+def _read_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    if mode & 0o077:
+        logger.warning("%s is readable by others (mode %o): chmod 600 it", path, mode)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{path}: expected an EC private key, got {type(key).__name__}")
+    return key
+
+
+def read_cert(path: str | os.PathLike[str]) -> x509.Certificate:
+    """The first PEM certificate in `path`; ConfigError naming the file otherwise."""
+    p = Path(path)
+    try:
+        return x509.load_pem_x509_certificate(p.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except ValueError as exc:
+        raise ConfigError(f"{p}: not a PEM certificate ({exc})") from None
+
+
+def ca_federation(ca_cert: x509.Certificate, where: object = "CA certificate") -> str:
+    """The federation name a pf2lora CA carries as its subject's single OU."""
+    ous = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if len(ous) != 1:
+        raise ConfigError(
+            f"{where}: subject {ca_cert.subject.rfc4514_string()!r} has no single OU naming the "
+            "federation (not created by pf2lora certs init)"
+        )
+    return validate_label("federation", str(ous[0].value))
+
+
+def load_ca(directory: str | os.PathLike[str]) -> CertificateAuthority:
+    """The CA written by write_ca, to issue more leaves without creating a new CA."""
+    d = Path(directory)
+    cert = read_cert(d / CA_CERT)
+    key = _read_key(d / CA_KEY)
+    federation = ca_federation(cert, d / CA_CERT)
+    return CertificateAuthority(cert=cert, key=key, federation=federation)
+
+
+def load_tls_material(role_dir: str | os.PathLike[str]) -> TlsMaterial:
+    """(ca, cert, key) PEM bytes from ROLE_DIR/{ca.crt,tls.crt,tls.key}, checked to match."""
+    d = Path(role_dir)
+    cert = read_cert(d / TLS_CERT)
+    key = _read_key(d / TLS_KEY)
+    ca = read_cert(d / CA_CERT)
+    IssuedCertificate(cert=cert, key=key)  # raises ConfigError if they do not belong together
+    return TlsMaterial(
+        ca=ca.public_bytes(serialization.Encoding.PEM),
+        cert=(d / TLS_CERT).read_bytes(),
+        key=(d / TLS_KEY).read_bytes(),
+    )
+
+
+def provision_federation(
+    directory: str | os.PathLike[str],
+    federation: str,
+    server_names: Sequence[str] = ("localhost",),
+    *,
+    server_ips: Sequence[str] = (),
+    silos: Sequence[str] = (),
+    admins: Sequence[str] = (),
+    ca_days: int = DEFAULT_CA_DAYS,
+    leaf_days: int = DEFAULT_LEAF_DAYS,
+    force: bool = False,
+) -> CertificateAuthority:
+    """A new CA plus coordinator, silo and admin certificates written under `directory`.
+
+    Every name is validated and every existing key checked before anything is written, so a
+    refused call leaves the directory as it was.
+    """
+    d = Path(directory)
+    silos = list(dict.fromkeys(validate_label("silo id", s) for s in silos))
+    admins = list(dict.fromkeys(validate_label("admin name", a) for a in admins))
+    validate_label("federation", federation)
+    _validity(ca_days, None, None)
+    _validity(leaf_days, None, None)
+    targets = [d / CA_KEY, coordinator_dir(d) / TLS_KEY]
+    targets += [silo_dir(d, s) / TLS_KEY for s in silos]
+    targets += [admin_dir(d, a) / TLS_KEY for a in admins]
+    refuse_existing_keys(targets, force)
+
+    ca = create_ca(federation, days=ca_days)
+    server = issue_server_cert(ca, server_names, server_ips, days=leaf_days)
+    write_ca(d, ca, force=force)
+    write_role(coordinator_dir(d), server, ca.cert, force=force)
+    for s in silos:
+        write_role(silo_dir(d, s), issue_silo_cert(ca, s, days=leaf_days), ca.cert, force=force)
+    for a in admins:
+        write_role(admin_dir(d, a), issue_admin_cert(ca, a, days=leaf_days), ca.cert, force=force)
+    return ca
