@@ -69,7 +69,9 @@ def package_data_dir(package: str, pip_name: str | None = None) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _read(builder: str, path: Path, cache_dir: Path | None, **kwargs: Any) -> Dataset:
+def _read(
+    builder: str, path: Path, cache_dir: Path | None, context: str = "", **kwargs: Any
+) -> Dataset:
     """One local file through `datasets.load_dataset`, any failure as a DataError naming it."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:
@@ -77,7 +79,11 @@ def _read(builder: str, path: Path, cache_dir: Path | None, **kwargs: Any) -> Da
             builder, data_files=str(path), split="train", cache_dir=str(cache), **kwargs
         )
     except Exception as exc:  # datasets raises many types (StopIteration for an empty JSONL)
-        raise DataError(f"{path}: cannot read as {builder}: {type(exc).__name__}: {exc}") from exc
+        root: BaseException = exc
+        while root.__cause__ is not None:  # DatasetGenerationError hides the parser's message
+            root = root.__cause__
+        where = f"{path}: cannot read as {builder}" + (f" {context}" if context else "")
+        raise DataError(f"{where}: {type(root).__name__}: {root}") from exc
     assert isinstance(ds, Dataset)
     return ds
 
@@ -85,7 +91,17 @@ def _read(builder: str, path: Path, cache_dir: Path | None, **kwargs: Any) -> Da
 def _column(ds: Dataset, path: Path, column: str) -> list[Any]:
     if column not in ds.column_names:
         raise DataError(f"{path}: no column {column!r}; columns found: {ds.column_names}")
-    return list(ds[column])
+    return column_values(ds, column)
+
+
+def column_values(ds: Dataset, column: str) -> list[Any]:
+    """A column as a Python list, through Arrow (iterating `ds[column]` is 100x slower)."""
+    return ds.with_format("arrow")[column].to_pylist()
+
+
+def labels_of(ds: Dataset) -> np.ndarray:
+    """The `label` column as an int64 array."""
+    return np.asarray(ds.with_format("arrow")["label"].to_numpy(), dtype=np.int64)
 
 
 def _make_dataset(
@@ -96,6 +112,17 @@ def _make_dataset(
     )
     data = {"text": list(texts), "label": list(labels), "domain": list(domains)}
     return Dataset.from_dict(data, features=features)
+
+
+def _clean_text(text: str | None) -> str:
+    """Unescape HTML entities (some shipped snippets are escaped twice: `&amp;amp;`), strip."""
+    out = text or ""
+    for _ in range(3):
+        unescaped = html.unescape(out)
+        if unescaped == out:
+            break
+        out = unescaped
+    return out.strip()
 
 
 def num_labels_of(ds: Dataset) -> int:
@@ -117,7 +144,7 @@ def load_vader(
 
     Binary: positive iff the mean rating > 0 (a rating of exactly 0 counts as negative).
     3-class: negative (score <= -t), neutral (|score| < t), positive (score >= t), t = 0.5.
-    HTML entities (`&amp;`, `&lt;`) are unescaped and surrounding whitespace stripped.
+    HTML entities (`&amp;`, `&lt;`, twice-escaped `&amp;amp;` in nyt) are unescaped; text stripped.
     """
     if num_classes not in VADER_LABELS:
         raise ConfigError(f"num_classes must be 2 or 3 for vader, got {num_classes!r}")
@@ -161,7 +188,7 @@ def load_vader(
                 scores >= neutral_threshold, 2, np.where(scores <= -neutral_threshold, 0, 1)
             )
         for i, (text, label) in enumerate(zip(_column(ds, path, "text"), y.tolist(), strict=True)):
-            clean = html.unescape(text or "").strip()
+            clean = _clean_text(text)
             if not clean:
                 raise DataError(f"{path}: column 'text' row {i}: empty text")
             texts.append(clean)
@@ -202,7 +229,7 @@ def load_rotten_tomatoes(min_per_movie: int = 20, *, cache_dir: Path | None = No
             continue
         if cat not in codes:
             raise DataError(f"{path}: column 'category' row {i}: unknown category {cat!r}")
-        clean = html.unescape(text or "").strip()
+        clean = _clean_text(text)
         if not clean:
             dropped_empty += 1
             continue
@@ -230,19 +257,20 @@ def _read_table(
 ) -> tuple[Path, list[str], list[Any]]:
     """Texts (validated) and raw label values of one local file."""
     p = Path(path)
+    expected = f"(columns {text_column!r}, {label_column!r} expected)"
     if not p.is_file():
-        raise DataError(f"{p}: file not found (columns {text_column!r}, {label_column!r} expected)")
+        raise DataError(f"{p}: file not found {expected}")
     builder = LOCAL_FORMATS.get(p.suffix.lower())
     if builder is None:
         raise DataError(
-            f"{p}: unsupported extension {p.suffix!r}; use one of {list(LOCAL_FORMATS)}"
+            f"{p}: unsupported extension {p.suffix!r}; use one of {list(LOCAL_FORMATS)} {expected}"
         )
     if p.stat().st_size == 0:
-        raise DataError(f"{p}: empty file (columns {text_column!r}, {label_column!r} expected)")
+        raise DataError(f"{p}: empty file {expected}")
     kwargs: dict[str, Any] = {"keep_default_na": False} if builder == "csv" else {}
-    ds = _read(builder, p, cache_dir, **kwargs)
+    ds = _read(builder, p, cache_dir, context=expected, **kwargs)
     if len(ds) == 0:
-        raise DataError(f"{p}: no rows (columns {text_column!r}, {label_column!r} expected)")
+        raise DataError(f"{p}: no rows {expected}")
     texts = _column(ds, p, text_column)
     raw = _column(ds, p, label_column)
     for i, t in enumerate(texts):
@@ -343,7 +371,7 @@ class ClientData:
                 raise ConfigError(f"{field} of client {self.name!r} lacks columns {missing}")
             if len(ds) == 0:
                 raise ConfigError(f"{field} of client {self.name!r} is empty")
-            y = np.asarray(ds["label"])
+            y = labels_of(ds)
             if y.min() < 0 or y.max() >= self.num_labels:
                 raise ConfigError(
                     f"{field} of client {self.name!r} has labels outside [0, {self.num_labels})"
@@ -367,7 +395,7 @@ def _client_splits(
     first_client: int = 0,
 ) -> list[ClientData]:
     """Stratified train/test split of each client's indices, then optional stratified caps."""
-    labels = np.asarray(pooled["label"], dtype=np.int64)
+    labels = labels_of(pooled)
     num_labels = num_labels_of(pooled)
     clients: list[ClientData] = []
     for j, (idx, name) in enumerate(zip(parts, names, strict=True), start=first_client):
@@ -421,6 +449,13 @@ def build_client_data(
         raise ConfigError(f"num_clients must be an int >= 1, got {num_clients!r}")
     _check_cap("max_train_per_client", max_train_per_client)
     _check_cap("max_test_per_client", max_test_per_client)
+    # Cheap checks before the corpus is read (the partitioners check again).
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if partition == "similarity" and not 0.0 <= similarity <= 1.0:
+        raise ConfigError(f"similarity must be in [0, 1], got {similarity!r}")
+    if partition == "dirichlet" and not 0.0 < dirichlet_alpha < float("inf"):
+        raise ConfigError(f"dirichlet alpha must be a finite number > 0, got {dirichlet_alpha!r}")
     rng = np.random.default_rng([seed, 0])
     if source == "vader":
         pooled = load_vader(domains, num_classes, cache_dir=cache_dir)
@@ -439,9 +474,9 @@ def build_client_data(
                 "rotten tomatoes: %d of %d movies drawn: %s", num_clients, len(groups), picked
             )
             pooled = _select_domains(pooled, set(picked))
-    labels = np.asarray(pooled["label"], dtype=np.int64)
+    labels = labels_of(pooled)
     if partition == "natural":
-        groups_col = list(pooled["domain"])
+        groups_col = column_values(pooled, "domain")
         parts = partition_natural(groups_col, num_clients, rng)
         group_names = sorted(set(groups_col))
         per = num_clients // len(group_names)
@@ -466,7 +501,7 @@ def build_client_data(
 
 
 def _select_domains(ds: Dataset, keep: set[str]) -> Dataset:
-    mask = [d in keep for d in ds["domain"]]
+    mask = [d in keep for d in column_values(ds, "domain")]
     return ds.select(np.flatnonzero(mask))
 
 
@@ -545,4 +580,4 @@ def _cap(ds: Dataset, cap: int | None, rng: np.random.Generator) -> Dataset:
     """At most `cap` rows, drawn with the dataset's label shares."""
     if cap is None or len(ds) <= cap:
         return ds
-    return ds.select(stratified_subsample(np.asarray(ds["label"]), cap, rng))
+    return ds.select(stratified_subsample(labels_of(ds), cap, rng))
