@@ -174,14 +174,23 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _subject(federation: str, common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, federation),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
+CN_MAX = 64  # RFC 5280 ub-common-name
+
+
+def _subject(federation: str, *common_names: str) -> x509.Name:
+    """O=pf2lora, OU=FEDERATION, CN=the first of `common_names` that fits in 64 characters.
+
+    The CN is for people reading logs; verification uses the SAN (leaves) and the key (CA).
+    Without a candidate that fits, the subject has no CN.
+    """
+    attrs = [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, federation),
+    ]
+    cn = next((c for c in common_names if 0 < len(c) <= CN_MAX), None)
+    if cn is not None:
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    return x509.Name(attrs)
 
 
 def create_ca(
@@ -195,7 +204,7 @@ def create_ca(
     validate_label("federation", federation)
     start, end = _validity(days, not_before, not_after)
     key = _new_key()
-    name = _subject(federation, f"pf2lora {federation} CA")
+    name = _subject(federation, f"pf2lora {federation} CA", "pf2lora CA")
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
@@ -229,7 +238,7 @@ def create_ca(
 
 def _issue_leaf(
     ca: CertificateAuthority,
-    common_name: str,
+    common_names: Sequence[str],
     san: Sequence[x509.GeneralName],
     eku: x509.ObjectIdentifier,
     days: int,
@@ -237,11 +246,10 @@ def _issue_leaf(
     not_after: dt.datetime | None,
 ) -> IssuedCertificate:
     start, end = _validity(days, not_before, not_after)
+    label = common_names[0]
     if end > ca.cert.not_valid_after_utc:
         # A leaf cannot outlive its CA in practice: verifiers reject the chain once the CA expires.
-        logger.warning(
-            "%s: validity cut to the CA's expiry %s", common_name, ca.cert.not_valid_after_utc
-        )
+        logger.warning("%s: validity cut to the CA's expiry %s", label, ca.cert.not_valid_after_utc)
         end = ca.cert.not_valid_after_utc
         if end <= start:
             raise ConfigError(f"the CA expired on {end.isoformat()}: create a new CA")
@@ -249,7 +257,7 @@ def _issue_leaf(
     ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_subject(ca.federation, common_name))
+        .subject_name(_subject(ca.federation, *common_names))
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -278,7 +286,7 @@ def _issue_leaf(
         )
         .sign(ca.key, hashes.SHA256())
     )
-    logger.info("issued %r valid until %s", common_name, end.isoformat())
+    logger.info("issued %r valid until %s", label, end.isoformat())
     return IssuedCertificate(cert=cert, key=key)
 
 
@@ -300,9 +308,7 @@ def issue_server_cert(
         raise ConfigError("dns_names=[]: the server certificate needs at least one DNS name")
     san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
     san += [x509.IPAddress(ip) for ip in ips]
-    return _issue_leaf(
-        ca, names[0], san, ExtendedKeyUsageOID.SERVER_AUTH, days, not_before, not_after
-    )
+    return _issue_leaf(ca, names, san, ExtendedKeyUsageOID.SERVER_AUTH, days, not_before, not_after)
 
 
 def _issue_client(
@@ -316,7 +322,13 @@ def _issue_client(
     ident = Identity(ca.federation, role, name)
     san = [x509.UniformResourceIdentifier(ident.uri)]
     return _issue_leaf(
-        ca, f"{role} {name}", san, ExtendedKeyUsageOID.CLIENT_AUTH, days, not_before, not_after
+        ca,
+        [f"{role} {name}", name],
+        san,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        days,
+        not_before,
+        not_after,
     )
 
 
