@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import ipaddress
 import logging
 import re
 from collections.abc import Callable, Collection, Iterator
@@ -106,24 +105,16 @@ def identity_from_cert(cert: x509.Certificate) -> Identity:
 
 
 def _san_strings(context: grpc.ServicerContext) -> list[str]:
-    """The peer certificate's SAN entries as gRPC reports them (empty without a client cert)."""
+    """The peer certificate's SAN entries as gRPC reports them (empty without a client cert).
+
+    Only the SAN property: context.peer_identities() falls back to the subject CN for a
+    certificate without a SAN, and a CN must never pass for an identity.
+    """
     auth = context.auth_context() or {}
-    values = list(auth.get(SAN_PROPERTY, ()))
-    if not values:
-        # peer_identities() is the SAN list too when the certificate has one.
-        values = list(context.peer_identities() or ())
-    out = []
-    for v in values:
-        out.append(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
-    return out
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
+    return [
+        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        for v in auth.get(SAN_PROPERTY, ())
+    ]
 
 
 def peer_identity(context: grpc.ServicerContext, federation: str) -> Identity:
@@ -133,7 +124,7 @@ def peer_identity(context: grpc.ServicerContext, federation: str) -> Identity:
     certificate carries. PermissionDenied when there is no certificate, no SPIFFE URI, more than
     one, a malformed one, or one of another federation.
     """
-    sans = [s for s in _san_strings(context) if not _is_ip(s)]
+    sans = _san_strings(context)
     if not sans:
         raise PermissionDenied(
             f"peer {context.peer()}: no client certificate identity (mutual TLS required)"

@@ -10,8 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pf2lora.common import grpc_factory, pki
 from pf2lora.common.errors import ConfigError, InvalidArgument
 from pf2lora.common.identity import (
@@ -141,7 +143,11 @@ def _call(
 
 
 def _role(fed: Federation, role_dir: str) -> pki.IssuedCertificate:
-    m = pki.load_tls_material(fed.dir / role_dir)
+    return _role_in(fed.dir, role_dir)
+
+
+def _role_in(directory: Path, role_dir: str) -> pki.IssuedCertificate:
+    m = pki.load_tls_material(directory / role_dir)
     key = load_pem_private_key(m.key, None)
     return pki.IssuedCertificate(x509.load_pem_x509_certificate(m.cert), key)  # type: ignore[arg-type]
 
@@ -275,6 +281,30 @@ def test_certificate_with_two_identities_is_denied(fed: Federation) -> None:
     assert code == grpc.StatusCode.PERMISSION_DENIED and "expected one" in details
 
 
+def test_identity_in_the_common_name_is_ignored(fed: Federation) -> None:
+    # gRPC's peer_identities() reports the CN of a certificate without a SAN; it is not an identity.
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "spiffe://acme/admin/ops")])
+        )
+        .issuer_name(fed.ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(fed.ca.key, hashes.SHA256())
+    )
+    cn_only = pki.IssuedCertificate(cert, key)
+    ca = fed.ca.cert_pem()
+    code, details = _code(_call, fed.silo_port, "Admin", b"", ca_pem=ca, client=cn_only)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "mutual TLS required" in details
+
+
 def test_insecure_mode_trusts_the_claim_only_where_asked(fed: Federation) -> None:
     # --insecure: no TLS, the claimed id is the identity; the allow-list still applies.
     assert _call(fed.insecure_port, "InsecureSilo", b"hospital-b", ca_pem=None) == (
@@ -287,6 +317,32 @@ def test_insecure_mode_trusts_the_claim_only_where_asked(fed: Federation) -> Non
     # Without insecure=True, a plaintext caller has no identity at all.
     code, details = _code(_call, fed.insecure_port, "Silo", b"hospital-a", ca_pem=None)
     assert code == grpc.StatusCode.PERMISSION_DENIED and "mutual TLS required" in details
+
+
+def test_rotated_server_certificate_reaches_new_connections(tmp_path: Path) -> None:
+    # pf2lora certs rotate-server writes the coordinator directory in place; the coordinator's
+    # rotating credentials serve the new certificate on new connections, with the same CA.
+    d = tmp_path / "federation"
+    pki.provision_federation(d, FED, ["localhost"], silos=["hospital-a"])
+    ca = pki.load_ca(d)
+    server = grpc_factory.create_server(2, interceptors=[PermissionInterceptor()])
+    server.add_generic_rpc_handlers([_handlers()])
+    creds = grpc_factory.rotating_server_credentials(pki.coordinator_dir(d))
+    port = grpc_factory.add_port(server, "127.0.0.1:0", creds)
+    server.start()
+    try:
+        a = _role_in(d, "silos/hospital-a")
+        kw = {"ca_pem": ca.cert_pem(), "client": a}
+        assert _call(port, "WhoAmI", b"", **kw) == b"spiffe://acme/silo/hospital-a"
+        code, _ = _code(_call, port, "WhoAmI", b"", server_name="coord.acme.svc", **kw)
+        assert code == grpc.StatusCode.UNAVAILABLE  # not a name of the current certificate
+        rotated = pki.issue_server_cert(ca, ["coord.acme.svc"])
+        pki.write_role(pki.coordinator_dir(d), rotated, ca.cert, force=True)
+        assert _call(port, "WhoAmI", b"", server_name="coord.acme.svc", **kw) == (
+            b"spiffe://acme/silo/hospital-a"
+        )
+    finally:
+        server.stop(grace=None)
 
 
 # --- parsing -------------------------------------------------------------------------------------
