@@ -302,6 +302,13 @@ def _infer_label_names(tables: Sequence[tuple[Path, list[Any]]], column: str) ->
     return [str(i) for i in range(max(top + 1, 1))]
 
 
+def _check_labels(labels: Sequence[str]) -> list[str]:
+    names = list(labels)
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"labels must be a non-empty list of distinct str, got {labels!r}")
+    return names
+
+
 def _encode_labels(raw: Sequence[Any], names: Sequence[str], path: Path, column: str) -> list[int]:
     index = {name: i for i, name in enumerate(names)}
     out: list[int] = []
@@ -337,9 +344,11 @@ def load_local(
     integer labels must lie in [0, len(labels)) (default: [0, max]).
     """
     p, texts, raw = _read_table(path, text_column, label_column, cache_dir)
-    names = list(labels) if labels is not None else _infer_label_names([(p, raw)], label_column)
-    if not names:
-        raise ConfigError(f"labels must be a non-empty list, got {labels!r}")
+    names = (
+        _check_labels(labels)
+        if labels is not None
+        else _infer_label_names([(p, raw)], label_column)
+    )
     encoded = _encode_labels(raw, names, p, label_column)
     return _make_dataset(texts, encoded, [domain or p.stem] * len(texts), names)
 
@@ -537,7 +546,7 @@ def client_data_from_files(
     all_paths = list(train_paths) + list(test_paths or [])
     tables = [_read_table(p, text_column, label_column, cache_dir) for p in all_paths]
     label_names = (
-        list(labels)
+        _check_labels(labels)
         if labels is not None
         else _infer_label_names([(p, raw) for p, _, raw in tables], label_column)
     )

@@ -149,6 +149,15 @@ def _private_part(
     return (u_new * s_new) @ v_new.T
 
 
+def _regression_data(
+    rng: np.random.Generator, w: np.ndarray, n: int, noise_std: float
+) -> tuple[Tensor, Tensor]:
+    """x ~ N(0, I) as rows (n, d_in); y = x wᵀ + ε (n, d_out); float32."""
+    x = rng.standard_normal((n, w.shape[1]))
+    y = x @ w.T + noise_std * rng.standard_normal((n, w.shape[0]))
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
+
+
 def make_synthetic_rank_problem(cfg: SyntheticRankConfig) -> SyntheticProblem:
     """Draw S*, every P_k* and every silo's train/test data from cfg.seed (deterministic)."""
     root = np.random.SeedSequence(cfg.seed)
@@ -171,13 +180,10 @@ def make_synthetic_rank_problem(cfg: SyntheticRankConfig) -> SyntheticProblem:
         p = _private_part(cfg, target, u, sigma, v, crng)
         assert np.linalg.matrix_rank(p) <= cfg.private_rank, "private part exceeds its rank"
         w = w0 + shared + p  # (d_out, d_in)
-        data = []
-        for n in (cfg.train_samples, cfg.test_samples):
-            x = crng.standard_normal((n, d))
-            y = x @ w.T + cfg.noise_std * crng.standard_normal((n, d))
-            data += [torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))]
+        x_train, y_train = _regression_data(crng, w, cfg.train_samples, cfg.noise_std)
+        x_test, y_test = _regression_data(crng, w, cfg.test_samples, cfg.noise_std)
         privates.append(p)
-        clients.append(SyntheticClient(*data, true_rank=target))
+        clients.append(SyntheticClient(x_train, y_train, x_test, y_test, true_rank=target))
         logger.debug("synthetic client %d: true rank %d", k, target)
 
     def t(a: np.ndarray) -> Tensor:

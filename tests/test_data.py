@@ -239,6 +239,13 @@ def test_bad_local_data_raises_data_error_naming_file_and_column(tmp_path: Path,
     assert phrase in message
 
 
+@pytest.mark.parametrize("labels", [[], ["a", "a"], [0, 1]])
+def test_bad_label_names_are_a_config_error(tmp_path: Path, labels: list[object]) -> None:
+    path = write(tmp_path / "r.jsonl", ROWS)
+    with pytest.raises(ConfigError, match="labels"):
+        load_local(path, labels=labels, cache_dir=tmp_path / "cache")  # type: ignore[arg-type]
+
+
 def test_missing_column_lists_the_columns_found(tmp_path: Path) -> None:
     path = write(tmp_path / "cols.csv", [{"sentence": "a", "y": 0}])
     with pytest.raises(DataError, match=r"no column 'text'.*\['sentence', 'y'\]"):
