@@ -346,7 +346,7 @@ class StreamAssembler:
             self._on_header(message.header)
         elif self.info is None:
             raise InvalidArgument(
-                f"stream must start with a header, got a {body or 'empty'} message"
+                f"stream must start with a header, got {f'a {body}' if body else 'an empty'} message"
             )
         elif body == "chunk":
             self._on_chunk(message.chunk)
