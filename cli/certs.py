@@ -162,7 +162,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "signed by the existing CA. Silos keep trusting it: only ca.crt anchors trust.",
     )
     _add_dir(p)
-    _add_server_names(p, "default: the names of the current certificate")
+    _add_server_names(p, "default: the DNS names and IP addresses of the current certificate")
     _add_days(p)
     p.set_defaults(func=_rotate_server)
 
@@ -170,8 +170,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "show",
         help="list certificates, identities and expiry",
         description="List every certificate under DIR with its identity or DNS names, its "
-        "expiry, and whether it is signed by DIR/ca.crt and matches its key. Exits 1 when a "
-        "certificate is expired, not signed by the CA or does not match its key.",
+        "expiry, and whether it is signed by DIR/ca.crt, matches its key and carries the "
+        "identity its directory names. Exits 1 when a certificate is expired, not signed by the "
+        "CA, does not match its key or carries another identity.",
     )
     _add_dir(p)
     p.set_defaults(func=_show)
