@@ -18,8 +18,9 @@ from pf2lora.common.errors import InvalidArgument
 logger = logging.getLogger(__name__)
 
 PUBLIC_KEY_BYTES = 32  # X25519 raw public key
-SILO_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-"""Silo ids go into SPIFFE URIs and HKDF inputs: a conservative character set."""
+SILO_ID_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+"""Silo ids are one lower-case DNS label, as in pf2lora.common.identity (not imported here: that
+module pulls in grpc and this package stays transport-free)."""
 
 _MAX_SIGNATURE_BYTES = 80  # ECDSA P-256 DER signatures are at most 72 bytes
 _MAX_CERTIFICATE_BYTES = 16384
