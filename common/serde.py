@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from pf2lora.common.errors import InvalidArgument
 from pf2lora.common.grpc_factory import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
@@ -46,6 +47,15 @@ _DTYPE_TO_PROTO: dict[torch.dtype, int] = {
 _DTYPE_FROM_PROTO = {v: k for k, v in _DTYPE_TO_PROTO.items()}
 # Wire bytes are little-endian; only a big-endian host has to swap.
 _SWAP_BYTES = sys.byteorder != "little"
+# Float dtype -> (same-width unsigned type, mask clearing the sign bit, bits of +inf).
+_FLOAT_BITS: dict[torch.dtype, tuple[type, int, int]] = {
+    torch.float16: (np.uint16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (np.uint16, 0x7FFF, 0x7F80),
+    torch.float32: (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
+    torch.float64: (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+}
+assert set(_FLOAT_BITS) == {d for d in _DTYPE_TO_PROTO if d.is_floating_point}
+_FINITE_BLOCK = 1 << 16  # elements per block of the finiteness check (<= 512 KiB, cache-hot)
 
 
 class StreamKind(enum.StrEnum):
@@ -485,14 +495,15 @@ class StreamAssembler:
         if self._buffer is None:  # zero bytes
             tensor = torch.empty(spec.shape, dtype=spec.dtype)
         else:
-            raw = self._buffer
+            raw = self._buffer  # (nbytes,) uint8, native byte order below
             if _SWAP_BYTES and spec.dtype.itemsize > 1:
                 raw = raw.view(-1, spec.dtype.itemsize).flip(1).reshape(-1)
+            if spec.dtype in _FLOAT_BITS and not self._allow_nonfinite:
+                if not _all_finite(raw, spec.dtype):
+                    raise InvalidArgument(f"tensor {spec.name!r} contains NaN or infinite values")
+            if spec.dtype == torch.bool and int(raw.numpy().max()) > 1:
+                raise InvalidArgument(f"tensor {spec.name!r}: bool bytes must be 0 or 1")
             tensor = raw.view(spec.dtype).reshape(spec.shape)
-        if spec.dtype.is_floating_point and not self._allow_nonfinite and not _all_finite(tensor):
-            raise InvalidArgument(f"tensor {spec.name!r} contains NaN or infinite values")
-        if spec.dtype == torch.bool and self._buffer is not None and bool((self._buffer > 1).any()):
-            raise InvalidArgument(f"tensor {spec.name!r}: bool bytes must be 0 or 1")
         self._tensors[spec.name] = tensor
         self._index += 1
         self._filled = 0
@@ -558,12 +569,24 @@ def _spec_of(name: str, view: memoryview, tensor: torch.Tensor) -> TensorInfo:
     )
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf. aminmax propagates NaN and is ~8x faster than isfinite().all()."""
-    if tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor.reshape(-1))
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+def _all_finite(raw: torch.Tensor, dtype: torch.dtype) -> bool:
+    """No NaN or inf among the floats in raw (native-order bytes of one tensor of dtype).
+
+    A float is non-finite exactly when its exponent bits are all ones, i.e. when its bits with
+    the sign cleared are >= those of +inf. Integer numpy reductions over cache-sized blocks run
+    at several GB/s on one core for every float width (bf16 included), without torch's
+    intra-op thread pool, whose per-op hand-off costs milliseconds on a busy 2-core machine.
+    """
+    utype, mask, inf_bits = _FLOAT_BITS[dtype]
+    bits = raw.numpy().view(utype)
+    block = np.empty(min(len(bits), _FINITE_BLOCK), dtype=utype)
+    for start in range(0, len(bits), _FINITE_BLOCK):
+        part = bits[start : start + _FINITE_BLOCK]
+        out = block[: len(part)]
+        np.bitwise_and(part, mask, out=out)
+        if out.max() >= inf_bits:
+            return False
+    return True
 
 
 def _check_scalars(scalars: Mapping[str, float]) -> None:

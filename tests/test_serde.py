@@ -387,14 +387,25 @@ def test_partial_stream_allowed_when_not_all_expected_required():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_non_finite_floats_refused_unless_allowed(bad, dtype):
-    t = torch.randn(40).to(dtype)
-    t[17] = bad
-    messages = _stream({"w": t})
+@pytest.mark.parametrize("size, where", [(40, 17), (200_003, 150_000)], ids=["small", "late-block"])
+def test_non_finite_floats_refused_unless_allowed(bad, dtype, size, where):
+    t = torch.randn(size).to(dtype)
+    t[where] = bad
+    messages = _stream({"w": t}, chunk_size=DEFAULT_CHUNK_SIZE)
     with pytest.raises(InvalidArgument, match="'w' contains NaN or infinite values"):
         serde.stream_to_tensors(messages)
     _, out = serde.stream_to_tensors(messages, allow_nonfinite=True)
     assert _same(t, out["w"])
+
+
+def test_largest_finite_values_and_negative_zero_accepted():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        info = torch.finfo(dtype)
+        t = torch.tensor(
+            [info.max, info.min, info.tiny, -0.0, info.smallest_normal / 4], dtype=dtype
+        )
+        _, out = _roundtrip({"w": t})
+        assert _same(t, out["w"]), dtype
 
 
 def test_bool_bytes_other_than_0_or_1_refused():
