@@ -104,6 +104,7 @@ class RoundPlan:
     frac_bits: int
     clip: float
     neighbours: Mapping[str, frozenset[str]]  # excluding the silo itself
+    positions: Mapping[str, int]  # silo id -> 1-based index
 
     @classmethod
     def build(
@@ -151,13 +152,14 @@ class RoundPlan:
             frac_bits=frac_bits,
             clip=float(config.clip),
             neighbours=MappingProxyType(_graph(roster, config.neighbours, seed)),
+            positions=MappingProxyType({s: p + 1 for p, s in enumerate(roster)}),
         )
 
     def index(self, silo_id: str) -> int:
         """The silo's 1-based index: its Shamir x-coordinate and its rank for mask signs."""
         try:
-            return self.silo_ids.index(silo_id) + 1
-        except ValueError:
+            return self.positions[silo_id]
+        except KeyError:
             raise InvalidArgument(f"silo {silo_id!r} is not in this round") from None
 
     def holders(self, silo_id: str) -> tuple[str, ...]:

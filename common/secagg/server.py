@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -192,14 +193,19 @@ class SecAggServer:
                     raise InvalidArgument(f"silo {silo_id}: unexpected share of {share.owner}")
         self._responses[silo_id] = response
 
-    def _reconstruct(self, owner: str, key_shares: bool) -> bytes:
-        points: dict[int, int] = {}
+    def _collect(self) -> tuple[dict[str, dict[int, int]], dict[str, dict[int, int]]]:
+        """Shares by owner, {x: y}: of self-mask seeds (survivors) and mask keys (dropped)."""
+        seeds: dict[str, dict[int, int]] = defaultdict(dict)
+        mask_keys: dict[str, dict[int, int]] = defaultdict(dict)
         for responder, response in self._responses.items():
-            shares = response.mask_key_shares if key_shares else response.self_mask_shares
-            for share in shares:
-                if share.owner == owner:
-                    points[self.plan.index(responder)] = shamir.share_from_bytes(share.share)
-        what = "mask key" if key_shares else "self-mask seed"
+            x = self.plan.index(responder)
+            for share in response.self_mask_shares:
+                seeds[share.owner][x] = shamir.share_from_bytes(share.share)
+            for share in response.mask_key_shares:
+                mask_keys[share.owner][x] = shamir.share_from_bytes(share.share)
+        return seeds, mask_keys
+
+    def _reconstruct(self, owner: str, points: dict[int, int], what: str) -> bytes:
         if len(points) < self.plan.threshold:
             raise FailedPrecondition(
                 f"only {len(points)} shares of the {what} of {owner}, threshold is "
@@ -214,11 +220,13 @@ class SecAggServer:
         self._enough(len(self._responses), "unmasking")
         expander = MaskExpander()
         total = self._sum
+        seeds, mask_keys = self._collect()
         for owner in self._request.survivors:
-            expander.apply(total, self._reconstruct(owner, key_shares=False), -1)
+            expander.apply(total, self._reconstruct(owner, seeds[owner], "self-mask seed"), -1)
         survivors = set(self._request.survivors)
         for owner in self._request.dropped:
-            private = X25519PrivateKey.from_private_bytes(self._reconstruct(owner, key_shares=True))
+            secret = self._reconstruct(owner, mask_keys[owner], "mask key")
+            private = X25519PrivateKey.from_private_bytes(secret)
             if x25519_public_bytes(private) != self._keys[owner].mask_public_key:
                 raise InvalidArgument(f"reconstructed mask key of {owner} does not match its key")
             me = (self.plan.index(owner), owner)
