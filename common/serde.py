@@ -31,7 +31,7 @@ DEFAULT_MAX_TENSORS = 65_536
 MAX_NAME_LENGTH = 1024
 MAX_NDIM = 16
 
-_DTYPE_TO_PROTO: dict[torch.dtype, int] = {
+_DTYPE_TO_PROTO: dict[torch.dtype, pb.DType] = {
     torch.float32: pb.DTYPE_FLOAT32,
     torch.float16: pb.DTYPE_FLOAT16,
     torch.bfloat16: pb.DTYPE_BFLOAT16,
@@ -44,7 +44,7 @@ _DTYPE_TO_PROTO: dict[torch.dtype, int] = {
     torch.int16: pb.DTYPE_INT16,
     torch.bool: pb.DTYPE_BOOL,
 }
-_DTYPE_FROM_PROTO = {v: k for k, v in _DTYPE_TO_PROTO.items()}
+_DTYPE_FROM_PROTO: dict[int, torch.dtype] = {v: k for k, v in _DTYPE_TO_PROTO.items()}
 # Wire bytes are little-endian; only a big-endian host has to swap.
 _SWAP_BYTES = sys.byteorder != "little"
 # Float dtype -> (same-width unsigned type, mask clearing the sign bit, bits of +inf).
@@ -66,7 +66,7 @@ class StreamKind(enum.StrEnum):
     MASKED_UPDATE = "MASKED_UPDATE"
 
 
-def dtype_to_proto(dtype: torch.dtype) -> int:
+def dtype_to_proto(dtype: torch.dtype) -> pb.DType:
     """torch dtype -> pf2lora.v1.DType value."""
     try:
         return _DTYPE_TO_PROTO[dtype]
@@ -85,10 +85,10 @@ def dtype_from_proto(value: int) -> torch.dtype:
         raise InvalidArgument(f"unknown or unspecified DType value {value}") from None
 
 
-def kind_to_proto(kind: StreamKind | str) -> int:
+def kind_to_proto(kind: StreamKind | str) -> pb.StreamKind:
     """StreamKind -> pf2lora.v1.StreamKind value."""
     try:
-        return pb.StreamKind.Value(f"STREAM_KIND_{StreamKind(kind).value}")
+        return _KIND_TO_PROTO[StreamKind(kind)]
     except ValueError:
         raise InvalidArgument(f"unknown stream kind {kind!r}") from None
 
@@ -96,12 +96,17 @@ def kind_to_proto(kind: StreamKind | str) -> int:
 def kind_from_proto(value: int) -> StreamKind:
     """pf2lora.v1.StreamKind value -> StreamKind."""
     try:
-        name = pb.StreamKind.Name(value)
-    except ValueError:
-        name = ""
-    if value == pb.STREAM_KIND_UNSPECIFIED or not name:
-        raise InvalidArgument(f"unknown or unspecified stream kind value {value}")
-    return StreamKind(name.removeprefix("STREAM_KIND_"))
+        return _KIND_FROM_PROTO[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown or unspecified stream kind value {value}") from None
+
+
+_KIND_TO_PROTO: dict[StreamKind, pb.StreamKind] = {
+    StreamKind.GLOBAL_MODEL: pb.STREAM_KIND_GLOBAL_MODEL,
+    StreamKind.UPDATE: pb.STREAM_KIND_UPDATE,
+    StreamKind.MASKED_UPDATE: pb.STREAM_KIND_MASKED_UPDATE,
+}
+_KIND_FROM_PROTO: dict[int, StreamKind] = {v: k for k, v in _KIND_TO_PROTO.items()}
 
 
 @dataclass(frozen=True)
@@ -452,7 +457,7 @@ class StreamAssembler:
             )
         if self._view is None:
             self._buffer = torch.empty(target.nbytes, dtype=torch.uint8)
-            self._view = memoryview(self._buffer.numpy())
+            self._view = self._buffer.numpy().data
         self._view[self._filled : end] = data
         self._hash.update(data)
         self._filled = end
@@ -560,7 +565,7 @@ def _wire_bytes(name: str, tensor: torch.Tensor) -> memoryview:
     raw = t.reshape(-1).view(torch.uint8)  # (numel * itemsize,)
     if _SWAP_BYTES and t.element_size() > 1:
         raw = raw.view(-1, t.element_size()).flip(1).reshape(-1)
-    return memoryview(raw.numpy())
+    return raw.numpy().data
 
 
 def _spec_of(name: str, view: memoryview, tensor: torch.Tensor) -> TensorInfo:
@@ -578,8 +583,8 @@ def _all_finite(raw: torch.Tensor, dtype: torch.dtype) -> bool:
     intra-op thread pool, whose per-op hand-off costs milliseconds on a busy 2-core machine.
     """
     utype, mask, inf_bits = _FLOAT_BITS[dtype]
-    bits = raw.numpy().view(utype)
-    block = np.empty(min(len(bits), _FINITE_BLOCK), dtype=utype)
+    bits: np.ndarray = raw.numpy().view(utype)
+    block: np.ndarray = np.empty(min(len(bits), _FINITE_BLOCK), dtype=utype)
     for start in range(0, len(bits), _FINITE_BLOCK):
         part = bits[start : start + _FINITE_BLOCK]
         out = block[: len(part)]
