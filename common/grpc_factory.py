@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import grpc
 from cryptography import x509
@@ -40,6 +41,14 @@ MAX_CONNECTION_AGE_GRACE_S = 300.0
 
 # File names of the mounted TLS Secret (docs/CONTRACTS.md: /etc/pf2lora/tls/{ca.crt,tls.crt,tls.key}).
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
+
+
+ClientInterceptor: TypeAlias = (
+    grpc.UnaryUnaryClientInterceptor
+    | grpc.UnaryStreamClientInterceptor
+    | grpc.StreamUnaryClientInterceptor
+    | grpc.StreamStreamClientInterceptor
+)
 
 
 def _message_limit_options() -> list[tuple[str, int]]:
@@ -114,7 +123,8 @@ def create_server(
 
     Each streaming call holds one worker thread for its duration, so max_workers bounds the
     number of concurrent uploads/downloads; maximum_concurrent_rpcs (None = unbounded) makes
-    extra calls fail fast with RESOURCE_EXHAUSTED instead of queueing.
+    extra calls fail fast with RESOURCE_EXHAUSTED instead of queueing. A ServerInterceptor
+    sees no auth context: identity checks wrap the handler it returns (SECURITY.md).
     """
     if max_workers < 1:
         raise ConfigError(f"max_workers={max_workers!r}: must be at least 1")
@@ -155,7 +165,7 @@ def create_channel(
     credentials: grpc.ChannelCredentials | None,
     *,
     server_name_override: str | None = None,
-    interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] | None = None,
+    interceptors: Sequence[ClientInterceptor] | None = None,
 ) -> grpc.Channel:
     """A client channel with pf2lora's options; credentials None is plaintext (logs a warning)."""
     options = channel_options(server_name_override)
