@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Value, load_dataset
+
 from pf2lora.common.errors import ConfigError, DataError
 from pf2lora.common.partition import (
     partition_dirichlet,

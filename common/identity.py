@@ -12,6 +12,7 @@ from typing import Any, Literal, NoReturn, TypeVar, cast, get_args
 
 import grpc
 from cryptography import x509
+
 from pf2lora.common.errors import ConfigError, InvalidArgument, PermissionDenied
 
 logger = logging.getLogger(__name__)

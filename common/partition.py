@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+
 from pf2lora.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pf2lora.common.errors import ConfigError
 from torch import Tensor
+
+from pf2lora.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset
+
 from pf2lora.common.data import (
     VADER_DOMAINS,
     ClientData,

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from pf2lora.common import grpc_factory, pki
 from pf2lora.common.errors import ConfigError, InvalidArgument
 from pf2lora.common.identity import (

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.partition import (
     partition_dirichlet,

@@ -23,6 +23,7 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
+
 from pf2lora.common import pki
 from pf2lora.common.errors import ConfigError, Pf2LoraError
 from pf2lora.common.identity import Identity, identity_from_cert

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.synthetic import (
     SyntheticProblem,

@@ -1,0 +1,177 @@
+"""`pf2lora simulate`: an in-process federation with a per-client results table and JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pf2lora.common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# flag -> (section path in SimulationConfig, type); a flag given on the command line
+# overrides the TOML file, which overrides the built-in defaults.
+FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
+    "algorithm": (("algorithm", "name"), str, "pf2lora | homlora | hetlora | perfedavg | local"),
+    "weighting": (("algorithm", "weighting"), str, "client weights: samples | equal"),
+    "hypergrad": (("algorithm", "train", "hypergrad"), str, "unroll | implicit | first-order | joint"),
+    "local_steps": (("algorithm", "train", "local_steps"), int, "local steps per round"),
+    "batch_size": (("algorithm", "train", "batch_size"), int, "minibatch size"),
+    "ll_lr": (("algorithm", "train", "ll_lr"), float, "lower-level SGD step (private adapter)"),
+    "ul_lr": (("algorithm", "train", "ul_lr"), float, "upper-level AdamW lr (shared adapter)"),
+    "weight_decay": (("algorithm", "train", "weight_decay"), float, "AdamW weight decay"),
+    "model": (("model", "path"), str, "minilm | smollm2 | a local Hugging Face folder"),
+    "task": (("model", "task"), str, "seq-cls | causal-lm"),
+    "num_layers": (("model", "num_hidden_layers"), int, "truncate the model to N layers"),
+    "max_length": (("model", "max_length"), int, "max tokens per text"),
+    "shared_rank": (("model", "adapters", "shared_rank"), int, "r (shared adapter rank)"),
+    "private_rank": (("model", "adapters", "private_rank"), int, "r_hat (private adapter rank)"),
+    "alpha": (("model", "adapters", "alpha"), float, "LoRA alpha on both branches"),
+    "data": (("data", "source"), str, "vader | rotten-tomatoes | synthetic-rank | files"),
+    "partition": (("data", "partition"), str, "natural | similarity | dirichlet | iid"),
+    "clients": (("data", "num_clients"), int, "number of clients"),
+    "similarity": (("data", "similarity"), float, "label-sorted mixture similarity s in [0, 1]"),
+    "dirichlet_alpha": (("data", "dirichlet_alpha"), float, "Dirichlet label-skew alpha"),
+    "max_train": (("data", "max_train_per_client"), int, "cap on training examples per client"),
+    "max_test": (("data", "max_test_per_client"), int, "cap on held-out examples per client"),
+    "rounds": (("rounds",), int, "federated rounds"),
+    "seed": (("seed",), int, "run seed (data split, initial adapter, batches)"),
+    "eval_every": (("eval_every",), int, "evaluate every k rounds"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "simulate",
+        help="run a federation in this process and print per-client results",
+        description="In-process federation: N clients, one algorithm, rounds of local training "
+        "and aggregation with the same functions the coordinator uses. Flags override --config.",
+    )
+    p.add_argument("--config", type=Path, help="TOML file with [algorithm], [model], [data] sections")
+    for name, (_, typ, help_text) in FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, help=help_text)
+    p.add_argument("--domains", help="comma-separated domains (VADER: tweets,movies,amazon,nyt)")
+    p.add_argument("--train-files", help="comma-separated local files, one per client (--data files)")
+    p.add_argument("--test-files", help="comma-separated held-out files, one per client")
+    p.add_argument("--json", type=Path, dest="json_path", help="write per-round and final metrics here")
+    p.add_argument("--progress", action="store_true", help="progress bar over local steps")
+    p.set_defaults(func=run)
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from pf2lora.common.config import from_mapping
+    from pf2lora.common.simulation import SimulationConfig
+
+    tree: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            tree = tomllib.loads(args.config.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {args.config} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {args.config}: {exc}") from None
+    for name, (path, _, _) in FLAGS.items():
+        value = getattr(args, name)
+        if value is not None:
+            _set(tree, path, value)
+    if args.domains:
+        _set(tree, ("data", "domains"), [d.strip() for d in args.domains.split(",") if d.strip()])
+    if args.train_files:
+        _set(tree, ("data", "train_files"), args.train_files.split(","))
+        tree.setdefault("data", {}).setdefault("source", "files")
+    if args.test_files:
+        _set(tree, ("data", "test_files"), args.test_files.split(","))
+    if args.progress:
+        _set(tree, ("algorithm", "train", "progress"), True)
+    return from_mapping(SimulationConfig, tree)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def print_table(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    clients = result.clients
+    synthetic = any("true_rank" in c for c in clients)
+    table = Table(title=f"pf2lora simulate: {result.config['algorithm']['name']}, "
+                  f"{len(result.rounds)} rounds, {result.wall_seconds:.0f} s")
+    cols = ["client", "train", "test"]
+    if synthetic:
+        cols += ["true rank", "learned rank", "test MSE"]
+    else:
+        cols += ["personalised acc", "shared-only acc"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "client" else "right")
+    for c in clients:
+        row = [c["name"], str(c["train_size"]), str(c["test_size"])]
+        if synthetic:
+            row += [str(c["true_rank"]), str(c["learned_rank"]), _fmt(c.get("test_mse"))]
+        else:
+            row += [_fmt(c.get("personal_accuracy")), _fmt(c.get("shared_accuracy"))]
+        table.add_row(*row)
+    last = result.rounds[-1]
+    if not synthetic:
+        table.add_row(
+            "mean", "", "", _fmt(last.get("mean_personal_accuracy")), _fmt(last.get("mean_shared_accuracy")),
+            style="bold",
+        )
+    Console().print(table)
+    p = result.parameters
+    print(
+        f"parameters per client: trainable {p['trainable_per_client']:,} "
+        f"(shared {p['shared']:,}, private {p['private']:,}), communicated {p['communicated_per_client']:,}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pf2lora.common.simulation import run_simulation
+    from pf2lora.common.state_io import atomic_write_bytes
+
+    cfg = build_config(args)
+    logger.info(
+        "simulate: %s on %s (%s), %d clients, %d rounds",
+        cfg.algorithm.name, cfg.data.source, cfg.data.partition, cfg.data.num_clients, cfg.rounds,
+    )
+
+    def on_round(rec: dict[str, Any]) -> None:
+        loss = sum(rec["train_loss"]) / len(rec["train_loss"])
+        acc = rec.get("mean_personal_accuracy")
+        mse = rec.get("mean_personal_mse")
+        extra = f" personalised acc {acc:.3f}" if acc is not None else ""
+        extra += f" personalised mse {mse:.4f}" if mse is not None else ""
+        print(f"round {rec['round']}/{cfg.rounds}: train loss {loss:.4f}{extra} ({rec['seconds']:.1f} s)", flush=True)
+
+    result = run_simulation(cfg, on_round=on_round)
+    print_table(result)
+    if args.json_path is not None:
+        doc = {
+            "config": result.config,
+            "parameters": result.parameters,
+            "wall_seconds": result.wall_seconds,
+            "rounds": result.rounds,
+            "clients": result.clients,
+        }
+        atomic_write_bytes(args.json_path, json.dumps(doc, indent=1, default=_json_default).encode())
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)  # type: ignore[arg-type]
+    return str(o)

@@ -1,0 +1,169 @@
+"""The algorithm interface: a client side (local round, payload) and a pure server side (aggregate).
+
+The coordinator, the silo daemon and the in-process simulation all call exactly these
+methods, so an algorithm behaves the same in every deployment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor
+
+from pf2lora.common.algorithms.aggregate import (
+    global_weight_key,
+    is_weight_key,
+    mean_from_sum,
+    payload_spec,
+    weighted_payload,
+)
+from pf2lora.common.batching import BatchSource, EncodedData
+from pf2lora.common.config import AdapterConfig, TrainConfig
+from pf2lora.common.errors import ConfigError
+from pf2lora.common.evaluation import evaluate
+from pf2lora.common.model import TwoLevelModel
+from pf2lora.common.trainer import BilevelTrainer, Objective
+
+logger = logging.getLogger(__name__)
+
+Weighting = Literal["samples", "equal"]
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """Which algorithm and its hyperparameters; the run's single source of truth."""
+
+    name: str = "pf2lora"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    weighting: Weighting = "samples"  # p_k: sample counts (default) or equal
+    hetlora_min_rank: int | None = None  # default r - r_hat
+    hetlora_max_rank: int | None = None  # default r + r_hat
+    hetlora_gamma: float = 0.99
+    hetlora_lambda: float = 1e-3
+    perfedavg_alpha: float = 0.05  # inner SGD step of the MAML objective and of personalisation
+    perfedavg_personalize_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("samples", "equal"):
+            raise ConfigError(f"weighting={self.weighting!r}: use 'samples' or 'equal'")
+        if not 0 < self.hetlora_gamma < 1:
+            raise ConfigError(f"hetlora_gamma={self.hetlora_gamma!r}: must be in (0, 1)")
+        if self.hetlora_lambda < 0:
+            raise ConfigError(f"hetlora_lambda={self.hetlora_lambda!r}: must be >= 0")
+        if self.perfedavg_alpha <= 0:
+            raise ConfigError(f"perfedavg_alpha={self.perfedavg_alpha!r}: must be > 0")
+        if self.perfedavg_personalize_steps < 0:
+            raise ConfigError(
+                f"perfedavg_personalize_steps={self.perfedavg_personalize_steps!r}: must be >= 0"
+            )
+
+    def replace(self, **changes: Any) -> AlgorithmConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class ClientAlgorithm:
+    """One silo's side of an algorithm: owns the model's private state and the local trainer."""
+
+    objective: ClassVar[Objective] = "plain"
+
+    def __init__(
+        self, algorithm: Algorithm, model: TwoLevelModel, client_index: int, seed: int
+    ) -> None:
+        self.algorithm = algorithm
+        self.model = model
+        self.client_index = client_index
+        self.trainer = BilevelTrainer(model, algorithm.cfg.train, seed, objective=self.objective)
+
+    # -- round ---------------------------------------------------------------------
+    def receive_global(self, global_state: Mapping[str, Tensor]) -> None:
+        """Install the coordinator's shared state into the local model."""
+        if self.model.has_shared:
+            self.model.load_shared_state(global_state)
+
+    def local_round(self, source: BatchSource) -> dict[str, float]:
+        return self.trainer.train_round(source)
+
+    def payload(self, weight: float) -> dict[str, Tensor]:
+        """The update to send: built from the shared state ONLY (never the private adapter)."""
+        return self.make_payload(self.model.shared_state(), weight)
+
+    def make_payload(self, shared: Mapping[str, Tensor], weight: float) -> dict[str, Tensor]:
+        return weighted_payload(shared, weight, self.algorithm.weight_key)
+
+    # -- evaluation ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def personalised(self, source: BatchSource | None) -> Iterator[TwoLevelModel]:
+        """The model as this silo would use it (Per-FedAvg adapts it first)."""
+        yield self.model
+
+    def evaluate(self, test: EncodedData, source: BatchSource | None = None) -> dict[str, float]:
+        """Personalised and shared-only metrics on the silo's held-out split."""
+        out: dict[str, float] = {}
+        with self.personalised(source) as model:
+            for k, v in evaluate(model, test).items():
+                out[f"personal_{k}"] = v
+        if self.algorithm.communicates and self.model.has_shared:
+            with self.model.private_disabled():
+                for k, v in evaluate(self.model, test).items():
+                    out[f"shared_{k}"] = v
+        return out
+
+    # -- durable state -------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, meta: Mapping[str, Any]) -> None:
+        return None
+
+    def save(self, path: str) -> None:
+        self.trainer.save(path, {"algorithm": self.algorithm.name, "extra": self.extra_state()})
+
+    def load(self, path: str) -> None:
+        meta = self.trainer.load(path)
+        if meta.get("algorithm") != self.algorithm.name:
+            raise ConfigError(
+                f"state file {path} belongs to algorithm {meta.get('algorithm')!r}, "
+                f"not {self.algorithm.name!r}"
+            )
+        self.load_extra_state(meta.get("extra", {}))
+
+
+class Algorithm:
+    """Server side and metadata of one federated algorithm. Aggregation is pure."""
+
+    name: ClassVar[str] = ""
+    communicates: ClassVar[bool] = True
+    client_class: ClassVar[type[ClientAlgorithm]] = ClientAlgorithm
+
+    def __init__(self, cfg: AlgorithmConfig, adapters: AdapterConfig) -> None:
+        self.cfg = cfg
+        self.base_adapters = adapters
+
+    def model_adapters(self) -> AdapterConfig:
+        """The adapter layout this algorithm trains (ranks, head placement)."""
+        return self.base_adapters
+
+    def weight_key(self, name: str) -> str:
+        return global_weight_key(name)
+
+    def payload_spec(self, global_spec: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict[str, Any]:
+        if not self.communicates:
+            return {}
+        return payload_spec(global_spec, self.weight_key)
+
+    def aggregate(self, summed: Mapping[str, Tensor], previous: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The new global shared state from the SUM of payloads (pure)."""
+        if not self.communicates:
+            return {k: v.clone() for k, v in previous.items()}
+        return mean_from_sum(summed, previous, self.weight_key)
+
+    def make_client(self, model: TwoLevelModel, client_index: int, seed: int) -> ClientAlgorithm:
+        return self.client_class(self, model, client_index, seed)
+
+    def communicated_parameters(self, payload: Mapping[str, Tensor]) -> int:
+        return sum(int(v.numel()) for k, v in payload.items() if not is_weight_key(k))

@@ -1,0 +1,114 @@
+"""Encoded client data and deterministic minibatches: a batch depends only on (seed, step, stream)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pf2lora.common.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# Independent minibatch streams of one local step (ALGORITHM.md §3).
+STREAM_LL = 0  # xi: lower level (private adapter)
+STREAM_UL = 1  # zeta: upper level (shared adapter)
+STREAM_AUX = 2  # a third batch where an algorithm needs one (Per-FedAvg's Hessian batch)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from any parts, stable across processes and platforms."""
+    h = hashlib.blake2b(repr(tuple(parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class EncodedData:
+    """Tensors of one split. Text tasks: input_ids/attention_mask/labels; regression: x/y."""
+
+    tensors: Mapping[str, Tensor]
+
+    def __post_init__(self) -> None:
+        lengths = {k: v.shape[0] for k, v in self.tensors.items()}
+        if len(set(lengths.values())) != 1:
+            raise DataError(f"encoded tensors disagree in length: {lengths}")
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def select(self, index: Tensor) -> dict[str, Tensor]:
+        out = {k: v[index] for k, v in self.tensors.items()}
+        if "attention_mask" in out:
+            # trim padding columns the whole batch does not use (speed; results unchanged)
+            used = int(out["attention_mask"].sum(dim=1).max().item())
+            for k in ("input_ids", "attention_mask"):
+                out[k] = out[k][:, :used]
+            if out.get("labels") is not None and out["labels"].dim() == 2:
+                out["labels"] = out["labels"][:, :used]
+        return out
+
+
+def encode_texts(
+    texts: Sequence[str],
+    labels: Sequence[int] | None,
+    tokenizer: Any,
+    max_length: int,
+    task: str,
+) -> EncodedData:
+    """Tokenize once, padded to the longest text (at most max_length)."""
+    if len(texts) == 0:
+        raise DataError("no examples to encode")
+    enc = tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        padding="longest",
+        return_tensors="pt",
+    )
+    tensors: dict[str, Tensor] = {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+    }
+    if task == "seq-cls":
+        if labels is None:
+            raise DataError("sequence classification needs labels")
+        tensors["labels"] = torch.as_tensor(list(labels), dtype=torch.long)
+    elif task == "causal-lm":
+        lm_labels = enc["input_ids"].clone()
+        lm_labels[enc["attention_mask"] == 0] = -100
+        tensors["labels"] = lm_labels
+    else:
+        raise DataError(f"cannot encode text for task {task!r}")
+    return EncodedData(tensors)
+
+
+class BatchSource:
+    """Draws minibatches of one client's training data without state of its own.
+
+    Batch (step, stream) is a pure function of the client's seed: a silo that stops between
+    two rounds and restarts draws exactly the batches it would have drawn.
+    """
+
+    def __init__(self, data: EncodedData, batch_size: int, seed: int) -> None:
+        if len(data) == 0:
+            raise DataError("client has no training examples")
+        self.data = data
+        self.batch_size = min(batch_size, len(data))
+        self.seed = seed
+
+    def batch(self, step: int, stream: int) -> dict[str, Tensor]:
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, step, stream))
+        index = torch.randperm(len(self.data), generator=gen)[: self.batch_size]
+        return self.data.select(index)
+
+
+def iter_batches(data: EncodedData, batch_size: int) -> Iterator[dict[str, Tensor]]:
+    """Sequential batches over a whole split (evaluation)."""
+    n = len(data)
+    for start in range(0, n, batch_size):
+        yield data.select(torch.arange(start, min(n, start + batch_size)))

@@ -1,0 +1,111 @@
+"""One silo's local machinery, shared by the silo daemon and the in-process simulation."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from pf2lora.common.algorithms.base import Algorithm, ClientAlgorithm
+from pf2lora.common.batching import BatchSource, EncodedData, derive_seed, encode_texts
+from pf2lora.common.config import ModelConfig
+from pf2lora.common.model import TwoLevelModel, build_two_level_model, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one local round produces: the payload to send and scalar metrics to report."""
+
+    payload: dict[str, Tensor]
+    metrics: dict[str, float]
+
+
+def client_seed(run_seed: int, client_index: int) -> int:
+    """The seed a client of a simulation uses; a silo daemon takes the same value from its config."""
+    return derive_seed(run_seed, "client", client_index)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def encode_dataset(ds: Any, tokenizer: Any, cfg: ModelConfig) -> EncodedData:
+    """A `datasets.Dataset` with text/label columns -> EncodedData for the model's task."""
+    labels = list(ds["label"]) if cfg.task == "seq-cls" else None
+    return encode_texts(list(ds["text"]), labels, tokenizer, cfg.max_length, cfg.task)
+
+
+def initial_global_state(
+    algorithm: Algorithm, model_cfg: ModelConfig, run_seed: int, base: nn.Module | None = None
+) -> dict[str, Tensor]:
+    """The round-0 shared state, drawn from the run's seed (the coordinator sends it to all)."""
+    if not algorithm.communicates:
+        return {}
+    cfg = dataclasses.replace(model_cfg, adapters=algorithm.model_adapters())
+    model = build_two_level_model(cfg, shared_seed=derive_seed(run_seed, "shared"), base=base)
+    return model.shared_state()
+
+
+class ClientRuntime:
+    """Model + algorithm client + data of one silo. Rounds are deterministic given the seed."""
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        model_cfg: ModelConfig,
+        *,
+        client_index: int,
+        seed: int,
+        train: EncodedData,
+        test: EncodedData,
+        base: nn.Module | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.algorithm = algorithm
+        self.name = name or f"client-{client_index}"
+        self.seed = seed
+        adapters = algorithm.model_adapters()
+        cfg = dataclasses.replace(model_cfg, adapters=adapters)
+        self.model: TwoLevelModel = build_two_level_model(
+            cfg, shared_seed=0, private_seed=derive_seed(seed, "private"), base=base
+        )
+        self.client: ClientAlgorithm = algorithm.make_client(self.model, client_index, seed)
+        self.train = train
+        self.test = test
+        self.source = BatchSource(train, algorithm.cfg.train.batch_size, derive_seed(seed, "batches"))
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.train)
+
+    def run_round(self, global_state: Mapping[str, Tensor], weight: float) -> RoundResult:
+        """Install the global state, train locally, and build the weighted payload."""
+        self.client.receive_global(global_state)
+        metrics = self.client.local_round(self.source)
+        t0 = time.perf_counter()
+        payload = self.client.payload(weight) if self.algorithm.communicates else {}
+        metrics["payload_seconds"] = time.perf_counter() - t0
+        return RoundResult(payload, metrics)
+
+    def evaluate(self, global_state: Mapping[str, Tensor]) -> dict[str, float]:
+        """Metrics of the personalised (and shared-only) model under the given global state."""
+        self.client.receive_global(global_state)
+        return self.client.evaluate(self.test, self.source)
+
+    def save(self, path: str) -> None:
+        self.client.save(path)
+
+    def load(self, path: str) -> None:
+        self.client.load(path)

@@ -1,0 +1,140 @@
+"""Frozen, validated configuration of the two-level model and of local training."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args
+
+from pf2lora.common.errors import ConfigError
+
+TaskType = Literal["seq-cls", "causal-lm", "regression"]
+HeadPlacement = Literal["shared", "private"]
+Hypergrad = Literal["unroll", "implicit", "first-order", "joint"]
+
+TASK_TYPES: tuple[str, ...] = get_args(TaskType)
+HYPERGRADS: tuple[str, ...] = get_args(Hypergrad)
+
+# Attention query/value projections per architecture family (ALGORITHM.md §1).
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "value"),
+    "llama": ("q_proj", "v_proj"),
+}
+
+
+def _check(cond: bool, name: str, value: object, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The two LoRA adapters: shared (rank r) and private (rank r_hat), both active."""
+
+    shared_rank: int = 8
+    private_rank: int = 2  # r/4, the paper's default; r/2 is the other setting it mentions
+    alpha: float = 16.0  # the same alpha on both branches: alpha/r and alpha/r_hat
+    target_modules: tuple[str, ...] | None = None  # None: attention q and v for the architecture
+    head: HeadPlacement = "shared"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.shared_rank >= 0, "shared_rank", self.shared_rank, "must be >= 0")
+        _check(self.private_rank >= 0, "private_rank", self.private_rank, "must be >= 0")
+        _check(
+            self.shared_rank + self.private_rank > 0,
+            "shared_rank+private_rank",
+            self.shared_rank + self.private_rank,
+            "at least one adapter must have a positive rank",
+        )
+        _check(self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        _check(self.head in ("shared", "private"), "head", self.head, "use 'shared' or 'private'")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            _check(len(self.target_modules) > 0, "target_modules", self.target_modules, "empty")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to wrap and for which task."""
+
+    path: str = "minilm"  # a local HF folder, or "minilm" / "smollm2" for the packaged models
+    task: TaskType = "seq-cls"
+    num_labels: int = 2
+    num_hidden_layers: int | None = None  # truncate the encoder (tests, quick runs)
+    max_length: int = 64
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.task in TASK_TYPES, "task", self.task, f"use one of {TASK_TYPES}")
+        _check(self.num_labels >= 1, "num_labels", self.num_labels, "must be >= 1")
+        _check(self.max_length >= 4, "max_length", self.max_length, "must be >= 4")
+        if self.num_hidden_layers is not None:
+            _check(self.num_hidden_layers >= 1, "num_hidden_layers", self.num_hidden_layers, ">= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on one silo for one round (ALGORITHM.md §3)."""
+
+    local_steps: int = 10
+    batch_size: int = 16
+    ll_lr: float = 0.1  # beta: SGD step size of the lower level (private adapter)
+    ul_lr: float = 2e-3  # eta: AdamW learning rate of the upper level (shared adapter)
+    weight_decay: float = 0.0
+    hypergrad: Hypergrad = "unroll"
+    neumann_terms: int = 3
+    neumann_scale: float = 0.01
+    reset_ul_optimizer: bool = False  # the UL AdamW state stays on the silo between rounds
+    max_grad_norm: float | None = 1.0
+    progress: bool = False  # a progress bar over local steps
+
+    def __post_init__(self) -> None:
+        _check(self.local_steps >= 1, "local_steps", self.local_steps, "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        for name in ("ll_lr", "ul_lr", "neumann_scale"):
+            v = getattr(self, name)
+            _check(math.isfinite(v) and v > 0, name, v, "must be a finite number > 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.hypergrad in HYPERGRADS, "hypergrad", self.hypergrad, f"use one of {HYPERGRADS}")
+        _check(self.neumann_terms >= 0, "neumann_terms", self.neumann_terms, "must be >= 0")
+        if self.max_grad_norm is not None:
+            _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0 or None")
+
+
+T = TypeVar("T")
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build a (nested) config dataclass from a mapping, refusing unknown keys by name."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in {where or cls.__name__}; known: {sorted(fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        f = fields[key]
+        ftype = f.type if not isinstance(f.type, str) else _resolve(cls, f.name)
+        if dataclasses.is_dataclass(ftype) and isinstance(value, Mapping):
+            value = from_mapping(ftype, value, f"{where}.{key}" if where else key)  # type: ignore[arg-type]
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+
+
+def _resolve(cls: type, name: str) -> Any:
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return hints[name]

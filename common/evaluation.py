@@ -1,0 +1,46 @@
+"""Evaluation of a two-level model on a held-out split: loss and accuracy (or MSE)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pf2lora.common.batching import EncodedData, iter_batches
+from pf2lora.common.model import TwoLevelModel
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate(model: TwoLevelModel, data: EncodedData, batch_size: int = 64) -> dict[str, float]:
+    """Mean loss and accuracy (classification, next-token for LM) or MSE (regression)."""
+    was_training = model.training
+    model.eval()
+    total_loss = 0.0
+    correct = 0
+    counted = 0
+    n = 0
+    try:
+        for batch in iter_batches(data, batch_size):
+            loss, out = model.forward_batch(batch)
+            size = next(iter(batch.values())).shape[0]
+            total_loss += float(loss) * size
+            n += size
+            if model.task == "seq-cls":
+                correct += int((out.argmax(-1) == batch["labels"]).sum())
+                counted += size
+            elif model.task == "causal-lm":
+                pred = out[:, :-1].argmax(-1)
+                target = batch["labels"][:, 1:]
+                mask = target != -100
+                correct += int(((pred == target) & mask).sum())
+                counted += int(mask.sum())
+    finally:
+        model.train(was_training)
+    metrics = {"loss": total_loss / max(n, 1), "n": float(n)}
+    if model.task == "regression":
+        metrics["mse"] = metrics["loss"]
+    else:
+        metrics["accuracy"] = correct / max(counted, 1)
+    return metrics

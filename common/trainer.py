@@ -1,0 +1,218 @@
+"""The bilevel local trainer: LL SGD on the private adapter, UL AdamW on the shared one.
+
+Its state (private adapter, optimizer states, step counters) saves to and loads from a
+safetensors file, so a silo can stop between any two rounds and continue bit-identically.
+Randomness (minibatches, dropout) is derived from (seed, step), so no RNG state is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pf2lora.common import hypergrad as hg
+from pf2lora.common.batching import STREAM_AUX, STREAM_LL, STREAM_UL, BatchSource, derive_seed
+from pf2lora.common.config import TrainConfig
+from pf2lora.common.errors import DataError
+from pf2lora.common.model import TwoLevelModel
+from pf2lora.common.state_io import load_state, save_state
+
+logger = logging.getLogger(__name__)
+
+Objective = Literal["bilevel", "plain", "maml"]
+STATE_VERSION = 1
+
+
+class BilevelTrainer:
+    """Runs local steps on one silo's two-level model.
+
+    objective:
+      - "bilevel": PF2LoRA with cfg.hypergrad (`joint` = one AdamW over x and y on one batch);
+      - "plain": AdamW on every trainable parameter on one batch per step (HOMLoRA, HETLoRA,
+        local-only);
+      - "maml": Per-FedAvg's Hessian-free meta-gradient on the shared parameters.
+    """
+
+    def __init__(
+        self,
+        model: TwoLevelModel,
+        cfg: TrainConfig,
+        seed: int,
+        *,
+        objective: Objective = "bilevel",
+        maml_alpha: float = 0.01,
+        extra_loss: Callable[[], Tensor] | None = None,
+        grad_mask: Callable[[dict[str, Tensor]], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.seed = seed
+        self.objective = objective
+        self.maml_alpha = maml_alpha
+        self.extra_loss = extra_loss
+        self.grad_mask = grad_mask
+        self.x = model.shared_parameters()
+        self.y = model.private_parameters()
+        self.step = 0  # local steps taken over the silo's lifetime
+        self.rounds = 0  # local rounds completed
+        if objective == "bilevel" and cfg.hypergrad != "joint" and not self.y:
+            raise DataError("a bilevel objective needs a private adapter (private_rank > 0)")
+        joint = objective == "plain" or (objective == "bilevel" and cfg.hypergrad == "joint")
+        ul_params = {**self.x, **self.y} if joint else dict(self.x)
+        self.ul_names = tuple(ul_params)
+        self.ul_opt = self._adamw(ul_params) if ul_params else None
+
+    def _adamw(self, params: Mapping[str, nn.Parameter]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(
+            list(params.values()), lr=self.cfg.ul_lr, weight_decay=self.cfg.weight_decay,
+            foreach=False,  # the same kernel on every run: bit-identical resume
+        )
+
+    # ------------------------------------------------------------------ training
+    def _loss_fn(self) -> hg.LossFn:
+        model = self.model
+
+        def loss_fn(overrides: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+            loss = model.loss(batch, overrides)
+            if self.extra_loss is not None:
+                loss = loss + self.extra_loss()
+            return loss
+
+        return loss_fn
+
+    def train_round(self, source: BatchSource, steps: int | None = None) -> dict[str, float]:
+        """Run `steps` (default cfg.local_steps) local steps; returns mean losses and timing."""
+        steps = steps or self.cfg.local_steps
+        if self.cfg.reset_ul_optimizer and self.ul_opt is not None:
+            self.ul_opt.state.clear()
+        self.model.train()
+        t0 = time.perf_counter()
+        ll_losses: list[float] = []
+        ul_losses: list[float] = []
+        bar = tqdm(range(steps), desc="local steps", leave=False, disable=not self.cfg.progress)
+        for _ in bar:
+            torch.manual_seed(derive_seed(self.seed, self.step, "dropout"))
+            ll, ul = self._one_step(source)
+            ll_losses.append(ll)
+            ul_losses.append(ul)
+            self.step += 1
+            bar.set_postfix(loss=f"{ul:.4f}")
+        self.rounds += 1
+        return {
+            "train_loss": sum(ul_losses) / len(ul_losses),
+            "ll_loss": sum(ll_losses) / len(ll_losses),
+            "train_seconds": time.perf_counter() - t0,
+            "local_steps": float(steps),
+        }
+
+    def _one_step(self, source: BatchSource) -> tuple[float, float]:
+        loss_fn = self._loss_fn()
+        cfg = self.cfg
+        if self.objective == "maml":
+            batches = tuple(source.batch(self.step, s) for s in (STREAM_LL, STREAM_UL, STREAM_AUX))
+            h, outer = hg.maml_hessian_free(loss_fn, dict(self.x), batches, self.maml_alpha)
+            self._apply_ul(h)
+            return outer, outer
+        if self.objective == "plain" or cfg.hypergrad == "joint":
+            batch = source.batch(self.step, STREAM_UL)
+            loss = loss_fn({}, batch)
+            params = {n: p for n, p in {**self.x, **self.y}.items() if n in self.ul_names}
+            grads = hg.grad_named(loss, params)
+            self._apply_ul(grads)
+            value = float(loss.detach())
+            return value, value
+        ll_batch = source.batch(self.step, STREAM_LL)
+        ul_batch = source.batch(self.step, STREAM_UL)
+        x, y = dict(self.x), dict(self.y)
+        beta = cfg.ll_lr
+        if cfg.hypergrad == "unroll":
+            res = hg.unroll(loss_fn, x, y, ll_batch, ul_batch, beta)
+        elif cfg.hypergrad == "implicit":
+            res = hg.implicit(
+                loss_fn, x, y, ll_batch, ul_batch, beta,
+                terms=cfg.neumann_terms, scale=cfg.neumann_scale,
+            )
+        else:
+            res = hg.first_order(loss_fn, x, y, ll_batch, ul_batch, beta)
+        with torch.no_grad():
+            for n, p in self.y.items():
+                p.copy_(res.y_new[n])  # y <- y_hat (detached)
+        self._apply_ul(res.h)
+        return res.ll_loss, res.ul_loss
+
+    def _apply_ul(self, grads: dict[str, Tensor]) -> None:
+        if self.ul_opt is None:
+            return
+        if self.grad_mask is not None:
+            self.grad_mask(grads)
+        params = {**self.x, **self.y}
+        for n in self.ul_names:
+            params[n].grad = grads[n].detach().clone()
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([params[n] for n in self.ul_names], self.cfg.max_grad_norm)
+        self.ul_opt.step()
+        self.ul_opt.zero_grad(set_to_none=True)
+
+    # --------------------------------------------------------------------- state
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Everything that stays on the silo: private adapter, optimizer state, counters."""
+        tensors: dict[str, Tensor] = {f"private/{n}": p.detach().clone() for n, p in self.y.items()}
+        if self.ul_opt is not None:
+            params = {**self.x, **self.y}
+            for n in self.ul_names:
+                st = self.ul_opt.state.get(params[n], {})
+                for key, value in st.items():
+                    if isinstance(value, Tensor):
+                        tensors[f"ul_opt/{n}/{key}"] = value.detach().clone()
+        meta = {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "rounds": self.rounds,
+            "seed": self.seed,
+            "objective": self.objective,
+        }
+        return tensors, meta
+
+    def load_state_tensors(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        if meta.get("version") != STATE_VERSION:
+            raise DataError(f"trainer state version {meta.get('version')} != {STATE_VERSION}")
+        if meta.get("objective") != self.objective:
+            raise DataError(
+                f"trainer state is for objective {meta.get('objective')!r}, not {self.objective!r}"
+            )
+        missing = [n for n in self.y if f"private/{n}" not in tensors]
+        if missing:
+            raise DataError(f"trainer state lacks private tensors {missing[:3]}")
+        with torch.no_grad():
+            for n, p in self.y.items():
+                p.copy_(tensors[f"private/{n}"])
+        if self.ul_opt is not None:
+            params = {**self.x, **self.y}
+            self.ul_opt.state.clear()
+            for n in self.ul_names:
+                st = {
+                    key.rsplit("/", 1)[1]: t.clone()
+                    for key, t in tensors.items()
+                    if key.startswith(f"ul_opt/{n}/")
+                }
+                if st:
+                    self.ul_opt.state[params[n]] = st
+        self.step = int(meta["step"])
+        self.rounds = int(meta["rounds"])
+        self.seed = int(meta["seed"])
+
+    def save(self, path: str | os.PathLike[str], extra_meta: Mapping[str, Any] | None = None) -> None:
+        tensors, meta = self.state_tensors()
+        save_state(path, tensors, {**meta, **dict(extra_meta or {})})
+
+    def load(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        tensors, meta = load_state(path)
+        self.load_state_tensors(tensors, meta)
+        return meta
