@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import cryptography
 import numpy as np
+
 from pf2lora.common import pki
 from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.keys import PeerVerifier

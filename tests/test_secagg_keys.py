@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from pf2lora.common import pki
 from pf2lora.common.errors import InvalidArgument, PermissionDenied
 from pf2lora.common.secagg.keys import (

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from pf2lora.common.errors import ConfigError, InvalidArgument
 from pf2lora.common.secagg import fixedpoint, shamir
 from pf2lora.common.secagg.config import SecAggConfig

@@ -9,16 +9,25 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from scipy import stats
+
 from pf2lora.common import pki
 from pf2lora.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from pf2lora.common.secagg import fixedpoint
+from pf2lora.common.secagg import fixedpoint, shamir
 from pf2lora.common.secagg.config import SecAggConfig
-from pf2lora.common.secagg.keys import PeerVerifier, RoundKeyPairs, make_signer, sign_keys
+from pf2lora.common.secagg.keys import (
+    PeerVerifier,
+    RoundKeyPairs,
+    make_signer,
+    mask_seed,
+    sign_keys,
+)
 from pf2lora.common.secagg.layout import flatten, unflatten
 from pf2lora.common.secagg.messages import SignedKeys, UnmaskRequest
+from pf2lora.common.secagg.prg import MaskExpander
 from pf2lora.common.secagg.server import SecAggServer
 from pf2lora.common.secagg.silo import SecAggSilo
-from scipy import stats
 
 FED = "secagg-test"
 RUN = "run-1"
@@ -343,3 +352,51 @@ def test_tampered_share_is_detected(fed: dict) -> None:
         r.server.receive_unmask(s, response)
     with pytest.raises(InvalidArgument, match="inconsistent shares"):
         r.server.finish()
+
+
+def test_known_limit_routing_isolates_one_update(fed: dict) -> None:
+    """The boundary of the threat model (honest-but-curious coordinator, docs/security.md).
+
+    An actively malicious coordinator withholds shares so that s0 masks only with s1 and s2,
+    then declares exactly those two dropped. Every silo answers correctly by its own view and
+    the coordinator recovers s0's update alone. When a consistency round, a floor on the mask
+    set and a higher threshold are added, this test must be turned into a refusal test.
+    """
+    ids = _ids(5)
+    r = _setup(fed, ids)  # threshold 3
+    for s in ids:
+        r.server.receive_keys(r.silos[s].advertise_keys())
+    relayed = r.server.close_keys()
+    for s in ids:
+        r.silos[s].receive_keys(relayed[s])
+    for s in ids:
+        r.server.receive_shares(s, r.silos[s].share_keys())
+    routed = r.server.close_shares()
+    routed["s0"] = tuple(m for m in routed["s0"] if m.sender in ("s1", "s2"))  # withheld
+    for s in ids:
+        r.silos[s].receive_shares(routed[s])
+    x0 = _updates(ids)["s0"]
+    y0 = r.silos["s0"].masked_input(x0)
+    for s in ids[1:]:
+        r.silos[s].masked_input(np.zeros(LENGTH, np.float32))
+    request = UnmaskRequest(run_id=RUN, round=1, survivors=("s0", "s3", "s4"), dropped=("s1", "s2"))
+    responses = [r.silos[s].unmask(request) for s in request.survivors]
+
+    def secret(owner: str, field: str) -> bytes:
+        points = {
+            r.server.plan.index(resp.silo_id): shamir.share_from_bytes(o.share)
+            for resp in responses
+            for o in getattr(resp, field)
+            if o.owner == owner
+        }
+        return shamir.reconstruct(points, 3, 32)
+
+    y = y0.copy()
+    MaskExpander().apply(y, secret("s0", "self_mask_shares"), -1)
+    s0_public = next(m for m in relayed["s1"] if m.silo_id == "s0").mask_public_key
+    for k in ("s1", "s2"):
+        private = X25519PrivateKey.from_private_bytes(secret(k, "mask_key_shares"))
+        seed = mask_seed(private, s0_public, RUN, 1, (r.server.plan.index(k), k), (1, "s0"))
+        MaskExpander().apply(y, seed, 1)  # s0 subtracted the masks of higher-indexed peers
+    recovered = fixedpoint.decode(y, r.server.plan.frac_bits)
+    assert np.abs(recovered - x0).max() <= 2.0**-r.server.plan.frac_bits

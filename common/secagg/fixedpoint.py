@@ -17,6 +17,7 @@ import logging
 import math
 
 import numpy as np
+
 from pf2lora.common.errors import ConfigError, InvalidArgument
 
 logger = logging.getLogger(__name__)

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
 from pf2lora.common.errors import InvalidArgument, PermissionDenied
 from pf2lora.common.secagg.messages import SignedKeys, canonical_bytes, check_silo_id, keys_payload
 

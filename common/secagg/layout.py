@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from pf2lora.common.errors import InvalidArgument
 from pf2lora.common.secagg.messages import canonical_bytes
 

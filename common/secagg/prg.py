@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
 from pf2lora.common.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)

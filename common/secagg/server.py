@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from pf2lora.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from pf2lora.common.secagg import fixedpoint, shamir
 from pf2lora.common.secagg.config import RoundPlan, SecAggConfig

@@ -19,6 +19,7 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from pf2lora.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from pf2lora.common.secagg import fixedpoint, shamir
 from pf2lora.common.secagg.config import RoundPlan, SecAggConfig
