@@ -99,7 +99,7 @@ def run_cell(
     for s in ids:
         message = _timed(silo_t[s], "advertise_keys", silos[s].advertise_keys)
         sent[s] += message.wire_size()
-        _timed(server_t, "keys", lambda m=message: server.receive_keys(m))
+        _timed(server_t, "keys", lambda s=s, m=message: server.receive_keys(s, m))
     relayed = _timed(server_t, "keys", server.close_keys)
     for s in ids:
         received[s] += sum(m.wire_size() for m in relayed[s] if m.silo_id != s)

@@ -82,7 +82,7 @@ def _through_shares(
     """Stages 1-2; returns the silos that completed them."""
     alive = [s for s in r.silos if s not in silent_keys]
     for s in alive:
-        r.server.receive_keys(r.silos[s].advertise_keys())
+        r.server.receive_keys(s, r.silos[s].advertise_keys())
     relayed = relay(r.server.close_keys())
     for s in alive:
         r.silos[s].receive_keys(relayed[s])
@@ -198,7 +198,7 @@ def test_too_many_dropouts_fail_cleanly(fed: dict) -> None:
 
     r = _setup(fed, ids)
     for s in ("s0", "s1"):
-        r.server.receive_keys(r.silos[s].advertise_keys())
+        r.server.receive_keys(s, r.silos[s].advertise_keys())
     with pytest.raises(FailedPrecondition, match="threshold is 3"):
         r.server.close_keys()
 
@@ -272,7 +272,7 @@ def test_silos_refuse_substituted_keys(fed: dict) -> None:
     for name, forge in forgeries.items():
         r = _setup(fed, ids)
         for s in ids:
-            r.server.receive_keys(r.silos[s].advertise_keys())
+            r.server.receive_keys(s, r.silos[s].advertise_keys())
         relayed = _relay_substituting("s1", forge)(r.server.close_keys())
         for s in ids:
             if s == "s1":
@@ -324,7 +324,9 @@ def test_stage_order_and_round_are_enforced(fed: dict) -> None:
         r.server.close_shares()
     other = _setup(fed, _ids(3), round_=2).silos["s0"].advertise_keys()
     with pytest.raises(FailedPrecondition):
-        r.server.receive_keys(other)
+        r.server.receive_keys("s0", other)
+    with pytest.raises(PermissionDenied, match="claiming"):
+        r.server.receive_keys("s1", r.silos["s0"].advertise_keys())
 
 
 def test_masks_are_fresh_every_round(fed: dict) -> None:
@@ -365,7 +367,7 @@ def test_known_limit_routing_isolates_one_update(fed: dict) -> None:
     ids = _ids(5)
     r = _setup(fed, ids)  # threshold 3
     for s in ids:
-        r.server.receive_keys(r.silos[s].advertise_keys())
+        r.server.receive_keys(s, r.silos[s].advertise_keys())
     relayed = r.server.close_keys()
     for s in ids:
         r.silos[s].receive_keys(relayed[s])

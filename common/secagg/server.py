@@ -89,9 +89,12 @@ class SecAggServer:
             )
 
     # Stage 1 ----------------------------------------------------------------------------------
-    def receive_keys(self, message: SignedKeys) -> None:
+    def receive_keys(self, silo_id: str, message: SignedKeys) -> None:
+        """``silo_id`` is the authenticated silo id (the transport checked its certificate)."""
         self._expect(ServerStage.KEYS, "receive keys")
         self._check_header(message.run_id, message.round, "signed keys")
+        if message.silo_id != silo_id:
+            raise PermissionDenied(f"silo {silo_id!r} sent keys claiming to be {message.silo_id!r}")
         if message.silo_id not in self.plan.neighbours:
             raise PermissionDenied(f"silo {message.silo_id!r} is not in this round")
         if message.silo_id in self._keys:
