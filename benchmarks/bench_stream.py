@@ -31,6 +31,7 @@ import cryptography
 import google.protobuf
 import grpc
 import torch
+
 from pf2lora.common import grpc_factory, pki, serde
 from pf2lora.v1 import tensors_pb2 as pb
 

@@ -14,6 +14,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from pf2lora.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from pf2lora.common.errors import InvalidArgument
 from pf2lora.common.grpc_factory import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from pf2lora.v1 import tensors_pb2 as pb

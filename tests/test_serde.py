@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 import torch
+
 from pf2lora.common import serde
 from pf2lora.common.errors import FailedPrecondition, InvalidArgument
 from pf2lora.common.grpc_factory import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE

@@ -14,6 +14,7 @@ import pytest
 import torch
 from cryptography.x509 import DNSName, verification
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from pf2lora.common import grpc_factory, serde
 from pf2lora.common.errors import ConfigError, InvalidArgument
 from pf2lora.v1 import tensors_pb2 as pb
