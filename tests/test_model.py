@@ -1,0 +1,126 @@
+"""The two-level model: adapters, shared-state extraction and loading, the privacy boundary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from core_fixtures import linear_model, mini_model, regression_data, text_data
+
+from pf2lora.common.config import AdapterConfig
+from pf2lora.common.errors import ConfigError, InvalidArgument
+from pf2lora.common.model import PRIVATE, SHARED
+
+
+def _fill_private_with_sentinel(model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    sentinels = {}
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.private_parameters().items()):
+            p.copy_(torch.full_like(p, 1234.5 + i))
+            sentinels[name] = p.detach().clone()
+    return sentinels
+
+
+def test_both_adapters_active_with_expected_ranks_and_init() -> None:
+    m = mini_model()
+    shared = m.shared_parameters()
+    private = m.private_parameters()
+    a = [p for n, p in shared.items() if "lora_A" in n]
+    b = [p for n, p in shared.items() if "lora_B" in n]
+    c = [p for n, p in private.items() if "lora_A" in n]
+    d = [p for n, p in private.items() if "lora_B" in n]
+    assert len(a) == len(b) == len(c) == len(d) == 2  # query and value of one layer
+    assert all(t.shape[0] == 8 for t in a) and all(t.shape[1] == 8 for t in b)
+    assert all(t.shape[0] == 2 for t in c) and all(t.shape[1] == 2 for t in d)
+    assert all(float(t.abs().sum()) == 0 for t in b + d)  # B = 0, D = 0: W_k = W0 at start
+    assert all(float(t.abs().sum()) > 0 for t in a + c)
+    assert any("classifier" in n for n in shared)  # the head is shared by default
+    assert not any("classifier" in n for n in private)
+    trainable = {n for n, p in m.peft.named_parameters() if p.requires_grad}
+    assert trainable == set(shared) | set(private)
+
+
+def test_shared_state_holds_no_private_tensor() -> None:
+    m = mini_model()
+    sentinels = _fill_private_with_sentinel(m)
+    state = m.shared_state()
+    assert set(state) == set(m._shared_key_map())
+    assert not any(PRIVATE in k for k in state)
+    for t in state.values():
+        for s in sentinels.values():
+            assert not (t.shape == s.shape and torch.equal(t, s))
+        assert not torch.any(t >= 1234.0), "a private value leaked into the shared state"
+    # the shared state is a copy: changing it cannot touch the model
+    for t in state.values():
+        t.add_(1.0)
+    assert not torch.equal(next(iter(state.values())), next(iter(m.shared_state().values())))
+
+
+def test_load_shared_state_round_trip_and_refusals() -> None:
+    m1, m2 = mini_model(shared_seed=1), mini_model(shared_seed=2)
+    s1 = m1.shared_state()
+    assert any(not torch.equal(s1[k], v) for k, v in m2.shared_state().items())
+    private_before = {n: p.detach().clone() for n, p in m2.private_parameters().items()}
+    m2.load_shared_state(s1)
+    assert all(torch.equal(s1[k], v) for k, v in m2.shared_state().items())
+    assert all(torch.equal(private_before[n], p) for n, p in m2.private_parameters().items())
+    bad = dict(s1)
+    key = next(k for k in bad if "lora_A" in k)
+    bad[key] = torch.zeros(3, 3)
+    with pytest.raises(InvalidArgument, match="shape"):
+        m2.load_shared_state(bad)
+    with pytest.raises(InvalidArgument, match="missing"):
+        m2.load_shared_state({k: v for k, v in s1.items() if k != key})
+    with pytest.raises(InvalidArgument, match="unknown"):
+        m2.load_shared_state({**s1, "evil.lora_A.weight": torch.zeros(1)})
+
+
+def test_same_seed_gives_same_shared_init_private_seed_differs() -> None:
+    a, b = mini_model(shared_seed=7, private_seed=1), mini_model(shared_seed=7, private_seed=2)
+    assert all(torch.equal(v, b.shared_state()[k]) for k, v in a.shared_state().items())
+    pa, pb = a.private_parameters(), b.private_parameters()
+    assert any(not torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_private_disabled_is_w0_plus_shared() -> None:
+    m = linear_model()
+    with torch.no_grad():
+        for p in m.private_parameters().values():
+            p.normal_()
+        for p in m.shared_parameters().values():
+            p.normal_()
+    batch = regression_data(8).select(torch.arange(8))
+    full = m.forward_batch(batch)[1]
+    with m.private_disabled():
+        shared_only = m.forward_batch(batch)[1]
+    base = batch["x"] @ m.peft.base_model.model.linear.base_layer.weight.T
+    (delta_name, _), = m.delta_weights().items()
+    layer = m.peft.base_model.model.linear
+    ba = layer.scaling[SHARED] * layer.lora_B[SHARED].weight @ layer.lora_A[SHARED].weight
+    torch.testing.assert_close(shared_only, base + batch["x"] @ ba.T)
+    assert not torch.allclose(full, shared_only)
+    torch.testing.assert_close(m.forward_batch(batch)[1], full)  # scaling restored
+
+
+def test_head_private_option_and_rank_zero_layouts() -> None:
+    m = mini_model(AdapterConfig(head="private"))
+    assert not any("classifier" in k for k in m.shared_state())
+    assert any("classifier" in n for n in m.private_parameters())
+    hom = mini_model(AdapterConfig(private_rank=0))
+    assert hom.private_parameters() == {} and hom.shared_state()
+    local = mini_model(AdapterConfig(shared_rank=0, private_rank=10, head="private"))
+    assert local.shared_state() == {}
+    with pytest.raises(ConfigError):
+        AdapterConfig(shared_rank=0, private_rank=0)
+    with pytest.raises(ConfigError):
+        mini_model(AdapterConfig(shared_rank=0, private_rank=4, head="shared"))
+
+
+def test_parameter_counts_and_loss_on_text() -> None:
+    m = mini_model()
+    counts = m.parameter_counts()
+    # q and v of one 384-wide layer: shared r=8 -> 2 * 8 * (384 + 384), head 384*2 + 2
+    assert counts["shared"] == 2 * 8 * 768 + 384 * 2 + 2
+    assert counts["private"] == 2 * 2 * 768
+    batch = text_data().select(torch.arange(6))
+    loss = m.loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
