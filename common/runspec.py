@@ -1,0 +1,112 @@
+"""A federated run's configuration (RunConfig) and the JSON form it travels in.
+
+The coordinator stores it with the run, silos receive its algorithm and model parts in every
+TRAIN/EVALUATE task, and `pf2lora run start` builds it from a TOML run file plus flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pf2lora.common.algorithms.base import AlgorithmConfig
+from pf2lora.common.config import ModelConfig, from_mapping
+from pf2lora.common.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run trains and how its rounds close (docs/federation.md, round lifecycle)."""
+
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    # model.path is the base model as the COORDINATOR sees it (it builds the initial shared
+    # adapter from it); each silo loads its own copy from its [model] path.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rounds: int = 3
+    # A round closes at its deadline only if at least this many updates arrived; otherwise it
+    # is opened again (attempt + 1) for the silos that ask for work then.
+    min_silos: int = 1
+    round_deadline_s: float = 600.0
+    # Enrollment ends when every expected silo asked for work, or after this long once
+    # min_silos did: a silo that is down costs each round at most this wait.
+    enroll_window_s: float = 10.0
+    # How long the final evaluation waits for the last round's silos to report.
+    eval_deadline_s: float = 300.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        check(_is_int(self.rounds) and self.rounds >= 1, "rounds", "must be an integer >= 1")
+        check(_is_int(self.min_silos) and self.min_silos >= 1, "min_silos", "must be an integer >= 1")
+        for name in ("round_deadline_s", "enroll_window_s", "eval_deadline_s"):
+            v = getattr(self, name)
+            check(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                name,
+                "must be a number of seconds > 0",
+            )
+        check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "must be an integer in [0, 2^63)")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def to_dict(cfg: Any) -> Any:
+    """A config dataclass as plain JSON-able values (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def to_json(cfg: Any) -> str:
+    """Canonical JSON of a config dataclass (sorted keys: equal configs give equal strings)."""
+    return json.dumps(to_dict(cfg), sort_keys=True, allow_nan=False)
+
+
+def from_json(cls: type[T], text: str, where: str = "") -> T:
+    """The inverse of to_json; ConfigError naming `where` on bad JSON or bad fields."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where or cls.__name__}: not valid JSON ({exc})") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__}: expected a JSON object")
+    return from_mapping(cls, data, where)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; ConfigError naming the file when it is missing or malformed."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {p}: cannot read it ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p}: {exc}") from None
+
+
+def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """tree[path[0]][path[1]]... = value, creating sections on the way (flag overrides)."""
+    node = tree
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {key!r} is not a section")
+        node = child
+    node[path[-1]] = value

@@ -1,0 +1,117 @@
+"""Read-side views of the coordinator's state for the control API: run status, silos, round manifests."""
+
+from __future__ import annotations
+
+import logging
+from statistics import fmean
+
+from pf2lora.common.errors import FailedPrecondition, NotFound
+from pf2lora.common.serde import tensor_spec
+from pf2lora.coordinator.engine import Engine
+from pf2lora.coordinator.views import (
+    ManifestView,
+    ParticipantView,
+    Phase,
+    RoundView,
+    RunView,
+    SiloMetricsView,
+    SiloView,
+    TensorView,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def run_status(engine: Engine, run_id: str = "") -> RunView:
+    """The status of a run (the latest when run_id is empty); NotFound if there is none."""
+    store = engine.store
+    lock, run, _ = engine.snapshot()
+    with lock:
+        if not run_id:
+            run_id = store.latest_run_id() or ""
+            if not run_id:
+                raise NotFound("no run has been started yet (pf2lora run start ...)")
+        row = store.run(run_id)
+        active = run if run is not None and run.run_id == run_id else None
+        train = store.metrics(run_id, kind="train")
+        history: list[RoundView] = []
+        for rr in store.rounds(run_id):
+            if rr.round == 0:
+                continue
+            parts = store.participants(run_id, rr.round, rr.attempt)
+            reported = tuple(p.silo_id for p in parts if p.reported_ms is not None)
+            per_silo = [train[(rr.round, s, "train")] for s in reported if (rr.round, s, "train") in train]
+            names = sorted({k for m in per_silo for k in m})
+            means = {k: fmean(m[k] for m in per_silo if k in m) for k in names}
+            history.append(
+                RoundView(
+                    round=rr.round, attempt=rr.attempt,
+                    participants=tuple(p.silo_id for p in parts), reported=reported,
+                    opened_ms=rr.opened_ms, completed_ms=rr.completed_ms,
+                    checkpoint_digest=rr.checkpoint_digest, mean_metrics=means,
+                )
+            )
+        evaluation = tuple(
+            SiloMetricsView(silo, rnd, kind, values)
+            for (rnd, silo, kind), values in store.metrics(run_id, kind="evaluate").items()
+        )
+        if active is not None:
+            phase = active.phase
+            participants = tuple(
+                ParticipantView(p.silo_id, p.weight, p.state) for p in active.participants.values()
+            )
+            current, attempt = active.round, active.attempt
+            enrolled = tuple(sorted(active.enrolled)) if phase is Phase.ENROLLING else ()
+            deadline = active.deadline_unix_ms
+        else:
+            phase, participants, current, attempt, enrolled, deadline = Phase.DONE, (), 0, 0, (), 0
+        return RunView(
+            run_id=run_id, state=row.state, phase=phase,
+            rounds=engine.rounds_of(row.config_json), completed_rounds=row.completed_rounds,
+            current_round=current, attempt=attempt, enrolled=enrolled, participants=participants,
+            deadline_unix_ms=deadline, history=tuple(history), evaluation=evaluation,
+            config_json=row.config_json, created_ms=row.created_ms, finished_ms=row.finished_ms,
+            reason=row.reason,
+        )
+
+
+def list_silos(engine: Engine) -> list[SiloView]:
+    """Every registered silo, plus allowed silos that never joined."""
+    lock, _, last_seen = engine.snapshot()
+    with lock:
+        rows = {r.silo_id: r for r in engine.store.silos()}
+    names = set(rows) | set(engine.allowed or ())
+    out = []
+    for silo_id in sorted(names):
+        r = rows.get(silo_id)
+        allowed = engine.allowed is None or silo_id in engine.allowed
+        if r is None:
+            out.append(SiloView(silo_id, allowed, False, 0, "", 0, 0))
+        else:
+            seen = max(r.last_seen_ms, last_seen.get(silo_id, 0))
+            out.append(
+                SiloView(silo_id, allowed, True, r.num_samples, r.software_version, r.first_seen_ms, seen)
+            )
+    return out
+
+
+def round_manifest(engine: Engine, run_id: str, round_: int) -> ManifestView:
+    """The global state's manifest after a completed round and the digests of accepted updates."""
+    store = engine.store
+    rr = store.round_row(run_id, round_)
+    if rr is None:
+        store.run(run_id)  # NotFound for an unknown run
+        raise NotFound(f"run {run_id} has no round {round_}")
+    if rr.state != "complete" or rr.checkpoint_digest is None:
+        raise FailedPrecondition(f"round {round_} of run {run_id} is not complete")
+    tensors = engine.checkpoints.read(run_id, round_, rr.checkpoint_digest)
+    views = []
+    for name, t in tensors.items():
+        spec = tensor_spec(name, t)
+        views.append(TensorView(name, str(t.dtype).removeprefix("torch."), spec.shape, spec.nbytes, spec.sha256))
+    updates = tuple(
+        (p.silo_id, p.attempt, p.manifest_digest or "")
+        for p in store.participants(run_id, round_, rr.attempt)
+        if p.reported_ms is not None
+    )
+    return ManifestView(run_id, round_, tuple(views), rr.checkpoint_digest, updates)

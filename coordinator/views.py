@@ -1,0 +1,147 @@
+"""Plain values the round engine hands out (tasks, receipts, status views); servicers turn them into protobuf."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Phase(enum.StrEnum):
+    """Where the active run is (RunPhase on the wire)."""
+
+    ENROLLING = "enrolling"  # waiting for silos to ask for work in the current round
+    TRAINING = "training"  # participants fixed, waiting for their updates
+    EVALUATING = "evaluating"  # all rounds done, silos evaluate the final global state
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a silo needs to (re)build its local state for a run."""
+
+    run_id: str
+    algorithm_json: str
+    model_json: str
+    seed: int
+    rounds: int
+
+
+@dataclass(frozen=True)
+class IdleTask:
+    retry_after_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    run: RunInfo
+    round: int
+    attempt: int
+    client_index: int
+    weight: float
+    deadline_unix_ms: int
+    global_digest: str  # hex manifest digest of the global state of round - 1
+
+
+@dataclass(frozen=True)
+class EvaluateTask:
+    run: RunInfo
+    round: int
+    client_index: int
+    deadline_unix_ms: int
+    global_digest: str
+
+
+@dataclass(frozen=True)
+class StopTask:
+    run_id: str
+    state: str
+    reason: str
+
+
+Task = IdleTask | TrainTask | EvaluateTask | StopTask
+
+
+@dataclass(frozen=True)
+class UpdateReceipt:
+    run_id: str
+    round: int
+    manifest_digest: bytes
+    received: int
+    participants: int
+
+
+@dataclass(frozen=True)
+class ParticipantView:
+    silo_id: str
+    weight: float
+    state: str  # assigned | fetched | reported
+
+
+@dataclass(frozen=True)
+class RoundView:
+    round: int
+    attempt: int
+    participants: tuple[str, ...]
+    reported: tuple[str, ...]
+    opened_ms: int
+    completed_ms: int | None
+    checkpoint_digest: str | None
+    mean_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SiloMetricsView:
+    silo_id: str
+    round: int
+    kind: str
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RunView:
+    run_id: str
+    state: str  # running | completed | stopped | failed
+    phase: Phase
+    rounds: int
+    completed_rounds: int
+    current_round: int
+    attempt: int
+    enrolled: tuple[str, ...]
+    participants: tuple[ParticipantView, ...]
+    deadline_unix_ms: int
+    history: tuple[RoundView, ...]
+    evaluation: tuple[SiloMetricsView, ...]
+    config_json: str
+    created_ms: int
+    finished_ms: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class SiloView:
+    silo_id: str
+    allowed: bool
+    joined: bool
+    num_samples: int
+    software_version: str
+    first_seen_ms: int
+    last_seen_ms: int
+
+
+@dataclass(frozen=True)
+class TensorView:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class ManifestView:
+    run_id: str
+    round: int
+    tensors: tuple[TensorView, ...]
+    digest: str
+    updates: tuple[tuple[str, int, str], ...]  # (silo_id, attempt, manifest digest hex)

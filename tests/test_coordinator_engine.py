@@ -1,0 +1,330 @@
+"""Round engine, SQLite store and checkpoints, driven by events and a fake clock (no gRPC, no model)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from pf2lora.common.algorithms.aggregate import weighted_payload
+from pf2lora.common.algorithms.base import AlgorithmConfig
+from pf2lora.common.config import ModelConfig
+from pf2lora.common.errors import (
+    ConfigError,
+    DataError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from pf2lora.common.runspec import RunConfig, from_json, to_json
+from pf2lora.coordinator.checkpoints import CheckpointStore, state_digest
+from pf2lora.coordinator.engine import Engine
+from pf2lora.coordinator.status import list_silos, round_manifest, run_status
+from pf2lora.coordinator.store import Store
+from pf2lora.coordinator.views import EvaluateTask, IdleTask, Phase, StopTask, TrainTask
+
+INITIAL = {
+    "layer.lora_A.weight": torch.arange(8, dtype=torch.float32).reshape(2, 4),
+    "layer.lora_B.weight": torch.zeros(4, 2),
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def initial_state(algorithm, model, seed):  # noqa: ANN001, ANN201
+    return {k: v.clone() + seed for k, v in INITIAL.items()}
+
+
+def make_engine(tmp_path: Path, clock: Clock, allowed=("a", "b", "c")) -> Engine:  # noqa: ANN001
+    store = Store(tmp_path / "state.db")
+    return Engine(
+        store, CheckpointStore(tmp_path), federation="test", allowed_silos=allowed,
+        initial_state=initial_state, clock=clock, wall=clock,
+    )
+
+
+def run_cfg(**kw) -> RunConfig:  # noqa: ANN003
+    base = dict(rounds=2, min_silos=2, round_deadline_s=60.0, enroll_window_s=5.0, seed=0)
+    base.update(kw)
+    return RunConfig(model=ModelConfig(path="unused"), **base)
+
+
+def update(value: float, weight: float) -> dict[str, torch.Tensor]:
+    return weighted_payload({k: torch.full_like(v, value) for k, v in INITIAL.items()}, weight)
+
+
+def join_all(engine: Engine, silos=("a", "b", "c"), samples=(10, 30, 60)) -> None:  # noqa: ANN001
+    for s, n in zip(silos, samples, strict=True):
+        engine.join(s, n, "test")
+
+
+def push(engine: Engine, silo: str, task: TrainTask, value: float) -> None:
+    engine.expected_update(silo, task.run.run_id, task.round, task.attempt)
+    engine.accept_update(
+        silo, task.run.run_id, task.round, task.attempt, update(value, task.weight), b"\x01" * 32
+    )
+
+
+# ----------------------------------------------------------------------------- store
+
+
+def test_store_schema_is_versioned(tmp_path: Path) -> None:
+    Store(tmp_path / "s.db").close()
+    Store(tmp_path / "s.db").close()  # reopening is fine
+    db = sqlite3.connect(tmp_path / "s.db")
+    db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(ConfigError, match="schema 99"):
+        Store(tmp_path / "s.db")
+
+
+def test_store_uses_wal(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    mode = store._db.execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_roundtrip_digest_and_orphans(tmp_path: Path) -> None:
+    ck = CheckpointStore(tmp_path)
+    path, digest = ck.write("r1", 3, INITIAL, {"x": 1})
+    assert path.name == "global-00003.safetensors"
+    assert digest == state_digest(INITIAL)
+    got = ck.read("r1", 3, digest)
+    assert list(got) == sorted(INITIAL)
+    assert all(torch.equal(got[k], INITIAL[k]) for k in INITIAL)
+    with pytest.raises(DataError, match="does not match"):
+        ck.read("r1", 3, "00" * 32)
+    ck.write("r1", 4, INITIAL, {})
+    assert ck.remove_after("r1", 3) == [ck.path("r1", 4)]
+    assert ck.rounds_on_disk("r1") == [3]
+    with pytest.raises(DataError, match="missing"):
+        ck.read("r1", 9)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def test_full_run_weighted_mean_evaluation_and_stop(tmp_path: Path) -> None:
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    join_all(eng)
+    run_id = eng.start_run(run_cfg())
+    assert isinstance(eng.get_task("a"), IdleTask)  # enrolled, waiting for b and c
+    assert isinstance(eng.get_task("b"), IdleTask)
+    task_c = eng.get_task("c")  # the last allowed silo seals the round at once
+    assert isinstance(task_c, TrainTask)
+    tasks = {s: eng.get_task(s) for s in ("a", "b")} | {"c": task_c}
+    assert [round(t.weight, 6) for t in tasks.values()] == [0.1, 0.3, 0.6]  # n_k / sum n
+    assert [t.client_index for t in tasks.values()] == [0, 1, 2]  # sorted allow-list
+    state, digest = eng.global_state("a", run_id, 0)
+    assert digest == tasks["a"].global_digest == state_digest(state)
+    for s, v in zip("abc", (1.0, 2.0, 3.0), strict=True):
+        push(eng, s, tasks[s], v)
+    # round 1 complete: the weighted mean 0.1*1 + 0.3*2 + 0.6*3 = 2.5
+    g1, _ = eng.global_state("a", run_id, 1)
+    assert torch.allclose(g1["layer.lora_A.weight"], torch.full((2, 4), 2.5))
+    for s in "abc":
+        eng.get_task(s)
+    tasks = {s: eng.get_task(s) for s in "abc"}
+    assert all(isinstance(t, TrainTask) and t.round == 2 for t in tasks.values())
+    for s in "abc":
+        push(eng, s, tasks[s], 1.0)
+    ev = eng.get_task("a")
+    assert isinstance(ev, EvaluateTask) and ev.round == 2
+    for s in "abc":
+        eng.report_metrics(s, run_id, 2, "evaluate", {"personal_accuracy": 0.5})
+    view = run_status(eng, run_id)
+    assert view.state == "completed" and view.phase is Phase.DONE and view.completed_rounds == 2
+    assert len(view.evaluation) == 3 and [h.round for h in view.history] == [1, 2]
+    assert isinstance(eng.get_task("a", run_id), StopTask)
+    assert isinstance(eng.get_task("a"), IdleTask)
+    manifest = round_manifest(eng, run_id, 1)
+    assert manifest.digest == state_digest(g1) and len(manifest.updates) == 3
+    assert {s.silo_id for s in list_silos(eng)} == {"a", "b", "c"}
+
+
+def test_deadline_closes_without_a_silent_silo_and_refuses_its_late_update(tmp_path: Path) -> None:
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    join_all(eng)
+    run_id = eng.start_run(run_cfg(rounds=1))
+    for s in "abc":
+        eng.get_task(s)
+    tasks = {s: eng.get_task(s) for s in "abc"}
+    push(eng, "a", tasks["a"], 1.0)
+    push(eng, "b", tasks["b"], 3.0)
+    clock.t += 61
+    eng.tick()
+    view = run_status(eng, run_id)
+    assert view.completed_rounds == 1 and view.history[0].reported == ("a", "b")
+    g, _ = eng.global_state("a", run_id, 1)
+    # mean over the reporting silos: (0.1*1 + 0.3*3) / 0.4 = 2.5
+    assert torch.allclose(g["layer.lora_A.weight"], torch.full((2, 4), 2.5))
+    with pytest.raises(FailedPrecondition, match="round 1 refused"):
+        push(eng, "c", tasks["c"], 5.0)
+
+
+def test_too_few_updates_reopen_the_round_and_refuse_the_old_attempt(tmp_path: Path) -> None:
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    join_all(eng)
+    run_id = eng.start_run(run_cfg(rounds=1))
+    for s in "abc":
+        eng.get_task(s)
+    old = {s: eng.get_task(s) for s in "abc"}
+    push(eng, "a", old["a"], 1.0)
+    clock.t += 61
+    eng.tick()
+    view = run_status(eng, run_id)
+    assert view.phase is Phase.ENROLLING and view.attempt == 2 and view.completed_rounds == 0
+    with pytest.raises(FailedPrecondition, match="attempt 1"):
+        push(eng, "b", old["b"], 1.0)
+    for s in "abc":
+        eng.get_task(s)
+    new = eng.get_task("b")
+    assert isinstance(new, TrainTask) and new.attempt == 2
+
+
+def test_enrollment_window_seals_with_min_silos(tmp_path: Path) -> None:
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    join_all(eng)
+    eng.start_run(run_cfg())
+    assert isinstance(eng.get_task("a"), IdleTask)
+    assert isinstance(eng.get_task("b"), IdleTask)
+    clock.t += 4
+    eng.tick()
+    assert isinstance(eng.get_task("a"), IdleTask)
+    clock.t += 2
+    eng.tick()
+    task = eng.get_task("a")
+    assert isinstance(task, TrainTask) and task.weight == pytest.approx(10 / 40)
+    assert isinstance(eng.get_task("c"), IdleTask)  # late: waits for the next round
+
+
+def test_refusals_change_nothing(tmp_path: Path) -> None:
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    join_all(eng, ("a", "b"), (10, 10))
+    with pytest.raises(PermissionDenied):
+        eng.join("mallory", 10, "x")
+    with pytest.raises(FailedPrecondition, match="Join first"):
+        eng.get_task("c")
+    with pytest.raises(InvalidArgument):
+        eng.join("c", 0, "x")
+    run_id = eng.start_run(run_cfg(min_silos=2))
+    clock.t += 10
+    eng.get_task("a")
+    eng.get_task("b")
+    eng.tick()
+    ta = eng.get_task("a")
+    before = eng.store.dump()
+    bad = [
+        ("a", run_id, 2, ta.attempt),  # wrong round
+        ("a", run_id, 0, ta.attempt),  # stale round
+        ("a", "other-run", 1, ta.attempt),  # unknown run
+        ("a", run_id, 1, ta.attempt + 1),  # wrong attempt
+    ]
+    for silo, rid, rnd, att in bad:
+        with pytest.raises(FailedPrecondition):
+            eng.expected_update(silo, rid, rnd, att)
+    with pytest.raises(PermissionDenied):
+        eng.expected_update("mallory", run_id, 1, ta.attempt)
+    with pytest.raises(InvalidArgument):
+        eng.accept_update("a", run_id, 1, ta.attempt, {"x": torch.zeros(1)}, b"")
+    with pytest.raises(InvalidArgument):
+        eng.report_metrics("a", run_id, 1, "train", {"loss": float("nan")})
+    assert eng.store.dump() == before
+    push(eng, "a", ta, 1.0)
+    after_first = eng.store.dump()
+    with pytest.raises(FailedPrecondition, match="already sent"):
+        push(eng, "a", ta, 1.0)
+    assert eng.store.dump() == after_first
+
+
+def test_start_while_active_and_stop(tmp_path: Path) -> None:
+    eng = make_engine(tmp_path, Clock())
+    run_id = eng.start_run(run_cfg(), "first")
+    assert run_id == "first"
+    with pytest.raises(FailedPrecondition, match="active"):
+        eng.start_run(run_cfg())
+    eng.stop_run(run_id, "enough")
+    assert run_status(eng).state == "stopped"
+    with pytest.raises(FailedPrecondition, match="stopped already"):
+        eng.stop_run(run_id)
+    with pytest.raises(NotFound):
+        run_status(eng, "nope")
+    with pytest.raises(InvalidArgument):
+        eng.start_run(run_cfg(min_silos=4))  # only 3 allowed
+
+
+def test_restart_resumes_at_the_last_committed_round(tmp_path: Path) -> None:
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    join_all(eng)
+    run_id = eng.start_run(run_cfg(rounds=3))
+    for s in "abc":
+        eng.get_task(s)
+    tasks = {s: eng.get_task(s) for s in "abc"}
+    for s in "abc":
+        push(eng, s, tasks[s], 2.0)
+    for s in "abc":
+        eng.get_task(s)
+    tasks = {s: eng.get_task(s) for s in "abc"}
+    push(eng, "a", tasks["a"], 7.0)  # round 2 in flight
+    g1_digest = run_status(eng, run_id).history[0].checkpoint_digest
+    # a crash after a checkpoint file was written but before its commit leaves an orphan
+    eng.checkpoints.write(run_id, 2, INITIAL, {})
+    eng.store.close()
+
+    eng2 = make_engine(tmp_path, clock)
+    view = run_status(eng2, run_id)
+    assert view.state == "running" and view.completed_rounds == 1
+    assert view.current_round == 2 and view.attempt == 2 and view.phase is Phase.ENROLLING
+    assert eng2.checkpoints.rounds_on_disk(run_id) == [0, 1]
+    with pytest.raises(FailedPrecondition, match="attempt 1"):
+        push(eng2, "b", tasks["b"], 7.0)
+    for s in "abc":
+        eng2.get_task(s)
+    tasks = {s: eng2.get_task(s) for s in "abc"}
+    assert all(t.round == 2 and t.global_digest == g1_digest for t in tasks.values())
+    for s in "abc":
+        push(eng2, s, tasks[s], 1.0)
+    for s in "abc":
+        eng2.get_task(s)
+    for s in "abc":
+        push(eng2, s, eng2.get_task(s), 1.0)
+    assert isinstance(eng2.get_task("a"), EvaluateTask)
+
+
+def test_restart_with_a_damaged_checkpoint_fails_the_run_loudly(tmp_path: Path) -> None:
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    run_id = eng.start_run(run_cfg())
+    eng.store.close()
+    eng.checkpoints.path(run_id, 0).write_bytes(b"garbage")
+    eng2 = make_engine(tmp_path, clock)
+    view = run_status(eng2, run_id)
+    assert view.state == "failed" and "cannot resume" in view.reason
+
+
+def test_run_config_json_roundtrip() -> None:
+    cfg = run_cfg(algorithm=AlgorithmConfig(name="homlora"))
+    assert from_json(RunConfig, to_json(cfg)) == cfg
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_json(RunConfig, '{"roundz": 3}')
+    with pytest.raises(ConfigError, match="min_silos"):
+        RunConfig(min_silos=0)
