@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "pf2lora.cli.simulate",
     "pf2lora.cli.certs",
+    "pf2lora.cli.coordinator",
 )
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from pf2lora.common.config import from_mapping
+from pf2lora.common.daemon_config import TlsSection, is_address
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.grpc_factory import TlsFiles
 from pf2lora.common.identity import validate_label
 from pf2lora.common.runspec import load_toml
 
@@ -53,36 +53,16 @@ class ServerSection:
 
     def __post_init__(self) -> None:
         for name in ("silo_api_listen", "control_api_listen"):
-            if not _is_address(getattr(self, name)):
+            if not is_address(getattr(self, name)):
                 raise ConfigError(f"server.{name}={getattr(self, name)!r}: use HOST:PORT")
         for name in ("health_listen", "metrics_listen"):
             value = getattr(self, name)
-            if value and not _is_address(value):
+            if value and not is_address(value):
                 raise ConfigError(f"server.{name}={value!r}: use HOST:PORT, or \"\" for off")
         if not isinstance(self.max_workers, int) or self.max_workers < 4:
             raise ConfigError(f"server.max_workers={self.max_workers!r}: must be an integer >= 4")
         if not (isinstance(self.long_poll_s, int | float) and 0 < self.long_poll_s <= 60):
             raise ConfigError(f"server.long_poll_s={self.long_poll_s!r}: must be in (0, 60]")
-
-
-@dataclass(frozen=True)
-class TlsSection:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-    def __post_init__(self) -> None:
-        given = [f for f in (self.ca_file, self.cert_file, self.key_file) if f]
-        if given and len(given) != 3:
-            raise ConfigError("tls: give ca_file, cert_file and key_file together (or none)")
-
-    @property
-    def configured(self) -> bool:
-        return bool(self.ca_file)
-
-    def files(self) -> TlsFiles:
-        assert self.ca_file and self.cert_file and self.key_file
-        return TlsFiles(Path(self.ca_file), Path(self.cert_file), Path(self.key_file))
 
 
 @dataclass(frozen=True)
@@ -104,13 +84,6 @@ class CoordinatorConfig:
                 "no TLS material: set [tls] ca_file, cert_file, key_file (see `pf2lora certs`), "
                 "or pass --insecure for plaintext on a trusted network"
             )
-
-
-def _is_address(value: object) -> bool:
-    if not isinstance(value, str) or ":" not in value:
-        return False
-    port = value.rsplit(":", 1)[1]
-    return port.isdigit() and 0 <= int(port) <= 65535
 
 
 def load_coordinator_config(

@@ -44,18 +44,10 @@ from pf2lora.common.errors import (
 from pf2lora.common.identity import LABEL_RE
 from pf2lora.common.runspec import RunConfig, from_json, to_dict, to_json
 from pf2lora.common.simulation import client_weights
+from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore, canonical
 from pf2lora.coordinator.store import Store
-from pf2lora.coordinator.views import (
-    EvaluateTask,
-    IdleTask,
-    Phase,
-    RunInfo,
-    StopTask,
-    Task,
-    TrainTask,
-    UpdateReceipt,
-)
+from pf2lora.coordinator.views import Phase, UpdateReceipt
 
 logger = logging.getLogger(__name__)
 

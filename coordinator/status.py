@@ -16,7 +16,6 @@ from pf2lora.coordinator.views import (
     RunView,
     SiloMetricsView,
     SiloView,
-    TensorView,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,10 +104,7 @@ def round_manifest(engine: Engine, run_id: str, round_: int) -> ManifestView:
     if rr.state != "complete" or rr.checkpoint_digest is None:
         raise FailedPrecondition(f"round {round_} of run {run_id} is not complete")
     tensors = engine.checkpoints.read(run_id, round_, rr.checkpoint_digest)
-    views = []
-    for name, t in tensors.items():
-        spec = tensor_spec(name, t)
-        views.append(TensorView(name, str(t.dtype).removeprefix("torch."), spec.shape, spec.nbytes, spec.sha256))
+    views = [tensor_spec(name, t) for name, t in tensors.items()]
     updates = tuple(
         (p.silo_id, p.attempt, p.manifest_digest or "")
         for p in store.participants(run_id, round_, rr.attempt)

@@ -1,9 +1,11 @@
-"""Plain values the round engine hands out (tasks, receipts, status views); servicers turn them into protobuf."""
+"""Plain values the round engine hands out besides tasks (receipts, status views); servicers turn them into protobuf."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
+from pf2lora.common.serde import TensorInfo
 
 
 class Phase(enum.StrEnum):
@@ -13,53 +15,6 @@ class Phase(enum.StrEnum):
     TRAINING = "training"  # participants fixed, waiting for their updates
     EVALUATING = "evaluating"  # all rounds done, silos evaluate the final global state
     DONE = "done"
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """What a silo needs to (re)build its local state for a run."""
-
-    run_id: str
-    algorithm_json: str
-    model_json: str
-    seed: int
-    rounds: int
-
-
-@dataclass(frozen=True)
-class IdleTask:
-    retry_after_s: float
-    reason: str
-
-
-@dataclass(frozen=True)
-class TrainTask:
-    run: RunInfo
-    round: int
-    attempt: int
-    client_index: int
-    weight: float
-    deadline_unix_ms: int
-    global_digest: str  # hex manifest digest of the global state of round - 1
-
-
-@dataclass(frozen=True)
-class EvaluateTask:
-    run: RunInfo
-    round: int
-    client_index: int
-    deadline_unix_ms: int
-    global_digest: str
-
-
-@dataclass(frozen=True)
-class StopTask:
-    run_id: str
-    state: str
-    reason: str
-
-
-Task = IdleTask | TrainTask | EvaluateTask | StopTask
 
 
 @dataclass(frozen=True)
@@ -130,18 +85,9 @@ class SiloView:
 
 
 @dataclass(frozen=True)
-class TensorView:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    sha256: bytes
-
-
-@dataclass(frozen=True)
 class ManifestView:
     run_id: str
     round: int
-    tensors: tuple[TensorView, ...]
+    tensors: tuple[TensorInfo, ...]
     digest: str
     updates: tuple[tuple[str, int, str], ...]  # (silo_id, attempt, manifest digest hex)

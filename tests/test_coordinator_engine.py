@@ -20,11 +20,12 @@ from pf2lora.common.errors import (
     PermissionDenied,
 )
 from pf2lora.common.runspec import RunConfig, from_json, to_json
+from pf2lora.common.tasks import EvaluateTask, IdleTask, StopTask, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore, state_digest
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.status import list_silos, round_manifest, run_status
 from pf2lora.coordinator.store import Store
-from pf2lora.coordinator.views import EvaluateTask, IdleTask, Phase, StopTask, TrainTask
+from pf2lora.coordinator.views import Phase
 
 INITIAL = {
     "layer.lora_A.weight": torch.arange(8, dtype=torch.float32).reshape(2, 4),

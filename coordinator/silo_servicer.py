@@ -1,0 +1,159 @@
+"""SiloApi servicer: checks the caller's identity, converts protobuf <-> plain values, calls the engine.
+
+Thin on purpose: every decision is the engine's, every tensor conversion is serde's, every
+error becomes a status code in grpc_errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterator
+
+import grpc
+
+from pf2lora.common import serde
+from pf2lora.common.errors import InvalidArgument
+from pf2lora.common.identity import require_silo
+from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
+from pf2lora.coordinator.engine import Engine
+from pf2lora.coordinator.grpc_errors import map_errors
+from pf2lora.v1 import silo_pb2, silo_pb2_grpc
+from pf2lora.v1 import tensors_pb2 as tpb
+
+logger = logging.getLogger(__name__)
+
+ATTEMPT_SCALAR = "attempt"
+_KINDS = {silo_pb2.METRICS_KIND_TRAIN: "train", silo_pb2.METRICS_KIND_EVALUATE: "evaluate"}
+
+
+def run_info_to_proto(info: RunInfo) -> silo_pb2.RunSpec:
+    return silo_pb2.RunSpec(
+        run_id=info.run_id, algorithm_json=info.algorithm_json, model_json=info.model_json,
+        seed=info.seed, rounds=info.rounds,
+    )
+
+
+def task_to_proto(task: Task) -> silo_pb2.Task:
+    if isinstance(task, IdleTask):
+        return silo_pb2.Task(
+            idle=silo_pb2.IdleTask(retry_after_ms=int(task.retry_after_s * 1000), reason=task.reason)
+        )
+    if isinstance(task, StopTask):
+        return silo_pb2.Task(
+            run_id=task.run_id, stop=silo_pb2.StopTask(state=task.state, reason=task.reason)
+        )
+    if isinstance(task, TrainTask):
+        return silo_pb2.Task(
+            run_id=task.run.run_id,
+            round=task.round,
+            train=silo_pb2.TrainTask(
+                run=run_info_to_proto(task.run), attempt=task.attempt,
+                client_index=task.client_index, weight=task.weight,
+                deadline_unix_ms=task.deadline_unix_ms,
+                global_manifest_digest=bytes.fromhex(task.global_digest),
+                secure_aggregation=silo_pb2.SecureAggregationParams(enabled=False),
+            ),
+        )
+    assert isinstance(task, EvaluateTask)
+    return silo_pb2.Task(
+        run_id=task.run.run_id,
+        round=task.round,
+        evaluate=silo_pb2.EvaluateTask(
+            run=run_info_to_proto(task.run), client_index=task.client_index,
+            global_manifest_digest=bytes.fromhex(task.global_digest),
+            deadline_unix_ms=task.deadline_unix_ms,
+        ),
+    )
+
+
+def attempt_of(header: tpb.StreamHeader) -> int:
+    value = header.scalars.get(ATTEMPT_SCALAR)
+    if value is None or not math.isfinite(value) or value != int(value) or not 1 <= value < 2**31:
+        raise InvalidArgument(
+            f"update header needs the scalar {ATTEMPT_SCALAR!r} (the task's attempt), got {value!r}"
+        )
+    return int(value)
+
+
+class SiloServicer(silo_pb2_grpc.SiloApiServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        insecure: bool,
+        long_poll_s: float,
+        version: str,
+    ) -> None:
+        self.engine = engine
+        self.insecure = insecure
+        self.long_poll_s = long_poll_s
+        self.version = version
+
+    def _silo(self, context: grpc.ServicerContext, claimed: str) -> str:
+        """The caller's silo id: its certificate's (or, with --insecure, its claim)."""
+        ident = require_silo(
+            context, self.engine.federation, claimed, self.engine.allowed, insecure=self.insecure
+        )
+        return ident.name
+
+    @map_errors
+    def Join(self, request: silo_pb2.JoinRequest, context: grpc.ServicerContext) -> silo_pb2.JoinReply:
+        silo = self._silo(context, request.silo_id)
+        active = self.engine.join(silo, request.num_samples, request.software_version)
+        return silo_pb2.JoinReply(
+            federation=self.engine.federation, coordinator_version=self.version,
+            active_run_id=active, long_poll_ms=int(self.long_poll_s * 1000),
+        )
+
+    @map_errors
+    def GetTask(self, request: silo_pb2.GetTaskRequest, context: grpc.ServicerContext) -> silo_pb2.Task:
+        silo = self._silo(context, request.silo_id)
+        wait = min(request.wait_ms / 1000 if request.wait_ms else self.long_poll_s, self.long_poll_s)
+        return task_to_proto(self.engine.wait_task(silo, request.current_run_id, wait))
+
+    @map_errors
+    def FetchGlobal(
+        self, request: silo_pb2.FetchGlobalRequest, context: grpc.ServicerContext
+    ) -> Iterator[tpb.StreamMessage]:
+        silo = self._silo(context, request.silo_id)
+        tensors, _ = self.engine.global_state(silo, request.run_id, request.round)
+        yield from serde.tensors_to_stream(
+            tensors, run_id=request.run_id, round=request.round, kind=serde.StreamKind.GLOBAL_MODEL
+        )
+
+    @map_errors
+    def PushUpdate(
+        self, request_iterator: Iterator[tpb.StreamMessage], context: grpc.ServicerContext
+    ) -> silo_pb2.PushUpdateReply:
+        messages = iter(request_iterator)
+        first = next(messages, None)
+        if first is None or first.WhichOneof("body") != "header":
+            raise InvalidArgument("an update stream must start with its header")
+        header = first.header
+        silo = self._silo(context, header.silo_id)
+        attempt = attempt_of(header)
+        # Checked before any tensor byte is buffered: run, round, attempt, participant, duplicate.
+        expected = self.engine.expected_update(silo, header.run_id, header.round, attempt)
+        info, tensors = serde.stream_to_tensors(
+            itertools.chain([first], messages), expected, kinds=(serde.StreamKind.UPDATE,)
+        )
+        receipt = self.engine.accept_update(
+            silo, info.run_id, info.round, attempt, tensors, info.manifest_digest
+        )
+        return silo_pb2.PushUpdateReply(
+            run_id=receipt.run_id, round=receipt.round, manifest_digest=receipt.manifest_digest,
+            received=receipt.received, participants=receipt.participants,
+        )
+
+    @map_errors
+    def ReportMetrics(
+        self, request: silo_pb2.ReportMetricsRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.ReportMetricsReply:
+        silo = self._silo(context, request.silo_id)
+        kind = _KINDS.get(request.kind)
+        if kind is None:
+            raise InvalidArgument(f"metrics kind {request.kind}: use TRAIN or EVALUATE")
+        self.engine.report_metrics(silo, request.run_id, request.round, kind, dict(request.metrics))
+        return silo_pb2.ReportMetricsReply()
