@@ -1,0 +1,89 @@
+"""In-process simulation: synthetic rank recovery, and `pf2lora simulate` end to end on real data."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from pf2lora.cli.main import main
+from pf2lora.common.algorithms.base import AlgorithmConfig
+from pf2lora.common.config import AdapterConfig, ModelConfig, TrainConfig
+from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
+
+
+# Smaller than ALGORITHM.md §8 for speed (d=16, r=4, r_hat=1, true ranks 3..5); the full-size
+# experiment is benchmarks/bench_synthetic_rank.py. The lower level must be much faster than
+# the upper level (ll_lr / ul_lr = 40 here), see docs/algorithm.md.
+def _synthetic(name: str, rounds: int = 150) -> SimulationConfig:
+    return SimulationConfig(
+        algorithm=AlgorithmConfig(
+            name=name,
+            train=TrainConfig(local_steps=20, batch_size=64, ll_lr=0.2, ul_lr=0.005, max_grad_norm=None),
+        ),
+        model=ModelConfig(path="", task="regression", adapters=AdapterConfig(shared_rank=4, private_rank=1)),
+        data=DataConfig(
+            source="synthetic-rank", synthetic_dim=16, synthetic_true_ranks=(3, 4, 5),
+            synthetic_train_samples=500, synthetic_test_samples=200,
+        ),
+        rounds=rounds,
+        seed=0,
+        eval_every=rounds,
+    )
+
+
+def test_pf2lora_recovers_every_true_rank_and_homlora_reports_one() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
+    try:
+        pf = run_simulation(_synthetic("pf2lora"))
+        hom = run_simulation(_synthetic("homlora", rounds=60))
+    finally:
+        torch.set_num_threads(threads)
+    assert [c["learned_rank"] for c in pf.clients] == [c["true_rank"] for c in pf.clients] == [3, 4, 5]
+    for c in pf.clients:
+        assert c["test_mse"] < 0.05
+        sv = c["singular_values"]
+        assert sv[c["true_rank"] - 1] > 0.05 * sv[0] > sv[c["true_rank"]]
+    ranks = {c["learned_rank"] for c in hom.clients}
+    assert len(ranks) == 1
+    assert max(c["test_mse"] for c in hom.clients) > max(c["test_mse"] for c in pf.clients)
+
+
+def test_cli_simulate_on_vader_writes_json(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "result.json"
+    code = main([
+        "simulate", "--algorithm", "pf2lora", "--data", "vader", "--clients", "4",
+        "--rounds", "2", "--local-steps", "2", "--batch-size", "8", "--num-layers", "1",
+        "--max-length", "32", "--max-train", "24", "--max-test", "16", "--json", str(out),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "personalised acc" in printed and "round 2/2" in printed
+    doc = json.loads(out.read_text())
+    assert [c["name"] for c in doc["clients"]] == ["amazon", "movies", "nyt", "tweets"]
+    assert len(doc["rounds"]) == 2
+    for c in doc["clients"]:
+        assert 0.0 <= c["personal_accuracy"] <= 1.0 and 0.0 <= c["shared_accuracy"] <= 1.0
+        assert c["train_size"] == 24 and c["test_size"] == 16
+    p = doc["parameters"]
+    assert p["communicated_per_client"] == p["shared"] > 0 and p["private"] > 0
+
+
+def test_cli_config_file_with_flag_override_and_clear_errors(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        'rounds = 5\n[algorithm]\nname = "homlora"\n[algorithm.train]\nlocal_steps = 1\n'
+        '[model]\nnum_hidden_layers = 1\nmax_length = 16\n'
+        '[data]\nnum_clients = 4\nmax_train_per_client = 8\nmax_test_per_client = 8\n'
+    )
+    out = tmp_path / "r.json"
+    assert main(["simulate", "--config", str(cfg), "--rounds", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["rounds"] == 1 and doc["config"]["algorithm"]["name"] == "homlora"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[algorithm]\nnmae = "pf2lora"\n')
+    assert main(["simulate", "--config", str(bad)]) == 2
+    assert "nmae" in capsys.readouterr().err
+    assert main(["simulate", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert main(["simulate", "--algorithm", "fedsgd"]) == 2
