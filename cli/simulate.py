@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--test-files", help="comma-separated held-out files, one per client")
     p.add_argument("--json", type=Path, dest="json_path", help="write per-round and final metrics here")
     p.add_argument("--progress", action="store_true", help="progress bar over local steps")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (1 is fastest for the tiny synthetic model)"
+    )
     p.set_defaults(func=run)
 
 
@@ -120,7 +123,8 @@ def print_table(result: Any) -> None:
     for c in clients:
         row = [c["name"], str(c["train_size"]), str(c["test_size"])]
         if synthetic:
-            row += [str(c["true_rank"]), str(c["learned_rank"]), _fmt(c.get("test_mse"))]
+            mse = c.get("test_mse")
+            row += [str(c["true_rank"]), str(c["learned_rank"]), "-" if mse is None else f"{mse:.2e}"]
         else:
             row += [_fmt(c.get("personal_accuracy")), _fmt(c.get("shared_accuracy"))]
         table.add_row(*row)
@@ -143,12 +147,22 @@ def run(args: argparse.Namespace) -> int:
     from pf2lora.common.state_io import atomic_write_bytes
 
     cfg = build_config(args)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ConfigError(f"--threads={args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
     logger.info(
         "simulate: %s on %s (%s), %d clients, %d rounds",
         cfg.algorithm.name, cfg.data.source, cfg.data.partition, cfg.data.num_clients, cfg.rounds,
     )
 
+    every = max(1, cfg.rounds // 20)  # at most ~20 progress lines, plus every evaluation
+
     def on_round(rec: dict[str, Any]) -> None:
+        if rec["round"] % every and "eval" not in rec:
+            return
         loss = sum(rec["train_loss"]) / len(rec["train_loss"])
         acc = rec.get("mean_personal_accuracy")
         mse = rec.get("mean_personal_mse")

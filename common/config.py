@@ -89,7 +89,7 @@ class TrainConfig:
     neumann_terms: int = 3
     neumann_scale: float = 0.01
     reset_ul_optimizer: bool = False  # the UL AdamW state stays on the silo between rounds
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # clip the UL gradient; None, 0 or false: no clipping
     progress: bool = False  # a progress bar over local steps
 
     def __post_init__(self) -> None:
@@ -101,6 +101,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         _check(self.hypergrad in HYPERGRADS, "hypergrad", self.hypergrad, f"use one of {HYPERGRADS}")
         _check(self.neumann_terms >= 0, "neumann_terms", self.neumann_terms, "must be >= 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm:
+            object.__setattr__(self, "max_grad_norm", None)  # TOML has no null: 0/false = off
         if self.max_grad_norm is not None:
             _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0 or None")
 

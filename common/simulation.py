@@ -44,7 +44,7 @@ class DataConfig:
     similarity: float = 0.0
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.2
-    max_train_per_client: int | None = 400
+    max_train_per_client: int | None = 200
     max_test_per_client: int | None = 200
     domains: tuple[str, ...] | None = None
     train_files: tuple[str, ...] = ()
@@ -74,7 +74,7 @@ class SimulationConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    rounds: int = 5
+    rounds: int = 3
     seed: int = 0
     eval_every: int = 1  # evaluate every k rounds (and always after the last)
 
