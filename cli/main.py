@@ -19,6 +19,9 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "pf2lora.cli.simulate",
     "pf2lora.cli.certs",
     "pf2lora.cli.coordinator",
+    "pf2lora.cli.silo",
+    "pf2lora.cli.run",
+    "pf2lora.cli.silos",
 )
 
 

@@ -110,3 +110,11 @@ def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
             raise ConfigError(f"{'.'.join(path)}: {key!r} is not a section")
         node = child
     node[path[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Set dotted keys ("server.insecure") from flags; None values are flags not given."""
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            set_path(tree, tuple(dotted.split(".")), value)
+    return tree

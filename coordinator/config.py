@@ -13,7 +13,7 @@ from pf2lora.common.config import from_mapping
 from pf2lora.common.daemon_config import TlsSection, is_address
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.identity import validate_label
-from pf2lora.common.runspec import load_toml
+from pf2lora.common.runspec import apply_overrides, load_toml
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +95,7 @@ def load_coordinator_config(
     warning (handy for a local test of a deployed config).
     """
     tree: dict[str, Any] = load_toml(path) if path is not None else {}
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = tree
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
+    apply_overrides(tree, overrides)
     server = tree.get("server", {})
     if server.get("insecure") and tree.get("tls"):
         logger.warning("--insecure: ignoring the [tls] section (%s)", sorted(tree["tls"]))

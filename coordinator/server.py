@@ -7,7 +7,6 @@ start resumes the run at its last completed round (engine.recover).
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import signal
@@ -21,6 +20,7 @@ from grpc_health.v1 import health_pb2
 from pf2lora.common import grpc_factory
 from pf2lora.common.identity import admin_only_interceptor
 from pf2lora.common.state_io import atomic_write_bytes
+from pf2lora.common.version import software_version
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.config import CoordinatorConfig
 from pf2lora.coordinator.control_servicer import ControlServicer
@@ -35,13 +35,6 @@ TICK_S = 0.2  # how often deadlines and enrollment windows are checked
 STOP_GRACE_S = 5.0
 SILO_SERVICE = "pf2lora.v1.SiloApi"
 CONTROL_SERVICE = "pf2lora.v1.ControlApi"
-
-
-def software_version() -> str:
-    try:
-        return importlib.metadata.version("pf2lora")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
-        return "0+unknown"
 
 
 class Coordinator:

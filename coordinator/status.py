@@ -35,7 +35,7 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
         train = store.metrics(run_id, kind="train")
         history: list[RoundView] = []
         for rr in store.rounds(run_id):
-            if rr.round == 0:
+            if rr.round == 0 or rr.state != "complete":
                 continue
             parts = store.participants(run_id, rr.round, rr.attempt)
             reported = tuple(p.silo_id for p in parts if p.reported_ms is not None)

@@ -1,0 +1,188 @@
+"""`pf2lora run start|status|stop|manifest`: operate federated runs through the coordinator's control API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pf2lora.cli import control
+
+logger = logging.getLogger(__name__)
+
+# flag -> (path in RunConfig, type, help); flags override --run-file, which overrides defaults.
+RUN_FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
+    "algorithm": (("algorithm", "name"), str, "pf2lora | homlora | hetlora | perfedavg | local"),
+    "weighting": (("algorithm", "weighting"), str, "silo weights: samples | equal"),
+    "hypergrad": (("algorithm", "train", "hypergrad"), str, "unroll | implicit | first-order | joint"),
+    "local_steps": (("algorithm", "train", "local_steps"), int, "local steps per round"),
+    "batch_size": (("algorithm", "train", "batch_size"), int, "minibatch size"),
+    "ll_lr": (("algorithm", "train", "ll_lr"), float, "lower-level SGD step (private adapter)"),
+    "ul_lr": (("algorithm", "train", "ul_lr"), float, "upper-level AdamW lr (shared adapter)"),
+    "model": (("model", "path"), str, "base model as the COORDINATOR sees it (minilm | a folder)"),
+    "num_layers": (("model", "num_hidden_layers"), int, "truncate the model to N layers"),
+    "max_length": (("model", "max_length"), int, "max tokens per text"),
+    "num_labels": (("model", "num_labels"), int, "number of classes"),
+    "shared_rank": (("model", "adapters", "shared_rank"), int, "r (shared adapter rank)"),
+    "private_rank": (("model", "adapters", "private_rank"), int, "r_hat (private adapter rank)"),
+    "rounds": (("rounds",), int, "federated rounds"),
+    "min_silos": (("min_silos",), int, "updates needed to close a round at its deadline"),
+    "deadline": (("round_deadline_s",), float, "round deadline in seconds"),
+    "enroll_window": (("enroll_window_s",), float, "seconds to wait for silos to enroll"),
+    "eval_deadline": (("eval_deadline_s",), float, "seconds to wait for the final evaluation"),
+    "seed": (("seed",), int, "run seed (initial shared adapter, silo seeds)"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="start, watch and stop federated runs (control API)")
+    rsub = p.add_subparsers(dest="run_command", metavar="COMMAND")
+    rsub.required = True
+
+    s = rsub.add_parser(
+        "start", help="start a run",
+        description="Start a run on the coordinator. The run file (TOML: rounds, min_silos, "
+        "round_deadline_s, enroll_window_s, seed, [algorithm], [algorithm.train], [model]) is "
+        "overridden by flags.",
+    )
+    control.add_connection_flags(s)
+    s.add_argument("--run-file", type=Path, help="TOML run configuration")
+    for name, (_, typ, help_text) in RUN_FLAGS.items():
+        s.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, help=help_text)
+    s.add_argument("--run-id", default="", help="choose the run id (default: generated)")
+    s.add_argument("--wait", action="store_true", help="follow the run and print each round")
+    s.add_argument("--json", action="store_true", help="print the run status as JSON")
+    s.set_defaults(func=run_start)
+
+    st = rsub.add_parser("status", help="show a run (the latest by default)")
+    control.add_connection_flags(st)
+    st.add_argument("run_id", nargs="?", default="", help="run id (default: the latest run)")
+    st.add_argument("--json", action="store_true", help="print the full status as JSON")
+    st.add_argument("--wait", action="store_true", help="follow the run until it ends")
+    st.set_defaults(func=run_status)
+
+    sp = rsub.add_parser("stop", help="stop a run (the active one by default)")
+    control.add_connection_flags(sp)
+    sp.add_argument("run_id", nargs="?", default="", help="run id (default: the active run)")
+    sp.add_argument("--reason", default="", help="recorded with the run")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=run_stop)
+
+    m = rsub.add_parser("manifest", help="what crossed the wire in a completed round")
+    control.add_connection_flags(m)
+    m.add_argument("run_id")
+    m.add_argument("round", type=int)
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=run_manifest)
+
+
+def build_run_config(args: argparse.Namespace) -> Any:
+    from pf2lora.common.config import from_mapping
+    from pf2lora.common.runspec import RunConfig, load_toml, set_path
+
+    tree: dict[str, Any] = load_toml(args.run_file) if args.run_file else {}
+    for name, (path, _, _) in RUN_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None:
+            set_path(tree, path, value)
+    return from_mapping(RunConfig, tree, str(args.run_file or "run configuration"))
+
+
+def follow(args: argparse.Namespace, stub: Any, run_id: str, poll_s: float = 1.0) -> Any:
+    """Print each completed round and phase change until the run ends; returns the last status."""
+    from pf2lora.v1 import control_pb2 as cpb
+
+    printed: set[int] = set()
+    last_phase = None
+    while True:
+        status = control.call(
+            args, lambda: stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id), timeout=control.CALL_TIMEOUT_S)
+        )
+        for h in status.history:
+            if h.round not in printed:
+                printed.add(h.round)
+                print(control.round_line(h, status.rounds), flush=True)
+        phase = (status.phase, status.current_round, status.attempt)
+        if phase != last_phase and status.state == cpb.RUN_STATE_RUNNING:
+            last_phase = phase
+            name = control.PHASE_NAMES.get(status.phase, "?")
+            where = f"round {status.current_round}" if status.phase != cpb.RUN_PHASE_EVALUATING else "final model"
+            parts = f" ({', '.join(p.silo_id for p in status.participants)})" if status.participants else ""
+            print(f"{where}: {name}{parts}", flush=True)
+        if status.state != cpb.RUN_STATE_RUNNING:
+            return status
+        time.sleep(poll_s)
+
+
+def _finish(args: argparse.Namespace, stub: Any, status: Any) -> int:
+    from pf2lora.v1 import control_pb2 as cpb
+
+    if args.wait:
+        status = follow(args, stub, status.run_id)
+    if args.json:
+        control.print_json(status)
+    else:
+        print(control.describe(status))
+        if status.evaluation:
+            control.evaluation_table(status)
+    return 0 if status.state in (cpb.RUN_STATE_RUNNING, cpb.RUN_STATE_COMPLETED) else 1
+
+
+def run_start(args: argparse.Namespace) -> int:
+    from pf2lora.common.runspec import to_json
+    from pf2lora.v1 import control_pb2 as cpb
+
+    cfg = build_run_config(args)
+    stub, channel = control.connect(args)
+    with channel:
+        req = cpb.StartRunRequest(run_config_json=to_json(cfg), run_id=args.run_id)
+        status = control.call(args, lambda: stub.StartRun(req, timeout=control.START_TIMEOUT_S))
+        print(f"started run {status.run_id}: {cfg.algorithm.name}, {cfg.rounds} rounds, "
+              f"min {cfg.min_silos} silos, deadline {cfg.round_deadline_s:.0f} s", flush=True)
+        return _finish(args, stub, status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from pf2lora.v1 import control_pb2 as cpb
+
+    stub, channel = control.connect(args)
+    with channel:
+        status = control.call(
+            args,
+            lambda: stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=args.run_id), timeout=control.CALL_TIMEOUT_S),
+        )
+        return _finish(args, stub, status)
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    from pf2lora.v1 import control_pb2 as cpb
+
+    stub, channel = control.connect(args)
+    with channel:
+        req = cpb.StopRunRequest(run_id=args.run_id, reason=args.reason)
+        status = control.call(args, lambda: stub.StopRun(req, timeout=control.CALL_TIMEOUT_S))
+        if args.json:
+            control.print_json(status)
+        else:
+            print(control.describe(status))
+        return 0
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    from pf2lora.v1 import control_pb2 as cpb
+
+    stub, channel = control.connect(args)
+    with channel:
+        req = cpb.GetRoundManifestRequest(run_id=args.run_id, round=args.round)
+        m = control.call(args, lambda: stub.GetRoundManifest(req, timeout=control.CALL_TIMEOUT_S))
+        if args.json:
+            control.print_json(m)
+            return 0
+        print(f"run {m.run_id} round {m.round}: global {m.global_manifest_digest.hex()}")
+        for t in m.global_tensors:
+            print(f"  {t.name}  {list(t.shape)}  {t.nbytes} B  sha256 {t.sha256.hex()[:16]}")
+        for u in m.updates:
+            print(f"  update from {u.silo_id} (attempt {u.attempt}): {u.manifest_digest.hex()}")
+        return 0

@@ -1,0 +1,190 @@
+"""The silo's side of the wire: one channel to the coordinator, deadlines on every call, retries on UNAVAILABLE.
+
+Only UNAVAILABLE (coordinator down, restarting, unreachable) is retried here, with exponential
+backoff and full jitter; every other status is raised to the daemon, which decides (never
+retry PERMISSION_DENIED or INVALID_ARGUMENT). Protobuf stays in this module: callers get
+plain tasks (common.tasks) and tensors (through serde).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from torch import Tensor
+
+from pf2lora.common import grpc_factory, serde
+from pf2lora.common.errors import DataError, Pf2LoraError
+from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
+from pf2lora.silo.audit import AuditInterceptor, AuditLog
+from pf2lora.silo.config import SiloConfig
+from pf2lora.v1 import silo_pb2, silo_pb2_grpc
+from pf2lora.v1 import tensors_pb2 as tpb
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ATTEMPT_SCALAR = "attempt"  # the header scalar the coordinator reads the task's attempt from
+KIND_TO_PROTO = {"train": silo_pb2.METRICS_KIND_TRAIN, "evaluate": silo_pb2.METRICS_KIND_EVALUATE}
+
+
+class Stopped(Pf2LoraError):
+    """The daemon was asked to stop while waiting to retry."""
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    federation: str
+    active_run_id: str
+    long_poll_s: float
+
+
+@dataclass(frozen=True)
+class PushReceipt:
+    manifest_digest: bytes
+    received: int
+    participants: int
+
+
+def run_from_proto(msg: silo_pb2.RunSpec) -> RunInfo:
+    return RunInfo(msg.run_id, msg.algorithm_json, msg.model_json, msg.seed, msg.rounds)
+
+
+def task_from_proto(msg: silo_pb2.Task) -> Task:
+    body = msg.WhichOneof("body")
+    if body == "train":
+        t = msg.train
+        return TrainTask(
+            run=run_from_proto(t.run), round=msg.round, attempt=t.attempt,
+            client_index=t.client_index, weight=t.weight, deadline_unix_ms=t.deadline_unix_ms,
+            global_digest=t.global_manifest_digest.hex(),
+        )
+    if body == "evaluate":
+        e = msg.evaluate
+        return EvaluateTask(
+            run=run_from_proto(e.run), round=msg.round, client_index=e.client_index,
+            deadline_unix_ms=e.deadline_unix_ms, global_digest=e.global_manifest_digest.hex(),
+        )
+    if body == "stop":
+        return StopTask(msg.run_id, msg.stop.state, msg.stop.reason)
+    if body == "idle":
+        return IdleTask(msg.idle.retry_after_ms / 1000, msg.idle.reason)
+    # A secure-aggregation stage from a newer coordinator: this silo cannot serve it.
+    return IdleTask(5.0, f"task {body!r} is not supported by this silo version")
+
+
+class Backoff:
+    """Retry a call on UNAVAILABLE: delays drawn uniformly from [0, min(max, initial * 2^n)]."""
+
+    def __init__(self, initial_s: float, max_s: float, stop: threading.Event) -> None:
+        self.initial_s, self.max_s, self.stop = initial_s, max_s, stop
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                    raise
+                delay = random.uniform(0.05, min(self.max_s, self.initial_s * 2**attempt))
+                attempt += 1
+                logger.warning(
+                    "%s: coordinator unavailable (%s); retry %d in %.1f s",
+                    what, exc.details(), attempt, delay,  # type: ignore[attr-defined]
+                )
+                if self.stop.wait(delay):
+                    raise Stopped(f"stopped while retrying {what}") from None
+
+
+class CoordinatorClient:
+    def __init__(
+        self,
+        cfg: SiloConfig,
+        stop: threading.Event,
+        *,
+        interceptors: tuple[grpc_factory.ClientInterceptor, ...] = (),
+    ) -> None:
+        self.cfg = cfg
+        self.silo_id = cfg.silo.id
+        c = cfg.coordinator
+        self.audit = AuditLog(cfg.silo.audit_log) if cfg.silo.audit_log else None
+        chain = tuple(interceptors) + ((AuditInterceptor(self.audit),) if self.audit else ())
+        self.channel = grpc_factory.create_channel(
+            c.address, self._credentials(), server_name_override=c.server_name, interceptors=chain
+        )
+        self.stub = silo_pb2_grpc.SiloApiStub(self.channel)
+        self.retry = Backoff(c.retry_initial_s, c.retry_max_s, stop)
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        if self.cfg.coordinator.insecure:
+            return None
+        ca, cert, key = self.cfg.tls.files().read()
+        return grpc_factory.channel_credentials(ca, cert, key)
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.audit is not None:
+            self.audit.close()
+
+    # ------------------------------------------------------------------- calls
+    def join(self, num_samples: int, version: str) -> JoinInfo:
+        req = silo_pb2.JoinRequest(silo_id=self.silo_id, num_samples=num_samples, software_version=version)
+        timeout = self.cfg.coordinator.call_timeout_s
+        reply = self.retry.call("Join", lambda: self.stub.Join(req, timeout=timeout))
+        return JoinInfo(reply.federation, reply.active_run_id, reply.long_poll_ms / 1000)
+
+    def get_task(self, current_run_id: str) -> Task:
+        c = self.cfg.coordinator
+        req = silo_pb2.GetTaskRequest(
+            silo_id=self.silo_id, current_run_id=current_run_id, wait_ms=int(c.long_poll_s * 1000)
+        )
+        timeout = c.long_poll_s + c.call_timeout_s
+        return task_from_proto(self.retry.call("GetTask", lambda: self.stub.GetTask(req, timeout=timeout)))
+
+    def fetch_global(self, run_id: str, round_: int, expected_digest: str) -> dict[str, Tensor]:
+        """The global state after round_, checked against the digest the task announced."""
+        req = silo_pb2.FetchGlobalRequest(silo_id=self.silo_id, run_id=run_id, round=round_)
+        timeout = self.cfg.coordinator.transfer_timeout_s
+
+        def fetch() -> tuple[serde.StreamInfo, dict[str, Tensor]]:
+            return serde.stream_to_tensors(
+                self.stub.FetchGlobal(req, timeout=timeout), kinds=(serde.StreamKind.GLOBAL_MODEL,)
+            )
+
+        info, tensors = self.retry.call("FetchGlobal", fetch)
+        if (info.run_id, info.round) != (run_id, round_):
+            raise DataError(f"FetchGlobal answered run {info.run_id} round {info.round}")
+        if info.manifest_digest.hex() != expected_digest:
+            raise DataError(
+                f"global state of round {round_} has digest {info.manifest_digest.hex()[:16]}, "
+                f"the task announced {expected_digest[:16]}"
+            )
+        return tensors
+
+    def push_update(
+        self, run_id: str, round_: int, attempt: int, payload: Mapping[str, Tensor]
+    ) -> PushReceipt:
+        timeout = self.cfg.coordinator.transfer_timeout_s
+
+        def messages() -> Iterator[tpb.StreamMessage]:
+            return serde.tensors_to_stream(
+                payload, run_id=run_id, round=round_, kind=serde.StreamKind.UPDATE,
+                silo_id=self.silo_id, scalars={ATTEMPT_SCALAR: attempt},
+            )
+
+        reply = self.retry.call("PushUpdate", lambda: self.stub.PushUpdate(messages(), timeout=timeout))
+        return PushReceipt(reply.manifest_digest, reply.received, reply.participants)
+
+    def report_metrics(self, run_id: str, round_: int, kind: str, metrics: Mapping[str, float]) -> None:
+        req = silo_pb2.ReportMetricsRequest(
+            silo_id=self.silo_id, run_id=run_id, round=round_, kind=KIND_TO_PROTO[kind],
+            metrics={k: float(v) for k, v in metrics.items()},
+        )
+        timeout = self.cfg.coordinator.call_timeout_s
+        self.retry.call("ReportMetrics", lambda: self.stub.ReportMetrics(req, timeout=timeout))

@@ -1,0 +1,225 @@
+"""The silo daemon: Join, then a loop of GetTask -> TRAIN / EVALUATE / STOP, dialling out only.
+
+Per TRAIN task for round r: fetch the global state of round r-1 (checked against the task's
+digest), load the newest private state of a round < r, train, save the state of round r, send
+`runtime.run_round(...).payload` (built from the shared state only: the private adapter never
+leaves), report scalar metrics. Per EVALUATE task: evaluate the personalised and shared-only
+models on the local held-out files and report the scalars.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import grpc
+import torch
+
+from pf2lora.common import grpc_factory
+from pf2lora.common.errors import DataError
+from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, TrainTask
+from pf2lora.common.version import software_version
+from pf2lora.silo.client import CoordinatorClient, Stopped
+from pf2lora.silo.config import SiloConfig
+from pf2lora.silo.runtime import RunContext, build_context, count_train_examples
+from pf2lora.silo.state import SiloState
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_PERMISSION_DENIED = 3
+EXIT_INVALID_ARGUMENT = 4
+ERROR_PAUSE_S = 5.0  # after an unexpected error, before asking for work again
+
+
+def _code(exc: grpc.RpcError) -> grpc.StatusCode:
+    return exc.code()  # type: ignore[attr-defined,no-any-return]
+
+
+def _details(exc: grpc.RpcError) -> str:
+    return str(exc.details())  # type: ignore[attr-defined]
+
+
+class Fatal(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SiloDaemon:
+    def __init__(
+        self, cfg: SiloConfig, *, stop: threading.Event | None = None,
+        interceptors: tuple[grpc_factory.ClientInterceptor, ...] = (),
+    ) -> None:
+        cfg.require_transport()
+        cfg.require_data()
+        self.cfg = cfg
+        self.stop = stop or threading.Event()
+        self.interceptors = interceptors
+        self.state = SiloState(cfg.silo.state_dir, cfg.silo.keep_rounds)
+        self.ctx: RunContext | None = None
+        self.current_run = self.state.current_run()
+
+    # -------------------------------------------------------------------- loop
+    def run(self) -> int:
+        cfg = self.cfg
+        if cfg.silo.threads:
+            torch.set_num_threads(cfg.silo.threads)
+        if cfg.silo.device == "auto" and torch.cuda.is_available():
+            logger.info("silo.device=auto: a GPU is present, but this version trains on the CPU")
+        num_samples = count_train_examples(cfg.data)
+        health = None
+        if cfg.server.health_listen:
+            health, _, port = grpc_factory.create_health_server(cfg.server.health_listen)
+            health.start()
+            logger.info("health service on port %d", port)
+        self.client = CoordinatorClient(cfg, self.stop, interceptors=self.interceptors)
+        try:
+            self._join(num_samples)
+            while not self.stop.is_set():
+                try:
+                    if self._step(num_samples):
+                        return EXIT_OK
+                except grpc.RpcError as exc:
+                    self._on_rpc_error(exc, "GetTask", num_samples)
+            return EXIT_OK
+        except Stopped:
+            return EXIT_OK
+        except Fatal as exc:
+            logger.error("%s", exc)
+            return exc.code
+        finally:
+            self.client.close()
+            if health is not None:
+                health.stop(0)
+            logger.info("silo %s stopped", cfg.silo.id)
+
+    def _join(self, num_samples: int) -> None:
+        while True:
+            try:
+                info = self.client.join(num_samples, software_version())
+                break
+            except grpc.RpcError as exc:
+                self._fatal_if_refused(exc, "Join")
+                logger.warning("Join failed: %s: %s; again in %.0f s", _code(exc).name, _details(exc), ERROR_PAUSE_S)
+                if self.stop.wait(ERROR_PAUSE_S):
+                    raise Stopped("stopped before joining") from None
+        logger.info(
+            "silo %s joined federation %s with %d examples (active run: %s)",
+            self.cfg.silo.id, info.federation, num_samples, info.active_run_id or "none",
+        )
+
+    def _fatal_if_refused(self, exc: grpc.RpcError, what: str) -> None:
+        if _code(exc) == grpc.StatusCode.PERMISSION_DENIED:
+            raise Fatal(
+                EXIT_PERMISSION_DENIED,
+                f"{what}: the coordinator refused silo {self.cfg.silo.id!r}: {_details(exc)} "
+                "(check [silo] id/federation, the certificate and the coordinator's allowed_silos)",
+            )
+        if _code(exc) == grpc.StatusCode.INVALID_ARGUMENT:
+            raise Fatal(
+                EXIT_INVALID_ARGUMENT,
+                f"{what}: the coordinator rejected a request as malformed: {_details(exc)} "
+                "(is this silo's pf2lora version compatible with the coordinator's?)",
+            )
+
+    def _on_rpc_error(self, exc: grpc.RpcError, what: str, num_samples: int) -> None:
+        self._fatal_if_refused(exc, what)
+        if _code(exc) == grpc.StatusCode.FAILED_PRECONDITION and "Join" in _details(exc):
+            logger.warning("%s: %s; joining again", what, _details(exc))
+            self._join(num_samples)
+            return
+        logger.warning("%s failed: %s: %s; asking again in %.0f s", what, _code(exc).name, _details(exc), ERROR_PAUSE_S)
+        self.stop.wait(ERROR_PAUSE_S)
+
+    def _step(self, num_samples: int) -> bool:
+        """One task; True when the daemon should exit."""
+        t0 = time.monotonic()
+        task = self.client.get_task(self.current_run)
+        if isinstance(task, IdleTask):
+            logger.debug("idle: %s", task.reason)
+            self.stop.wait(max(0.0, task.retry_after_s - (time.monotonic() - t0)))
+        elif isinstance(task, TrainTask):
+            self._guarded(f"round {task.round}", lambda: self._train(task), num_samples)
+        elif isinstance(task, EvaluateTask):
+            self._guarded("evaluation", lambda: self._evaluate(task), num_samples)
+        elif isinstance(task, StopTask):
+            logger.info("run %s ended: %s%s", task.run_id, task.state, f" ({task.reason})" if task.reason else "")
+            self.state.clear_current_run()
+            self.current_run = ""
+            self.ctx = None
+            return self.cfg.silo.exit_after_run
+        return False
+
+    def _guarded(self, what: str, fn: Any, num_samples: int) -> None:
+        try:
+            fn()
+        except grpc.RpcError as exc:
+            if _code(exc) == grpc.StatusCode.FAILED_PRECONDITION:
+                # The round moved on (deadline, re-opened, coordinator restarted): not an error.
+                logger.warning("%s: the coordinator refused it: %s", what, _details(exc))
+                return
+            self._on_rpc_error(exc, what, num_samples)
+        except DataError as exc:
+            logger.error("%s failed: %s; asking for work again in %.0f s", what, exc, ERROR_PAUSE_S)
+            self.stop.wait(ERROR_PAUSE_S)
+
+    # ------------------------------------------------------------------- tasks
+    def _context(self, run: RunInfo, client_index: int) -> RunContext:
+        ctx = self.ctx
+        if ctx is not None and ctx.run.run_id == run.run_id and ctx.client_index == client_index:
+            return ctx
+        self.ctx = None
+        ctx = build_context(run, client_index, self.cfg)
+        self.state.write_run_record(
+            run.run_id,
+            {
+                "run_id": run.run_id, "algorithm_json": run.algorithm_json,
+                "model_json": run.model_json, "run_seed": run.seed, "rounds": run.rounds,
+                "client_index": client_index, "seed": ctx.seed, "silo_id": self.cfg.silo.id,
+            },
+        )
+        self.ctx = ctx
+        self.current_run = run.run_id
+        return ctx
+
+    def _prepare(self, ctx: RunContext, round_: int) -> int:
+        loaded = self.state.prepare(ctx.runtime, ctx.run.run_id, round_)
+        if not ctx.loaded_from_disk:
+            ctx.loaded_from_disk = True
+            self.state.write_resume_record(ctx.run.run_id, loaded, ctx.runtime)
+        return loaded
+
+    def _train(self, task: TrainTask) -> None:
+        run_id, rnd = task.run.run_id, task.round
+        ctx = self._context(task.run, task.client_index)
+        t0 = time.perf_counter()
+        global_state = self.client.fetch_global(run_id, rnd - 1, task.global_digest)
+        self.state.save_global(run_id, rnd - 1, global_state)
+        t1 = time.perf_counter()
+        base = self._prepare(ctx, rnd)
+        logger.info("round %d (attempt %d): training from the state after round %d, weight %.4f",
+                    rnd, task.attempt, base, task.weight)
+        result = ctx.runtime.run_round(global_state, task.weight)
+        self.state.save_after(ctx.runtime, run_id, rnd)
+        t2 = time.perf_counter()
+        receipt = self.client.push_update(run_id, rnd, task.attempt, result.payload)
+        t3 = time.perf_counter()
+        logger.info("round %d: update accepted (%d of %d), digest %s",
+                    rnd, receipt.received, receipt.participants, receipt.manifest_digest.hex()[:16])
+        metrics = dict(result.metrics)
+        metrics.update(weight=task.weight, fetch_seconds=t1 - t0, local_seconds=t2 - t1, push_seconds=t3 - t2)
+        self.client.report_metrics(run_id, rnd, "train", metrics)
+
+    def _evaluate(self, task: EvaluateTask) -> None:
+        run_id = task.run.run_id
+        ctx = self._context(task.run, task.client_index)
+        global_state = self.client.fetch_global(run_id, task.round, task.global_digest)
+        self.state.save_global(run_id, task.round, global_state)
+        self._prepare(ctx, task.round + 1)
+        metrics = ctx.runtime.evaluate(global_state)
+        logger.info("run %s: final evaluation %s", run_id,
+                    {k: round(v, 4) for k, v in metrics.items() if k.endswith("accuracy")})
+        self.client.report_metrics(run_id, task.round, "evaluate", metrics)

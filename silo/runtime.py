@@ -1,0 +1,80 @@
+"""A silo's local machinery for one run: its data from local files, its base model, a ClientRuntime."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pf2lora.common.algorithms.base import Algorithm, AlgorithmConfig
+from pf2lora.common.algorithms.registry import make_algorithm
+from pf2lora.common.client_runtime import ClientRuntime, client_seed, encode_dataset, load_tokenizer
+from pf2lora.common.config import ModelConfig
+from pf2lora.common.errors import DataError
+from pf2lora.common.runspec import from_json
+from pf2lora.common.tasks import RunInfo
+from pf2lora.silo.config import DataSection, SiloConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _load_files(files: tuple[str, ...], data: DataSection, labels: list[str] | None) -> Any:
+    from datasets import concatenate_datasets
+
+    from pf2lora.common.data import load_local
+
+    parts = [load_local(f, data.text_column, data.label_column, labels) for f in files]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def count_train_examples(data: DataSection) -> int:
+    """n_k, the silo's public FedAvg weight: rows of its training files."""
+    return sum(len(_load_files((f,), data, None)) for f in data.train_files)
+
+
+@dataclass
+class RunContext:
+    """What a silo keeps in memory for the run it works on."""
+
+    run: RunInfo
+    algorithm: Algorithm
+    model_cfg: ModelConfig
+    client_index: int
+    seed: int
+    runtime: ClientRuntime
+    loaded_from_disk: bool = False  # the first prepare() after a (re)start writes resume.json
+
+
+def model_config_for_silo(run: RunInfo, cfg: SiloConfig) -> ModelConfig:
+    model = from_json(ModelConfig, run.model_json, "run model config")
+    if cfg.model.path:
+        model = dataclasses.replace(model, path=cfg.model.path)
+    return model
+
+
+def build_context(run: RunInfo, client_index: int, cfg: SiloConfig) -> RunContext:
+    """Load this silo's data and base model for a run and build its ClientRuntime."""
+    algo_cfg = from_json(AlgorithmConfig, run.algorithm_json, "run algorithm config")
+    model_cfg = model_config_for_silo(run, cfg)
+    algorithm = make_algorithm(algo_cfg, model_cfg.adapters)
+    seed = cfg.silo.seed if cfg.silo.seed is not None else client_seed(run.seed, client_index)
+    labels = list(cfg.data.labels) if cfg.data.labels else [str(i) for i in range(model_cfg.num_labels)]
+    if len(labels) != model_cfg.num_labels:
+        raise DataError(
+            f"data.labels has {len(labels)} names but the run's model has {model_cfg.num_labels} labels"
+        )
+    train = _load_files(cfg.data.train_files, cfg.data, labels)
+    test = _load_files(cfg.data.eval_files, cfg.data, labels)
+    tok = load_tokenizer(model_cfg)
+    runtime = ClientRuntime(
+        algorithm, model_cfg, client_index=client_index, seed=seed,
+        train=encode_dataset(train, tok, model_cfg), test=encode_dataset(test, tok, model_cfg),
+        name=cfg.silo.id,
+    )
+    runtime.model.log_trainable()
+    logger.info(
+        "run %s: %s on %d train / %d eval examples, client index %d, seed %d",
+        run.run_id, algo_cfg.name, len(train), len(test), client_index, seed,
+    )
+    return RunContext(run, algorithm, model_cfg, client_index, seed, runtime)
