@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ def resolve_model_path(path: str) -> str:
 
 def load_base_model(cfg: ModelConfig) -> nn.Module:
     """Load a Hugging Face model from a local folder for the configured task (offline)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_path(cfg.path)
@@ -60,17 +61,28 @@ def load_base_model(cfg: ModelConfig) -> nn.Module:
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new classifier head is reported missing: expected
-    try:
-        if cfg.task == "seq-cls":
-            hf_config.num_labels = cfg.num_labels
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=hf_config)
-        elif cfg.task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=torch.float32)
-        else:
-            raise ConfigError(f"task={cfg.task!r} needs a plain torch module, not a model path")
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return model
+    hf_logging.disable_progress_bar()  # one weight-loading bar per client is noise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations
+        try:
+            return _from_pretrained(cfg, path, hf_config)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+
+def _from_pretrained(cfg: ModelConfig, path: str, hf_config: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if cfg.task == "seq-cls":
+        hf_config.num_labels = cfg.num_labels
+        return AutoModelForSequenceClassification.from_pretrained(path, config=hf_config)
+    if cfg.task == "causal-lm":
+        # Eager attention: the fused causal SDPA kernels have no double backward, which the
+        # unroll and implicit hypergradients need (a Hessian-vector product through the model).
+        return AutoModelForCausalLM.from_pretrained(
+            path, config=hf_config, dtype=torch.float32, attn_implementation="eager"
+        )
+    raise ConfigError(f"task={cfg.task!r} needs a plain torch module, not a model path")
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:

@@ -124,3 +124,34 @@ def test_parameter_counts_and_loss_on_text() -> None:
     batch = text_data().select(torch.arange(6))
     loss = m.loss(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_causal_lm_path_targets_q_v_and_trains(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A small randomly initialised Llama (SmolLM2's architecture) through the same code path."""
+    from core_fixtures import TEXTS, tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pf2lora.common.batching import encode_texts
+    from pf2lora.common.config import ModelConfig, TrainConfig
+    from pf2lora.common.evaluation import evaluate
+    from pf2lora.common.model import build_two_level_model
+    from pf2lora.common.trainer import BilevelTrainer
+
+    tok = tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    m = build_two_level_model(ModelConfig(path=str(tmp_path / "llama"), task="causal-lm"))
+    names = list(m.shared_parameters())
+    assert names and all(("q_proj" in n or "v_proj" in n) for n in names)
+    data = encode_texts(TEXTS, None, tok, 16, "causal-lm")
+    before = evaluate(m, data)["loss"]
+    BilevelTrainer(m, TrainConfig(local_steps=8, batch_size=6, ul_lr=3e-2), seed=0).train_round(
+        __import__("core_fixtures").source(data, 6)
+    )
+    after = evaluate(m, data)
+    assert after["loss"] < before and 0.0 <= after["accuracy"] <= 1.0
