@@ -1,0 +1,274 @@
+"""Helpers for the federation tests: real coordinator and silo processes on loopback, tiny data, a recording proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from pf2lora.common.algorithms.base import AlgorithmConfig
+from pf2lora.common.config import ModelConfig, TrainConfig
+from pf2lora.common.runspec import RunConfig, to_json
+from pf2lora.v1 import control_pb2 as cpb
+from pf2lora.v1 import control_pb2_grpc
+
+PY = [sys.executable, "-m", "pf2lora.cli.main", "--log-level", "INFO"]
+POS = ["a wonderful, moving film", "I loved every minute of it", "sharp writing and great acting",
+       "pure joy from start to end", "the best thing this year", "charming and very funny"]
+NEG = ["dull and lifeless", "a total mess of a movie", "boring from start to finish",
+       "awful dialogue throughout", "I want my money back", "painfully slow and long"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tiny_model() -> ModelConfig:
+    return ModelConfig(path="minilm", num_hidden_layers=1, max_length=32, num_labels=2)
+
+
+def run_config(**kw: Any) -> RunConfig:
+    train = TrainConfig(local_steps=kw.pop("local_steps", 3), batch_size=8)
+    base: dict[str, Any] = dict(
+        algorithm=AlgorithmConfig(train=train), model=tiny_model(), rounds=2, min_silos=2,
+        round_deadline_s=120.0, enroll_window_s=60.0, eval_deadline_s=120.0, seed=7,
+    )
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def write_silo_data(d: Path, k: int, n_train: int, n_test: int = 12) -> tuple[Path, Path]:
+    """Tiny sentiment JSONL files with integer labels; silo k is skewed towards one label."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1000 + k)
+    paths = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        p = d / f"{split}.jsonl"
+        with p.open("w") as fh:
+            for i in range(n):
+                label = int(rng.random() < 0.3 + 0.2 * k)
+                text = f"{rng.choice(POS if label else NEG)} number {i}"
+                fh.write(json.dumps({"text": text, "label": label}) + "\n")
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+class Procs:
+    """Processes this test started, by name; logs appended to DIR/NAME.log across restarts."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("ab")
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        log.close()
+        self.procs[name] = p
+        return p
+
+    def signal(self, name: str, sig: int) -> None:
+        self.procs[name].send_signal(sig)
+
+    def kill9(self, name: str) -> None:
+        p = self.procs[name]
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+
+    def alive(self, name: str) -> bool:
+        return self.procs[name].poll() is None
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        p = self.root / f"{name}.log"
+        text = p.read_text(errors="replace").splitlines() if p.exists() else []
+        return "\n".join(text[-lines:])
+
+    def tails(self) -> str:
+        return "\n".join(f"===== {n} =====\n{self.tail(n)}" for n in self.procs)
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    p.send_signal(signal.SIGCONT)
+                    p.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 15
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+
+
+class Federation:
+    """A coordinator process and silo processes on loopback (plaintext, --insecure)."""
+
+    def __init__(self, root: Path, silos: dict[str, tuple[Path, Path]], *, federation: str = "pf2lora",
+                 silo_extra: dict[str, dict[str, Any]] | None = None) -> None:
+        self.root = root
+        self.silos = silos
+        self.federation = federation
+        self.procs = Procs(root)
+        self.silo_port = free_port()
+        self.control_port = free_port()
+        self.state_dir = root / "coordinator"
+        self.silo_extra = silo_extra or {}
+        self._channel: grpc.Channel | None = None
+        self.stub: control_pb2_grpc.ControlApiStub | None = None
+
+    # ---------------------------------------------------------------- processes
+    def start_coordinator(self) -> None:
+        self.procs.start("coordinator", PY + [
+            "coordinator", "serve", "--insecure", "--federation", self.federation,
+            "--state-dir", str(self.state_dir), "--allowed-silos", ",".join(sorted(self.silos)),
+            "--silo-api-listen", f"127.0.0.1:{self.silo_port}",
+            "--control-api-listen", f"127.0.0.1:{self.control_port}", "--health-listen", "",
+        ])
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(f"127.0.0.1:{self.control_port}")
+            self.stub = control_pb2_grpc.ControlApiStub(self._channel)
+
+    def silo_config(self, silo_id: str) -> Path:
+        train, test = self.silos[silo_id]
+        extra = self.silo_extra.get(silo_id, {})
+        address = extra.get("address", f"127.0.0.1:{self.silo_port}")
+        lines = [
+            "[silo]", f'id = "{silo_id}"', f'federation = "{self.federation}"',
+            f'state_dir = "{self.root / silo_id}"', "threads = 1", "keep_rounds = 100",
+            "exit_after_run = true",
+        ]
+        if "audit_log" in extra:
+            lines.append(f'audit_log = "{extra["audit_log"]}"')
+        lines += [
+            "[coordinator]", f'address = "{address}"', "insecure = true", "retry_initial_s = 0.2",
+            "retry_max_s = 2.0", "long_poll_s = 2.0",
+            "[model]", 'path = "minilm"',
+            "[data]", f'train_files = ["{train}"]', f'eval_files = ["{test}"]',
+            "[server]", 'health_listen = ""', 'metrics_listen = ""',
+        ]
+        path = self.root / f"{silo_id}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def start_silo(self, silo_id: str) -> subprocess.Popen[bytes]:
+        return self.procs.start(silo_id, PY + ["silo", "serve", "--config", str(self.silo_config(silo_id))])
+
+    def start(self) -> None:
+        self.start_coordinator()
+        for s in self.silos:
+            self.start_silo(s)
+
+    def close(self) -> None:
+        self.procs.stop_all()
+        if self._channel is not None:
+            self._channel.close()
+
+    # ------------------------------------------------------------------ control
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        assert self.stub is not None
+        return fn()
+
+    def wait_for_silos(self, timeout: float = 120.0) -> None:
+        def joined() -> bool:
+            reply = self.stub.ListSilos(cpb.ListSilosRequest(), timeout=5)  # type: ignore[union-attr]
+            return sum(s.joined for s in reply.silos) == len(self.silos)
+
+        self.wait(joined, timeout, "all silos joined")
+
+    def start_run(self, cfg: RunConfig, run_id: str = "") -> str:
+        req = cpb.StartRunRequest(run_config_json=to_json(cfg), run_id=run_id)
+        status = self.stub.StartRun(req, timeout=120)  # type: ignore[union-attr]
+        return str(status.run_id)
+
+    def status(self, run_id: str = "") -> cpb.RunStatus:
+        return self.stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id), timeout=5)  # type: ignore[union-attr]
+
+    def wait(self, pred: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
+        end = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < end:
+            try:
+                if pred():
+                    return
+            except grpc.RpcError as exc:  # coordinator (re)starting
+                last = exc
+            time.sleep(poll)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {what} ({last})\n{self.procs.tails()}")
+
+    def wait_run_done(self, run_id: str, timeout: float = 300.0) -> cpb.RunStatus:
+        self.wait(lambda: self.status(run_id).state != cpb.RUN_STATE_RUNNING, timeout, f"run {run_id} ends")
+        return self.status(run_id)
+
+
+class RecordingProxy:
+    """A TCP forwarder that keeps every byte the client sends (the silo's whole transmission)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.sent = bytearray()
+        self._lock = threading.Lock()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = int(self._sock.getsockname()[1])
+        self._stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if record:
+                    with self._lock:
+                        self.sent += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stopped = True
+        self._sock.close()
+
+
+def env_ok() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
