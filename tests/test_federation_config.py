@@ -1,0 +1,97 @@
+"""Daemon configs (including every TOML under deploy/), run files and the admin CLI's error messages."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from federation_util import free_port
+
+from pf2lora.cli.main import main
+from pf2lora.cli.run import build_run_config
+from pf2lora.common.errors import ConfigError
+from pf2lora.coordinator.config import load_coordinator_config
+from pf2lora.silo.config import load_silo_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "deploy").rglob("coordinator.toml")), ids=str)
+def test_deployed_coordinator_configs_load(path: Path) -> None:
+    cfg = load_coordinator_config(path)
+    assert cfg.tls.configured and not cfg.server.insecure
+    assert cfg.server.silo_api_listen.endswith(":8443") and cfg.server.control_api_listen.endswith(":8444")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "deploy").rglob("silo.toml")), ids=str)
+def test_deployed_silo_configs_load(path: Path) -> None:
+    cfg = load_silo_config(path)
+    cfg.require_transport()
+    assert cfg.data.train_files and cfg.data.eval_files and cfg.model.path
+
+
+def test_secure_by_default_and_explicit_insecure(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ConfigError, match="--insecure"):
+        load_coordinator_config(None)
+    cfg = load_coordinator_config(None, {"server.insecure": True})
+    assert cfg.server.insecure and not cfg.tls.configured
+    deployed = ROOT / "deploy" / "k8s" / "base" / "coordinator" / "coordinator.toml"
+    cfg = load_coordinator_config(deployed, {"server.insecure": True})
+    assert not cfg.tls.configured and "ignoring the [tls] section" in caplog.text
+    with pytest.raises(ConfigError, match="--insecure"):
+        load_silo_config(None).require_transport()
+
+
+def test_bad_values_are_refused_by_name(tmp_path: Path) -> None:
+    p = tmp_path / "silo.toml"
+    p.write_text('[silo]\nid = "a"\ndevice = "cuda"\n')
+    with pytest.raises(ConfigError, match="silo.device"):
+        load_silo_config(p)
+    p.write_text('[silo]\nid = "Not A Label"\n')
+    with pytest.raises(ConfigError, match="silo.id"):
+        load_silo_config(p)
+    p.write_text('[silo]\nid = "a"\nidd = 1\n')
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_silo_config(p)
+    p.write_text('[coordinator]\naddress = "nohostport"\n')
+    with pytest.raises(ConfigError, match="coordinator.address"):
+        load_silo_config(p)
+    c = tmp_path / "coordinator.toml"
+    c.write_text('[federation]\nallowed_silos = ["a", "a"]\n[server]\ninsecure = true\n')
+    with pytest.raises(ConfigError, match="duplicates"):
+        load_coordinator_config(c)
+
+
+def test_run_file_and_flag_overrides(tmp_path: Path) -> None:
+    run = tmp_path / "run.toml"
+    run.write_text(
+        'rounds = 5\nmin_silos = 2\nseed = 3\n[algorithm]\nname = "homlora"\n'
+        '[algorithm.train]\nlocal_steps = 7\n[model]\npath = "minilm"\nnum_labels = 3\n'
+    )
+    ns = argparse.Namespace(run_file=run, **{k: None for k in _run_flags()})
+    ns.rounds = 2
+    cfg = build_run_config(ns)
+    assert (cfg.rounds, cfg.min_silos, cfg.seed, cfg.algorithm.name) == (2, 2, 3, "homlora")
+    assert cfg.algorithm.train.local_steps == 7 and cfg.model.num_labels == 3
+    run.write_text("roundz = 1\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_run_config(argparse.Namespace(run_file=run, **{k: None for k in _run_flags()}))
+
+
+def _run_flags() -> list[str]:
+    from pf2lora.cli.run import RUN_FLAGS
+
+    return list(RUN_FLAGS)
+
+
+def test_cli_errors_say_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()  # nothing listens there
+    assert main(["run", "status", "--coordinator", f"127.0.0.1:{port}", "--insecure"]) == 2
+    assert "is `pf2lora coordinator serve` running" in capsys.readouterr().err
+    assert main(["silos", "--coordinator", f"127.0.0.1:{port}"]) == 2
+    assert "needs an admin certificate" in capsys.readouterr().err
+    assert main(["coordinator", "serve", "--insecure", "--ca-file", "x"]) == 2
+    assert "conflicts" in capsys.readouterr().err
+    assert main(["silo", "serve", "--insecure", "--id", "a"]) == 2
+    assert "data.train_files" in capsys.readouterr().err
