@@ -48,9 +48,18 @@ SILO_STAGES = (
     "share_keys",
     "receive_shares",
     "masked_input",
+    "consistency_check",
     "unmask",
 )
-SERVER_STAGES = ("keys", "shares", "masked_inputs", "unmask_request", "unmask_responses", "finish")
+SERVER_STAGES = (
+    "keys",
+    "shares",
+    "masked_inputs",
+    "proposal",
+    "consistency",
+    "unmask_responses",
+    "finish",
+)
 T = TypeVar("T")
 
 
@@ -120,7 +129,15 @@ def run_cell(
         sent[s] += masked.nbytes
         _timed(server_t, "masked_inputs", lambda s=s, m=masked: server.receive_masked_input(s, m))
         del masked
-    request = _timed(server_t, "unmask_request", server.close_masked_inputs)
+    proposal = _timed(server_t, "proposal", server.close_masked_inputs)
+    for s in proposal.survivors:
+        received[s] += proposal.wire_size()
+        signature = _timed(
+            silo_t[s], "consistency_check", lambda s=s: silos[s].consistency_check(proposal)
+        )
+        sent[s] += signature.wire_size()
+        _timed(server_t, "consistency", lambda s=s, m=signature: server.receive_consistency(s, m))
+    request = _timed(server_t, "consistency", server.close_consistency)
     for s in request.survivors:
         received[s] += request.wire_size()
         response = _timed(silo_t[s], "unmask", lambda s=s: silos[s].unmask(request))
@@ -142,6 +159,7 @@ def run_cell(
         "wire_overhead_bytes": statistics.median(sent[s] + received[s] - fp32 for s in survivors),
         "max_abs_error": error,
         "threshold": server.plan.threshold,
+        "quorum": server.plan.signature_quorum,
         "frac_bits": server.plan.frac_bits,
         "degree": len(server.plan.neighbours[ids[0]]),
     }
@@ -240,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "elements": length,
             "neighbourhood": "all" if k is None else f"k={degree}",
             "threshold": runs[0]["threshold"],
+            "quorum": runs[0]["quorum"],
             "frac_bits": runs[0]["frac_bits"],
             "dropped": dropped,
             "repeats": repeats,
@@ -279,20 +298,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 HEADER = (
-    "| N | MB fp32 | graph | t | dropped | silo total ms | silo masked_input ms "
-    "| silo keys+shares ms | coord total ms | coord finish ms | sent / fp32 | sent+recv / fp32 "
-    "| overhead KB |\n"
-    "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| N | MB fp32 | graph | t | quorum | dropped | silo total ms | silo masked_input ms "
+    "| silo keys+shares ms | silo consistency+unmask ms | coord total ms | coord finish ms "
+    "| sent / fp32 | sent+recv / fp32 | overhead KB |\n"
+    "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
 def _row_md(row: dict) -> str:
     s, c = row["silo_stage_s"], row["server_stage_s"]
     setup = sum(s[st] for st in ("advertise_keys", "receive_keys", "share_keys", "receive_shares"))
+    check = s["consistency_check"] + s["unmask"]
     return (
         f"| {row['silos']} | {row['adapter_mb']:g} | {row['neighbourhood']} | {row['threshold']} "
-        f"| {row['dropped']} | {1e3 * row['silo_total_s']:.1f} | {1e3 * s['masked_input']:.1f} "
-        f"| {1e3 * setup:.1f} | {1e3 * row['server_total_s']:.1f} | {1e3 * c['finish']:.1f} "
+        f"| {row['quorum']} | {row['dropped']} | {1e3 * row['silo_total_s']:.1f} "
+        f"| {1e3 * s['masked_input']:.1f} | {1e3 * setup:.1f} | {1e3 * check:.1f} "
+        f"| {1e3 * row['server_total_s']:.1f} | {1e3 * c['finish']:.1f} "
         f"| {row['wire_sent_ratio']:.4f} | {row['wire_total_ratio']:.4f} "
         f"| {row['wire_overhead_bytes'] / 1e3:.1f} |"
     )
@@ -311,17 +332,21 @@ def _markdown(result: dict) -> str:
         f"Whole protocol in one process, one thread; each party's calls timed separately "
         f"({'process CPU time' if result['clock'] == 'cpu' else 'wall-clock time'}; load "
         f"average at the end {result['load_average_at_end'][0]:.1f}). "
-        "`silo total`: one silo's time over all six stages (median over silos and repeats); "
+        "`silo total`: one silo's time over all seven stages (median over silos and repeats); "
         "`masked_input`: fixed-point encoding + self mask + one AES-CTR mask per neighbour; "
         "`keys+shares`: key generation, signing, certificate and signature checks of every "
-        "neighbour, X25519/HKDF, Shamir, AES-GCM. `coord total`: the coordinator's time over "
+        "neighbour, X25519/HKDF, Shamir, AES-GCM; `consistency+unmask`: signing the unmask "
+        "proposal, then checking a quorum of the other survivors' signatures and answering "
+        "with shares. `coord total`: the coordinator's time over "
         "the round (relaying, adding every masked vector, reconstructing seeds and dropped "
         "keys, removing masks, decoding; median over repeats). `sent / fp32`: bytes one silo "
         "sends relative to the fp32 adapter; `sent+recv`: with what it receives (relayed keys, "
-        "shares, unmask request; not the aggregate download). `overhead KB`: sent+recv bytes "
+        "shares, unmask proposal, unmask request with every collected signature and its "
+        "certificate; not the aggregate download). `overhead KB`: sent+recv bytes "
         "beyond the masked vector. graph `all`: every silo masks with every other (SecAgg); "
         "`k=..`: random k-regular neighbourhood (SecAgg+). t: Shamir threshold (majority of "
-        "share holders). `dropped`: silos gone after sharing keys. "
+        "share holders); quorum: consistency signatures an unmask request needs (a majority of "
+        "all N silos, at least t). `dropped`: silos gone after sharing keys. "
         f"Repeats: {result['repeats']}, or {result['big_cell_repeats']} where "
         f"N x (degree + 1) x MB > {result['big_cell']:g} (the per-silo medians then still "
         "run over all N silos).",

@@ -22,8 +22,15 @@ from pf2lora.common.secagg.keys import (
     mask_seed,
     share_key,
     sign_keys,
+    sign_unmask,
 )
-from pf2lora.common.secagg.messages import SignedKeys
+from pf2lora.common.secagg.messages import (
+    ConsistencySignature,
+    SignedKeys,
+    UnmaskProposal,
+    UnmaskRequest,
+    unmask_payload,
+)
 from pf2lora.common.secagg.prg import MaskExpander
 
 FED = "secagg-test"
@@ -171,3 +178,58 @@ def test_share_encryption_binds_sender_receiver_round() -> None:
 def test_low_order_public_key_is_refused() -> None:
     with pytest.raises(PermissionDenied):
         mask_seed(X25519PrivateKey.generate(), bytes(32), RUN, 1, (1, "alice"), (2, "bob"))
+
+
+def test_consistency_signatures_verify_and_bind_the_proposal(fed: dict) -> None:
+    verifier: PeerVerifier = fed["verifier"]
+    bob = fed["silos"]["bob"]
+    proposal = UnmaskProposal(RUN, 5, ("alice", "bob"), ("carol",))
+    signature = sign_unmask(make_signer(bob.key), _der(bob), "bob", proposal)
+    verifier.verify_consistency_signature(signature, proposal)
+    others = {
+        "carol moved to the survivors": UnmaskProposal(RUN, 5, ("alice", "bob", "carol"), ()),
+        "alice moved to the dropped": UnmaskProposal(RUN, 5, ("bob",), ("alice", "carol")),
+        "another round": dataclasses.replace(proposal, round=6),
+        "another run": dataclasses.replace(proposal, run_id="run-2"),
+    }
+    for name, other in others.items():
+        with pytest.raises(PermissionDenied):
+            verifier.verify_consistency_signature(signature, other)
+            pytest.fail(f"signature accepted for: {name}")
+    # Relabelled as carol's: the certificate names bob.
+    with pytest.raises(PermissionDenied, match="identity"):
+        verifier.verify_consistency_signature(
+            dataclasses.replace(signature, silo_id="carol"), proposal
+        )
+    # Domain separation: bob's signature over his round keys is no consistency signature.
+    keys = _signed(fed, "bob")
+    with pytest.raises(PermissionDenied, match="does not verify"):
+        verifier.verify_consistency_signature(
+            dataclasses.replace(signature, signature=keys.signature), proposal
+        )
+    # The two lists cannot be re-cut: (a, b | c) and (a | b, c) sign different bytes.
+    assert unmask_payload(RUN, 5, ("alice", "bob"), ("carol",)) != unmask_payload(
+        RUN, 5, ("alice",), ("bob", "carol")
+    )
+
+
+def test_consistency_messages_validate() -> None:
+    proposal = UnmaskProposal(RUN, 5, ("alice", "bob"), ("carol",))
+    signature = ConsistencySignature(RUN, 5, "bob", b"\x30" * 70, b"\x30" * 600)
+    request = UnmaskRequest(RUN, 5, ("alice", "bob"), ("carol",), (signature,))
+    assert request.proposal == proposal
+    # one embedded message: 1-byte tag + 2-byte varint length + its fields
+    assert request.wire_size() == proposal.wire_size() + 1 + 2 + signature.wire_size()
+    for bad in [
+        lambda: UnmaskProposal(RUN, 5, ("bob", "alice"), ()),  # not sorted
+        lambda: UnmaskProposal(RUN, 5, ("alice", "alice"), ()),  # repeated
+        lambda: UnmaskProposal(RUN, 5, ["alice"], ()),  # not a tuple
+        lambda: UnmaskProposal(RUN, -1, ("alice",), ()),
+        lambda: ConsistencySignature(RUN, 5, "bob", b"", b"cert"),
+        lambda: ConsistencySignature(RUN, 5, "Bob", b"sig", b"cert"),
+        lambda: UnmaskRequest(RUN, 5, ("alice",), (), (signature, signature)),
+        lambda: UnmaskRequest(RUN, 6, ("alice",), (), (signature,)),  # signature of round 5
+        lambda: UnmaskRequest(RUN, 5, ("alice",), (), (proposal,)),  # type: ignore[arg-type]
+    ]:
+        with pytest.raises(InvalidArgument):
+            bad()

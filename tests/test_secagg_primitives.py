@@ -189,12 +189,16 @@ def test_round_plan_defaults_and_graph() -> None:
     plan = SecAggConfig().plan("run", 1, list(reversed(ids)))
     assert plan.silo_ids == tuple(ids) and plan.index("silo-00") == 1
     assert plan.threshold == 11 and plan.frac_bits == fixedpoint.choose_frac_bits(20, 1.0)
+    assert plan.signature_quorum == 11  # a strict majority of the roster, and >= t
     assert all(len(v) == 19 for v in plan.neighbours.values())
 
     sparse = SecAggConfig(neighbours=6)
     a, b = sparse.plan("run", 1, ids), sparse.plan("run", 1, list(reversed(ids)))
     assert a.neighbours == b.neighbours  # every party derives the same graph
     assert a.threshold == 4  # majority of the 7 holders (6 neighbours + itself)
+    assert a.signature_quorum == 11  # still a majority of all 20 silos
+    assert SecAggConfig(threshold=15).plan("run", 1, ids).signature_quorum == 15
+    assert SecAggConfig().plan("run", 1, ids[:2]).signature_quorum == 2
     assert all(len(v) == 6 for v in a.neighbours.values())
     assert all(s in a.neighbours[p] for s, ps in a.neighbours.items() for p in ps)  # symmetric
     assert sparse.plan("run", 2, ids).neighbours != a.neighbours  # fresh per round

@@ -33,8 +33,10 @@ class SecAggConfig:
     frac_bits: fixed-point fraction bits F; None picks the largest F without int32 overflow for
         the round's silo count (``fixedpoint.choose_frac_bits``).
     threshold: Shamir threshold t; None = a majority of each silo's share holders
-        (floor(m/2)+1), which also stops a coordinator from obtaining both shares of one silo by
-        telling disjoint groups different survivor sets. Fewer is allowed but logs a warning.
+        (floor(m/2)+1). Fewer is allowed but logs a warning (weaker against colluding silos).
+        t also sets the mask floor (a silo masks only if fewer than t holders of its shares,
+        itself included, are outside its mask set) and, with the roster size, the consistency
+        quorum (``RoundPlan.signature_quorum``).
     neighbours: None = every silo shares with every other (SecAgg); an even k >= 2 = a random
         k-regular graph (SecAgg+, Bell et al.), each silo masking with and sharing among only its
         k neighbours (plus itself), so per-silo cost grows with k instead of N.
@@ -101,6 +103,7 @@ class RoundPlan:
     round: int
     silo_ids: tuple[str, ...]  # sorted; the index of silo_ids[p] is p + 1
     threshold: int
+    signature_quorum: int  # consistency signatures an unmask request needs: > N/2 and >= t
     frac_bits: int
     clip: float
     neighbours: Mapping[str, frozenset[str]]  # excluding the silo itself
@@ -129,8 +132,8 @@ class RoundPlan:
             )
         if 2 * threshold <= holders:
             logger.warning(
-                "secagg threshold %d is not a majority of %d share holders: an active "
-                "coordinator could obtain both shares of one silo",
+                "secagg threshold %d is not a majority of %d share holders: fewer colluding "
+                "silos suffice to obtain both shares of one silo (docs/security.md)",
                 threshold,
                 holders,
             )
@@ -149,6 +152,9 @@ class RoundPlan:
             round=round_,
             silo_ids=roster,
             threshold=threshold,
+            # A strict majority of the roster, so two different proposals can never both gather
+            # a quorum from honest silos (each signs once); and at least t.
+            signature_quorum=max(threshold, n // 2 + 1),
             frac_bits=frac_bits,
             clip=float(config.clip),
             neighbours=MappingProxyType(_graph(roster, config.neighbours, seed)),

@@ -4,7 +4,9 @@ Each silo makes two fresh X25519 key pairs per round (mask agreement, share encr
 the canonical bytes of (run, round, silo id, both public keys) with its TLS key (ECDSA P-256,
 SHA-256). A peer accepts the keys only if the attached certificate chains to the federation CA,
 is valid now, is a client certificate and names exactly that silo in its SAN URI
-``spiffe://FEDERATION/silo/SILO_ID``, and the signature verifies under it.
+``spiffe://FEDERATION/silo/SILO_ID``, and the signature verifies under it. The same signing
+path and checks cover the consistency check: a survivor signs the canonical bytes of (run, round,
+"unmask", sorted survivors, sorted dropped) and peers verify it against its certificate.
 
 Derivations (HKDF-SHA256, no salt; info binds everything that must differ):
   mask seed  s_ij = HKDF(X25519(a_i, A_j), info = "mask" || run || round || lo || hi), 32 bytes
@@ -33,7 +35,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from pf2lora.common.errors import InvalidArgument, PermissionDenied
-from pf2lora.common.secagg.messages import SignedKeys, canonical_bytes, check_silo_id, keys_payload
+from pf2lora.common.secagg.messages import (
+    ConsistencySignature,
+    SignedKeys,
+    UnmaskProposal,
+    canonical_bytes,
+    check_silo_id,
+    keys_payload,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +120,22 @@ def sign_keys(
     )
 
 
+def sign_unmask(
+    signer: Signer, certificate_der: bytes, silo_id: str, proposal: UnmaskProposal
+) -> ConsistencySignature:
+    """Consistency-check message: the silo's signature over the proposal it was sent."""
+    return ConsistencySignature(
+        run_id=proposal.run_id,
+        round=proposal.round,
+        silo_id=silo_id,
+        signature=signer(proposal.signed_payload()),
+        certificate=certificate_der,
+    )
+
+
 class PeerVerifier:
-    """Checks that signed keys come from the silo they name, per the federation's PKI.
+    """Checks that signed keys and consistency signatures come from the silo they name, per the
+    federation's PKI.
 
     ``ca_certificates``: the federation CA(s) (trust anchors). ``federation``: the trust domain in
     ``spiffe://FEDERATION/silo/SILO_ID``. ``clock``: current time (tests inject one).
@@ -196,6 +219,28 @@ class PeerVerifier:
             raise PermissionDenied(
                 f"silo {message.silo_id}: signature over its round keys does not verify "
                 "(substituted key?)"
+            ) from None
+
+    def verify_consistency_signature(
+        self, signature: ConsistencySignature, proposal: UnmaskProposal
+    ) -> None:
+        """Refuse (PermissionDenied) a consistency signature that is not ``signature.silo_id``'s
+        signature over exactly ``proposal`` (another survivor set, run or round, another key)."""
+        if (signature.run_id, signature.round) != (proposal.run_id, proposal.round):
+            raise PermissionDenied(
+                f"silo {signature.silo_id}: consistency signature is for run "
+                f"{signature.run_id!r} round {signature.round}, expected run "
+                f"{proposal.run_id!r} round {proposal.round} (replayed?)"
+            )
+        public_key = self.verify_certificate(signature.certificate, signature.silo_id)
+        try:
+            public_key.verify(
+                signature.signature, proposal.signed_payload(), ec.ECDSA(hashes.SHA256())
+            )
+        except InvalidSignature:
+            raise PermissionDenied(
+                f"silo {signature.silo_id}: consistency signature does not verify over this "
+                "unmask proposal"
             ) from None
 
 

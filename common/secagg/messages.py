@@ -155,10 +155,39 @@ class EncryptedShare:
         )
 
 
+def _check_sorted_ids(value: object, field: str) -> None:
+    """``value`` must be a tuple of silo ids in strictly increasing order (canonical: sorted, no
+    repeats), so one survivor set has exactly one encoding and one signed payload."""
+    if not isinstance(value, tuple):
+        raise InvalidArgument(f"{field} must be a tuple of silo ids")
+    for silo_id in value:
+        check_silo_id(silo_id, field)
+    if any(a >= b for a, b in zip(value, value[1:], strict=False)):
+        raise InvalidArgument(f"{field} must be sorted and list each silo once, got {list(value)}")
+
+
+def unmask_payload(
+    run_id: str, round_: int, survivors: tuple[str, ...], dropped: tuple[str, ...]
+) -> bytes:
+    """Canonical bytes of (run, round, "unmask", survivors, dropped), as signed in the
+    consistency check. The counts keep the two lists apart."""
+    return canonical_bytes(
+        "pf2lora/secagg/v1/unmask",
+        run_id,
+        round_,
+        "unmask",
+        len(survivors),
+        *survivors,
+        len(dropped),
+        *dropped,
+    )
+
+
 @dataclass(frozen=True)
-class UnmaskRequest:
-    """Stage 4, coordinator -> each survivor: who sent a masked input (``survivors``) and who
-    reached the share stage but did not (``dropped``). The two sets must be disjoint."""
+class UnmaskProposal:
+    """Stage 4 (consistency check), coordinator -> each survivor: the proposed survivor set U3
+    (silos that sent a masked input) and the dropped silos (shared keys, sent no masked input).
+    Both tuples are sorted silo ids; the silo checks that they are disjoint before signing."""
 
     run_id: str
     round: int
@@ -167,18 +196,83 @@ class UnmaskRequest:
 
     def __post_init__(self) -> None:
         _check_header(self.run_id, self.round)
-        for field in ("survivors", "dropped"):
-            value = getattr(self, field)
-            if not isinstance(value, tuple):
-                raise InvalidArgument(f"{field} must be a tuple of silo ids")
-            for silo_id in value:
-                check_silo_id(silo_id, field)
-            if len(set(value)) != len(value):
-                raise InvalidArgument(f"{field} lists a silo twice: {sorted(value)}")
+        _check_sorted_ids(self.survivors, "survivors")
+        _check_sorted_ids(self.dropped, "dropped")
+
+    def signed_payload(self) -> bytes:
+        """The bytes each survivor signs: domain tag, run, round, "unmask", both sorted lists."""
+        return unmask_payload(self.run_id, self.round, self.survivors, self.dropped)
 
     def wire_size(self) -> int:
         ids = self.survivors + self.dropped
         return _header_size(self.run_id, self.round) + sum(_field_size(len(s)) for s in ids)
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    """Stage 4, survivor -> coordinator: the silo's TLS-key signature (ECDSA P-256, SHA-256,
+    DER) over ``UnmaskProposal.signed_payload()``; ``certificate`` (DER) lets every other
+    survivor check it, neighbour or not."""
+
+    run_id: str
+    round: int
+    silo_id: str
+    signature: bytes
+    certificate: bytes
+
+    def __post_init__(self) -> None:
+        _check_header(self.run_id, self.round)
+        check_silo_id(self.silo_id)
+        _check_bytes(self.signature, "signature", limit=_MAX_SIGNATURE_BYTES)
+        _check_bytes(self.certificate, "certificate", limit=_MAX_CERTIFICATE_BYTES)
+
+    def wire_size(self) -> int:
+        return (
+            _header_size(self.run_id, self.round)
+            + _field_size(len(self.silo_id))
+            + _field_size(len(self.signature))
+            + _field_size(len(self.certificate))
+        )
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Stage 5, coordinator -> each survivor that signed: the proposal it signed (run, round,
+    survivors, dropped) and the consistency signatures the coordinator collected, at most one
+    per silo. A silo answers only the proposal it signed, and only with enough valid signatures
+    from survivors (``RoundPlan.signature_quorum``)."""
+
+    run_id: str
+    round: int
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    signatures: tuple[ConsistencySignature, ...]
+
+    def __post_init__(self) -> None:
+        _check_header(self.run_id, self.round)
+        _check_sorted_ids(self.survivors, "survivors")
+        _check_sorted_ids(self.dropped, "dropped")
+        if not isinstance(self.signatures, tuple) or not all(
+            isinstance(s, ConsistencySignature) for s in self.signatures
+        ):
+            raise InvalidArgument("signatures must be a tuple of ConsistencySignature")
+        for signature in self.signatures:
+            if (signature.run_id, signature.round) != (self.run_id, self.round):
+                raise InvalidArgument(
+                    f"signature of {signature.silo_id} is for run {signature.run_id!r} round "
+                    f"{signature.round}, the request for run {self.run_id!r} round {self.round}"
+                )
+        signers = [s.silo_id for s in self.signatures]
+        if len(set(signers)) != len(signers):
+            raise InvalidArgument(f"signatures list a silo twice: {sorted(signers)}")
+
+    @property
+    def proposal(self) -> UnmaskProposal:
+        """The proposal this request answers (what its signatures must cover)."""
+        return UnmaskProposal(self.run_id, self.round, self.survivors, self.dropped)
+
+    def wire_size(self) -> int:
+        return self.proposal.wire_size() + sum(_field_size(s.wire_size()) for s in self.signatures)
 
 
 @dataclass(frozen=True)
@@ -198,7 +292,7 @@ class OwnedShare:
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """Stage 4, survivor -> coordinator: its shares of b_j for surviving neighbours j
+    """Stage 5, survivor -> coordinator: its shares of b_j for surviving neighbours j
     (``self_mask_shares``) and of the mask private key for dropped ones (``mask_key_shares``)."""
 
     run_id: str

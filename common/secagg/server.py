@@ -1,13 +1,16 @@
 """The coordinator side of SecAgg+: relays keys and shares, sums masked vectors, removes masks.
 
     receive_keys* -> close_keys -> receive_shares* -> close_shares
-        -> receive_masked_input* -> close_masked_inputs -> receive_unmask* -> finish
+        -> receive_masked_input* -> close_masked_inputs -> receive_consistency*
+        -> close_consistency -> receive_unmask* -> finish
 
 The coordinator checks only structure (run, round, roster, neighbourhood, sizes): signatures are
-the silos' business. It never holds an individual unmasked update: each masked vector is added
-to a running uint32 sum on arrival, and the only things removed from that sum are the survivors'
-self masks and the pairwise masks that dropped silos left in their neighbours' inputs.
-A stage closes with FailedPrecondition when fewer than ``threshold`` silos remain.
+the silos' business (a silo unmasks only given a quorum of valid consistency signatures). It
+never holds an individual unmasked update: each masked vector is added to a running uint32 sum on
+arrival, and the only things removed from that sum are the survivors' self masks and the pairwise
+masks that dropped silos left in their neighbours' inputs. A stage closes with FailedPrecondition
+when fewer than ``threshold`` silos remain (fewer than ``signature_quorum`` survivors or signers
+for the masked-input and consistency stages).
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from pf2lora.common.errors import FailedPrecondition, InvalidArgument, Permissio
 from pf2lora.common.secagg import fixedpoint, shamir
 from pf2lora.common.secagg.config import RoundPlan, SecAggConfig
 from pf2lora.common.secagg.keys import mask_seed, x25519_public_bytes
-from pf2lora.common.secagg.messages import EncryptedShare, SignedKeys, UnmaskRequest, UnmaskResponse
+from pf2lora.common.secagg.messages import (
+    ConsistencySignature,
+    EncryptedShare,
+    SignedKeys,
+    UnmaskProposal,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from pf2lora.common.secagg.prg import MaskExpander
 from pf2lora.common.secagg.silo import SECRET_BYTES
 
@@ -35,6 +45,7 @@ class ServerStage(enum.Enum):
     KEYS = "keys"
     SHARES = "shares"
     MASKED_INPUTS = "masked_inputs"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
     DONE = "done"
 
@@ -61,7 +72,9 @@ class SecAggServer:
         self._shares: dict[str, tuple[EncryptedShare, ...]] = {}  # U2: sender -> its shares
         self._sum = np.zeros(vector_length, dtype=np.uint32)  # sum of masked inputs mod 2^32
         self._masked: set[str] = set()  # U3
-        self._responses: dict[str, UnmaskResponse] = {}  # U4
+        self._proposal: UnmaskProposal | None = None
+        self._signatures: dict[str, ConsistencySignature] = {}  # U4: signers of the proposal
+        self._responses: dict[str, UnmaskResponse] = {}  # U5
         self._request: UnmaskRequest | None = None
 
     @property
@@ -81,11 +94,12 @@ class SecAggServer:
                 f"{self.plan.run_id!r} round {self.plan.round}"
             )
 
-    def _enough(self, alive: int, stage: str) -> None:
-        if alive < self.plan.threshold:
+    def _enough(self, alive: int, stage: str, quorum: bool = False) -> None:
+        need = self.plan.signature_quorum if quorum else self.plan.threshold
+        if alive < need:
             raise FailedPrecondition(
                 f"secagg round {self.plan.round}: only {alive} of {len(self.plan.silo_ids)} silos "
-                f"completed {stage}, threshold is {self.plan.threshold}"
+                f"completed {stage}, {'quorum' if quorum else 'threshold'} is {need}"
             )
 
     # Stage 1 ----------------------------------------------------------------------------------
@@ -158,10 +172,14 @@ class SecAggServer:
         np.add(self._sum, masked, out=self._sum)
         self._masked.add(silo_id)
 
-    def close_masked_inputs(self) -> UnmaskRequest:
-        """The unmask request for every survivor: who sent a masked input and who did not."""
+    def close_masked_inputs(self) -> UnmaskProposal:
+        """The unmask proposal for every survivor: who sent a masked input and who did not.
+
+        Fails (FailedPrecondition) with fewer survivors than the consistency quorum: no honest
+        silo would sign such a proposal."""
         self._expect(ServerStage.MASKED_INPUTS, "close the masked-input stage")
         self._enough(len(self._masked), "masked input")
+        self._enough(len(self._masked), "masked input", quorum=True)
         survivors = tuple(s for s in self.plan.silo_ids if s in self._masked)
         dropped = tuple(
             s for s in self.plan.silo_ids if s in self._shares and s not in self._masked
@@ -173,19 +191,59 @@ class SecAggServer:
                 len(dropped),
                 ", ".join(dropped),
             )
-        self._request = UnmaskRequest(
+        self._proposal = UnmaskProposal(
             run_id=self.plan.run_id, round=self.plan.round, survivors=survivors, dropped=dropped
+        )
+        self._stage = ServerStage.CONSISTENCY
+        return self._proposal
+
+    # Stage 4 ----------------------------------------------------------------------------------
+    def receive_consistency(self, silo_id: str, signature: ConsistencySignature) -> None:
+        """A survivor's signature over the proposal; ``silo_id`` is the authenticated silo id.
+
+        Structure only: the silos verify the signatures (the coordinator has no CA store)."""
+        self._expect(ServerStage.CONSISTENCY, "receive a consistency signature")
+        assert self._proposal is not None
+        self._check_header(signature.run_id, signature.round, "a consistency signature")
+        if signature.silo_id != silo_id:
+            raise PermissionDenied(
+                f"silo {silo_id!r} sent a consistency signature claiming {signature.silo_id!r}"
+            )
+        if silo_id not in self._masked:
+            raise PermissionDenied(f"consistency signature from {silo_id!r}, not a survivor")
+        if silo_id in self._signatures:
+            raise FailedPrecondition(f"silo {silo_id} already signed the unmask proposal")
+        self._signatures[silo_id] = signature
+
+    def close_consistency(self) -> UnmaskRequest:
+        """The unmask request for every signer: the proposal and all collected signatures.
+
+        FailedPrecondition with fewer signers than ``plan.signature_quorum``."""
+        self._expect(ServerStage.CONSISTENCY, "close the consistency check")
+        assert self._proposal is not None
+        self._enough(len(self._signatures), "the consistency check", quorum=True)
+        self._request = UnmaskRequest(
+            run_id=self._proposal.run_id,
+            round=self._proposal.round,
+            survivors=self._proposal.survivors,
+            dropped=self._proposal.dropped,
+            signatures=tuple(
+                self._signatures[s] for s in self.plan.silo_ids if s in self._signatures
+            ),
         )
         self._stage = ServerStage.UNMASK
         return self._request
 
-    # Stage 4 ----------------------------------------------------------------------------------
+    # Stage 5 ----------------------------------------------------------------------------------
     def receive_unmask(self, silo_id: str, response: UnmaskResponse) -> None:
+        """A signer's shares; ``silo_id`` is the authenticated silo id."""
         self._expect(ServerStage.UNMASK, "receive an unmask response")
         assert self._request is not None
         self._check_header(response.run_id, response.round, "an unmask response")
-        if response.silo_id != silo_id or silo_id not in self._masked:
-            raise PermissionDenied(f"unmask response from {silo_id!r}, not a survivor")
+        if response.silo_id != silo_id or silo_id not in self._signatures:
+            raise PermissionDenied(
+                f"unmask response from {silo_id!r}, not a survivor that signed the proposal"
+            )
         if silo_id in self._responses:
             raise FailedPrecondition(f"silo {silo_id} already answered the unmask request")
         for shares, owners in (
@@ -250,8 +308,8 @@ class SecAggServer:
 
     @property
     def survivors(self) -> tuple[str, ...]:
-        return self._request.survivors if self._request else ()
+        return self._proposal.survivors if self._proposal else ()
 
     @property
     def dropped(self) -> tuple[str, ...]:
-        return self._request.dropped if self._request else ()
+        return self._proposal.dropped if self._proposal else ()

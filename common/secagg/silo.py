@@ -1,11 +1,14 @@
 """The silo side of SecAgg+: one ``SecAggSilo`` per silo and round, driven stage by stage.
 
-    advertise_keys -> receive_keys -> share_keys -> receive_shares -> masked_input -> unmask
+    advertise_keys -> receive_keys -> share_keys -> receive_shares -> masked_input
+        -> consistency_check -> unmask
 
 Each call checks it comes in order (FailedPrecondition otherwise). The silo trusts nothing the
 coordinator relays: peers' keys must carry a valid signature from that peer's certificate, shares
-must decrypt under a key only the two silos share, and an unmask request is answered at most once
-and only if it is consistent (no silo both alive and dropped, at least t survivors).
+must decrypt under a key only the two silos share, it masks its input only if enough of its share
+holders sent it shares (the mask floor), it signs at most one unmask proposal per round and only a
+consistent one, and it answers an unmask request at most once, only for the proposal it signed and
+only with a quorum of valid signatures on that proposal from survivors (docs/security.md).
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ from pf2lora.common.secagg.keys import (
     mask_seed,
     share_key,
     sign_keys,
+    sign_unmask,
 )
 from pf2lora.common.secagg.messages import (
+    ConsistencySignature,
     EncryptedShare,
     OwnedShare,
     SignedKeys,
+    UnmaskProposal,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -55,6 +61,7 @@ class SiloStage(enum.Enum):
     SHARES_SENT = "shares_sent"
     SHARES_RECEIVED = "shares_received"
     MASKED = "masked"
+    SIGNED = "signed"
     DONE = "done"
 
 
@@ -92,6 +99,8 @@ class SecAggSilo:
         self._peer_keys: dict[str, SignedKeys] = {}  # verified neighbours (U1 ∩ N(i))
         self._held: dict[str, tuple[int, int]] = {}  # owner -> (share of b_owner, of sk_owner)
         self._maskers: tuple[str, ...] = ()  # neighbours that reached the share stage
+        self._signed: UnmaskProposal | None = None  # the one proposal this silo signed
+        self._own_signature: ConsistencySignature | None = None
         self.clipped_fraction: float | None = None
 
     @property
@@ -191,7 +200,14 @@ class SecAggSilo:
         return out
 
     def receive_shares(self, shares: Sequence[EncryptedShare]) -> None:
-        """Decrypt the shares neighbours sent; their senders are the peers this silo masks with."""
+        """Decrypt the shares neighbours sent; their senders are the peers this silo masks with.
+
+        The mask floor: the holders of this silo's shares (itself and every neighbour whose keys
+        it accepted) that it will NOT mask with, itself included, must be fewer than t.
+        Otherwise a coordinator that withheld shares could declare every peer it masks with
+        dropped and still collect t shares of its self-mask seed from the others (the routing
+        attack; proof in docs/security.md). FailedPrecondition, and no masked input, if not.
+        """
         self._expect(SiloStage.SHARES_SENT, "receive shares")
         run_id, round_ = self.plan.run_id, self.plan.round
         received: dict[str, tuple[int, int]] = {}
@@ -230,6 +246,16 @@ class SecAggSilo:
                 f"silo {self.silo_id}: only {len(received)} neighbours sent shares; "
                 f"threshold {self.plan.threshold} needs at least {self.plan.threshold - 1}"
             )
+        holders = len(self._peer_keys) + 1
+        unmasked_holders = holders - len(received)  # itself + holders whose shares are missing
+        if unmasked_holders >= self.plan.threshold:
+            raise FailedPrecondition(
+                f"silo {self.silo_id}: refusing to mask with only {len(received)} of the "
+                f"{len(self._peer_keys)} neighbours holding its shares: {unmasked_holders} "
+                f"holders outside its mask set (itself included) reach the threshold "
+                f"{self.plan.threshold}; it needs shares from at least "
+                f"{holders - self.plan.threshold + 1}"
+            )
         self._held.update(received)
         self._maskers = tuple(sorted(received, key=self.plan.index))
         self._stage = SiloStage.SHARES_RECEIVED
@@ -267,38 +293,77 @@ class SecAggSilo:
         return masked
 
     # Stage 4 ----------------------------------------------------------------------------------
+    def consistency_check(self, proposal: UnmaskProposal) -> ConsistencySignature:
+        """Sign the proposed (survivors, dropped) with the TLS key; at most one proposal a round.
+
+        Refuses (PermissionDenied) a proposal naming unknown silos, a silo both alive and
+        dropped, this silo as not alive, fewer survivors than ``plan.signature_quorum`` (the
+        signatures must come from survivors), or fewer than t - 1 of the peers this silo masks
+        with among the survivors (the sum containing its update would then cover fewer than t
+        silos; an honest round with this silo's seed recoverable always passes).
+        """
+        self._expect(SiloStage.MASKED, "sign an unmask proposal")
+        if (proposal.run_id, proposal.round) != (self.plan.run_id, self.plan.round):
+            raise FailedPrecondition(
+                f"silo {self.silo_id}: unmask proposal for run {proposal.run_id!r} round "
+                f"{proposal.round}"
+            )
+        survivors, dropped = set(proposal.survivors), set(proposal.dropped)
+        unknown = (survivors | dropped) - set(self.plan.silo_ids)
+        if unknown:
+            raise PermissionDenied(
+                f"silo {self.silo_id}: unmask proposal names unknown silos {sorted(unknown)}"
+            )
+        both = survivors & dropped
+        if both:
+            raise PermissionDenied(
+                f"silo {self.silo_id}: refusing to sign, {sorted(both)} listed both alive and "
+                "dropped (that would reveal their update)"
+            )
+        if self.silo_id not in survivors:
+            raise PermissionDenied(f"silo {self.silo_id}: unmask proposal does not list it alive")
+        if len(survivors) < self.plan.signature_quorum:
+            raise PermissionDenied(
+                f"silo {self.silo_id}: only {len(survivors)} survivors, below the quorum "
+                f"{self.plan.signature_quorum} (threshold {self.plan.threshold})"
+            )
+        alive_maskers = len(survivors.intersection(self._maskers))
+        if alive_maskers < self.plan.threshold - 1:
+            raise PermissionDenied(
+                f"silo {self.silo_id}: only {alive_maskers} of the peers it masks with are "
+                f"survivors, fewer than threshold - 1 = {self.plan.threshold - 1}: its update "
+                "would be summed with too few others"
+            )
+        signature = sign_unmask(self._signer, self._certificate, self.silo_id, proposal)
+        self._signed, self._own_signature = proposal, signature
+        self._stage = SiloStage.SIGNED
+        return signature
+
+    # Stage 5 ----------------------------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Shares of b_j for surviving and of the mask key for dropped neighbours; answered once.
 
-        Refuses (PermissionDenied) a request naming a silo both alive and dropped, unknown silos,
-        this silo as dropped, or fewer survivors than the threshold.
+        Refuses (PermissionDenied) a request whose (run, round, survivors, dropped) is not the
+        proposal this silo signed, or that carries fewer than ``plan.signature_quorum`` valid
+        signatures over that proposal from distinct survivors (each checked against the
+        signer's certificate with the PeerVerifier; invalid ones are logged and not counted).
         """
-        self._expect(SiloStage.MASKED, "unmask")
+        self._expect(SiloStage.SIGNED, "unmask")
+        assert self._signed is not None
         if (request.run_id, request.round) != (self.plan.run_id, self.plan.round):
             raise FailedPrecondition(
                 f"silo {self.silo_id}: unmask request for run {request.run_id!r} round "
                 f"{request.round}"
             )
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        unknown = (survivors | dropped) - set(self.plan.silo_ids)
-        if unknown:
+        proposal = request.proposal
+        if proposal != self._signed:
             raise PermissionDenied(
-                f"silo {self.silo_id}: unmask names unknown silos {sorted(unknown)}"
+                f"silo {self.silo_id}: unmask request (survivors {list(proposal.survivors)}, "
+                f"dropped {list(proposal.dropped)}) differs from the proposal it signed"
             )
-        both = survivors & dropped
-        if both:
-            raise PermissionDenied(
-                f"silo {self.silo_id}: refusing to unmask, {sorted(both)} listed both alive and "
-                "dropped (that would reveal their update)"
-            )
-        if self.silo_id not in survivors:
-            raise PermissionDenied(f"silo {self.silo_id}: unmask request does not list it alive")
-        if len(survivors) < self.plan.threshold:
-            raise PermissionDenied(
-                f"silo {self.silo_id}: only {len(survivors)} survivors, below the threshold "
-                f"{self.plan.threshold}"
-            )
-        self._stage = SiloStage.DONE  # before answering: never a second, different answer
+        self._check_quorum(request)
+        self._stage = SiloStage.DONE  # before answering: never a second answer
+        survivors, dropped = set(proposal.survivors), set(proposal.dropped)
         self_mask = tuple(
             OwnedShare(owner, shamir.share_to_bytes(self._held[owner][0]))
             for owner in sorted(survivors & self._held.keys(), key=self.plan.index)
@@ -315,3 +380,36 @@ class SecAggSilo:
             self_mask_shares=self_mask,
             mask_key_shares=mask_keys,
         )
+
+    def _check_quorum(self, request: UnmaskRequest) -> None:
+        """PermissionDenied unless ``plan.signature_quorum`` distinct survivors validly signed
+        the request's proposal (stops verifying once the quorum is reached)."""
+        proposal, quorum = request.proposal, self.plan.signature_quorum
+        survivors = set(proposal.survivors)
+        valid: set[str] = set()
+        for signature in request.signatures:
+            if len(valid) >= quorum:
+                break
+            if signature.silo_id not in survivors:
+                logger.warning(
+                    "silo %s: ignoring a consistency signature of %s, not a survivor",
+                    self.silo_id,
+                    signature.silo_id,
+                )
+                continue
+            if signature == self._own_signature:
+                valid.add(self.silo_id)
+                continue
+            try:
+                self._verifier.verify_consistency_signature(signature, proposal)
+            except PermissionDenied as exc:
+                logger.warning(
+                    "silo %s: ignoring an invalid consistency signature: %s", self.silo_id, exc
+                )
+                continue
+            valid.add(signature.silo_id)
+        if len(valid) < quorum:
+            raise PermissionDenied(
+                f"silo {self.silo_id}: refusing to unmask, only {len(valid)} valid consistency "
+                f"signatures from distinct survivors, the quorum is {quorum}"
+            )
