@@ -137,7 +137,7 @@ def evaluation_table(status: cpb.RunStatus, title: str = "") -> None:
     from rich.table import Table
 
     table = Table(title=title or f"run {status.run_id}: final evaluation (round {status.rounds})")
-    for col in ("silo", "examples", "personalised acc", "shared-only acc", "personalised loss"):
+    for col in ("silo", "held-out", "personalised acc", "shared-only acc", "personalised loss"):
         table.add_column(col, justify="left" if col == "silo" else "right")
     accs: list[tuple[float, float]] = []
     for e in sorted(status.evaluation, key=lambda e: e.silo_id):

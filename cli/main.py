@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "pf2lora.cli.silo",
     "pf2lora.cli.run",
     "pf2lora.cli.silos",
+    "pf2lora.cli.demo",
 )
 
 

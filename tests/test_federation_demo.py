@@ -1,0 +1,28 @@
+"""`pf2lora demo` end to end, shrunk (one layer, one round, a few dozen examples per silo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pf2lora.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("insecure", [True], ids=["insecure"])
+def test_demo_runs_a_federation_and_prints_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], insecure: bool
+) -> None:
+    work = tmp_path / "demo"
+    argv = ["demo", "--workdir", str(work), "--num-layers", "1", "--rounds", "1", "--local-steps", "2",
+            "--max-train", "24", "--max-test", "12", "--max-length", "32", "--threads", "1"]
+    assert main(argv + (["--insecure"] if insecure else [])) == 0
+    out = capsys.readouterr().out
+    assert "round 1/1 complete: 4 silo(s)" in out
+    for silo in ("amazon", "movies", "nyt", "tweets"):
+        assert silo in out
+        assert (work / "silos" / silo / "data" / "train.jsonl").is_file()
+    assert "personalised acc" in out and "shared-only acc" in out
+    assert (work / "coordinator" / "runs" / "demo" / "global-00001.safetensors").is_file()
