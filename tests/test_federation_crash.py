@@ -120,11 +120,16 @@ def test_coordinator_killed_mid_run_resumes_at_last_completed_round(tmp_path: Pa
         fed.close()
     # The interrupted round was retrained from the same silo states: the result is the
     # uninterrupted one, i.e. the in-process simulation's.
-    sim = run_simulation(SimulationConfig(
-        algorithm=cfg.algorithm, model=cfg.model, rounds=cfg.rounds, seed=cfg.seed,
-        data=DataConfig(source="files", num_clients=2, train_files=tuple(str(silos[s][0]) for s in names),
-                        test_files=tuple(str(silos[s][1]) for s in names)),
-    ))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the silos (and oversubscribed threads are 100x slower here)
+    try:
+        sim = run_simulation(SimulationConfig(
+            algorithm=cfg.algorithm, model=cfg.model, rounds=cfg.rounds, seed=cfg.seed,
+            data=DataConfig(source="files", num_clients=2, train_files=tuple(str(silos[s][0]) for s in names),
+                            test_files=tuple(str(silos[s][1]) for s in names)),
+        ))
+    finally:
+        torch.set_num_threads(threads)
     fed_global = CheckpointStore(tmp_path / "coordinator").read(run_id, 3)
     for name, value in fed_global.items():
         torch.testing.assert_close(value, sim.final_global[name], rtol=1e-5, atol=1e-6)
