@@ -114,6 +114,8 @@ class Coordinator:
             ev.wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
+        if self._ticker.is_alive():
+            self._ticker.join(timeout=5)
         self.store.close()
         logger.info("coordinator stopped")
 
