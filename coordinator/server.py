@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 import grpc
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health, health_pb2
 
 from pf2lora.common import grpc_factory
 from pf2lora.common.identity import admin_only_interceptor
@@ -54,7 +54,7 @@ class Coordinator:
         self.silo_server: grpc.Server | None = None
         self.control_server: grpc.Server | None = None
         self.health_server: grpc.Server | None = None
-        self._health = None
+        self._health: health.HealthServicer | None = None
         self.ports: dict[str, int] = {}
 
     def _credentials(self) -> grpc.ServerCredentials | None:
@@ -79,10 +79,11 @@ class Coordinator:
             self.control_server, s.control_api_listen, self._credentials()
         )
         if s.health_listen:
-            self.health_server, self._health, port = grpc_factory.create_health_server(s.health_listen)
+            self.health_server, servicer, port = grpc_factory.create_health_server(s.health_listen)
+            self._health = servicer
             self.ports["health"] = port
             for service in (SILO_SERVICE, CONTROL_SERVICE):
-                self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+                servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
             self.health_server.start()
         if s.metrics_listen:
             logger.info("server.metrics_listen=%s: Prometheus metrics are not served yet", s.metrics_listen)

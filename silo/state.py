@@ -124,15 +124,11 @@ class SiloState:
         return path
 
     def write_resume_record(self, run_id: str, round_: int, runtime: ClientRuntime) -> dict[str, Any]:
-        record = {
-            "run_id": run_id,
-            "round": round_,
-            "private_sha256": private_digest(runtime_private(runtime)),
-            "pid": os.getpid(),
-        }
+        digest = private_digest(runtime_private(runtime))
+        record: dict[str, Any] = {"run_id": run_id, "round": round_, "private_sha256": digest, "pid": os.getpid()}
         atomic_write_bytes(self.run_dir(run_id) / "resume.json", json.dumps(record).encode())
         logger.info("run %s: resumed from the state after round %d (private adapter %s)",
-                    run_id, round_, record["private_sha256"][:16])
+                    run_id, round_, digest[:16])
         return record
 
     # ----------------------------------------------------------------- global

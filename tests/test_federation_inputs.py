@@ -258,3 +258,24 @@ def test_a_200mb_adapter_streams_through_fetch_global_and_push_update(tmp_path: 
     finally:
         client.close()
         coord.stop(grace=0)
+
+
+def test_health_port_reports_the_services(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cfg = _server_cfg(tmp_path / "c", TlsSection(), ("silo-a",), insecure=True)
+    cfg = CoordinatorConfig(
+        federation=cfg.federation, tls=cfg.tls, storage=cfg.storage,
+        server=ServerSection(silo_api_listen="127.0.0.1:0", control_api_listen="127.0.0.1:0",
+                             health_listen="127.0.0.1:0", metrics_listen="", insecure=True),
+    )
+    coord = Coordinator(cfg)
+    coord.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{coord.ports['health']}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "pf2lora.v1.SiloApi", "pf2lora.v1.ControlApi"):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        coord.stop(grace=0)
