@@ -42,6 +42,7 @@ FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "rounds": (("rounds",), int, "federated rounds"),
     "seed": (("seed",), int, "run seed (data split, initial adapter, batches)"),
     "eval_every": (("eval_every",), int, "evaluate every k rounds"),
+    "device": (("device",), str, "cpu (default) | auto | cuda | cuda:N"),
 }
 
 

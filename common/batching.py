@@ -94,21 +94,49 @@ class BatchSource:
     two rounds and restarts draws exactly the batches it would have drawn.
     """
 
-    def __init__(self, data: EncodedData, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, data: EncodedData, batch_size: int, seed: int, device: torch.device | str = "cpu"
+    ) -> None:
         if len(data) == 0:
             raise DataError("client has no training examples")
         self.data = data
         self.batch_size = min(batch_size, len(data))
         self.seed = seed
+        self.device = torch.device(device)
 
     def batch(self, step: int, stream: int) -> dict[str, Tensor]:
+        # indices are drawn on the CPU with a seeded generator: the same on every device
         gen = torch.Generator().manual_seed(derive_seed(self.seed, step, stream))
         index = torch.randperm(len(self.data), generator=gen)[: self.batch_size]
-        return self.data.select(index)
+        return to_device(self.data.select(index), self.device)
 
 
-def iter_batches(data: EncodedData, batch_size: int) -> Iterator[dict[str, Tensor]]:
+def iter_batches(
+    data: EncodedData, batch_size: int, device: torch.device | str = "cpu"
+) -> Iterator[dict[str, Tensor]]:
     """Sequential batches over a whole split (evaluation)."""
     n = len(data)
     for start in range(0, n, batch_size):
-        yield data.select(torch.arange(start, min(n, start + batch_size)))
+        yield to_device(data.select(torch.arange(start, min(n, start + batch_size))), device)
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return batch
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """"auto": the first CUDA GPU when torch sees one, else the CPU; or "cpu", "cuda", "cuda:N"."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as exc:
+        raise DataError(f"device={spec!r}: use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"device={spec!r}: torch sees no CUDA GPU (torch {torch.__version__})")
+    if dev.type not in ("cpu", "cuda"):
+        raise DataError(f"device={spec!r}: use auto, cpu, cuda or cuda:N")
+    return dev

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from pf2lora.common.algorithms.base import Algorithm, ClientAlgorithm
@@ -72,6 +73,7 @@ class ClientRuntime:
         test: EncodedData,
         base: nn.Module | None = None,
         name: str | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.algorithm = algorithm
         self.name = name or f"client-{client_index}"
@@ -81,10 +83,14 @@ class ClientRuntime:
         self.model: TwoLevelModel = build_two_level_model(
             cfg, shared_seed=0, private_seed=derive_seed(seed, "private"), base=base
         )
+        self.device = torch.device(device)
+        self.model.to(self.device)  # before the client builds its optimizer
         self.client: ClientAlgorithm = algorithm.make_client(self.model, client_index, seed)
         self.train = train
         self.test = test
-        self.source = BatchSource(train, algorithm.cfg.train.batch_size, derive_seed(seed, "batches"))
+        self.source = BatchSource(
+            train, algorithm.cfg.train.batch_size, derive_seed(seed, "batches"), self.device
+        )
 
     @property
     def num_samples(self) -> int:

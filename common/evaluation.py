@@ -22,7 +22,7 @@ def evaluate(model: TwoLevelModel, data: EncodedData, batch_size: int = 64) -> d
     counted = 0
     n = 0
     try:
-        for batch in iter_batches(data, batch_size):
+        for batch in iter_batches(data, batch_size, model.device):
             loss, out = model.forward_batch(batch)
             size = next(iter(batch.values())).shape[0]
             total_loss += float(loss) * size

@@ -206,6 +206,10 @@ class TwoLevelModel(nn.Module):
         if self.has_shared:
             assert self.groups.shared, "shared adapter has no parameters: check target_modules"
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.peft.parameters()).device
+
     def named_level_parameters(self, level: str) -> dict[str, nn.Parameter]:
         names = self.groups.shared if level == SHARED else self.groups.private
         params = dict(self.peft.named_parameters())

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from pf2lora.common.algorithms.aggregate import sum_payloads
 from pf2lora.common.algorithms.base import Algorithm, AlgorithmConfig
 from pf2lora.common.algorithms.registry import make_algorithm
-from pf2lora.common.batching import EncodedData
+from pf2lora.common.batching import EncodedData, resolve_device
 from pf2lora.common.client_runtime import (
     ClientRuntime,
     client_seed,
@@ -77,6 +77,7 @@ class SimulationConfig:
     rounds: int = 3
     seed: int = 0
     eval_every: int = 1  # evaluate every k rounds (and always after the last)
+    device: str = "cpu"  # "auto" picks a CUDA GPU when torch sees one
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -192,6 +193,7 @@ def run_simulation(
         ClientRuntime(
             algorithm, model_cfg, client_index=k, seed=client_seed(cfg.seed, k),
             train=s.train, test=s.test, base=copy.deepcopy(base), name=s.name,
+            device=resolve_device(cfg.device),
         )
         for k, s in enumerate(specs)
     ]

@@ -198,7 +198,7 @@ class BilevelTrainer:
             self.ul_opt.state.clear()
             for n in self.ul_names:
                 st = {
-                    key.rsplit("/", 1)[1]: t.clone()
+                    key.rsplit("/", 1)[1]: _opt_tensor(key, t, params[n].device)
                     for key, t in tensors.items()
                     if key.startswith(f"ul_opt/{n}/")
                 }
@@ -216,3 +216,8 @@ class BilevelTrainer:
         tensors, meta = load_state(path)
         self.load_state_tensors(tensors, meta)
         return meta
+
+
+def _opt_tensor(key: str, t: Tensor, device: torch.device) -> Tensor:
+    """AdamW keeps `step` on the CPU (unless capturable) and moments next to the parameter."""
+    return t.clone() if key.endswith("/step") else t.to(device, copy=True)

@@ -17,7 +17,7 @@ from pf2lora.common.runspec import apply_overrides, load_toml
 
 logger = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu")
+DEVICES = ("auto", "cpu", "cuda")  # or "cuda:N"
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class SiloSection:
     federation: str = "pf2lora"
     # Private adapter, trainer state and run records; never sent anywhere.
     state_dir: str = "/var/lib/pf2lora-silo"
-    # "auto" and "cpu" train on the CPU (GPU training is not wired into the library yet).
+    # "auto": the first CUDA GPU torch sees, else the CPU; "cpu"; "cuda" or "cuda:N".
     device: str = "auto"
     # torch intra-op threads; 0 keeps torch's default (all cores). Several silos on one
     # machine should split the cores: oversubscribed threads slow training by 10-100x.
@@ -44,11 +44,10 @@ class SiloSection:
     def __post_init__(self) -> None:
         validate_label("silo.id", self.id)
         validate_label("silo.federation", self.federation)
-        if self.device not in DEVICES:
-            raise ConfigError(
-                f"silo.device={self.device!r}: use one of {DEVICES} (GPU training is not "
-                "supported by this version)"
-            )
+        if self.device not in DEVICES and not (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        ):
+            raise ConfigError(f"silo.device={self.device!r}: use one of {DEVICES} or cuda:N")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ConfigError(f"silo.threads={self.threads!r}: must be an integer >= 0")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):

@@ -18,6 +18,7 @@ import grpc
 import torch
 
 from pf2lora.common import grpc_factory
+from pf2lora.common.batching import resolve_device
 from pf2lora.common.errors import DataError
 from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, TrainTask
 from pf2lora.common.version import software_version
@@ -67,8 +68,7 @@ class SiloDaemon:
         cfg = self.cfg
         if cfg.silo.threads:
             torch.set_num_threads(cfg.silo.threads)
-        if cfg.silo.device == "auto" and torch.cuda.is_available():
-            logger.info("silo.device=auto: a GPU is present, but this version trains on the CPU")
+        logger.info("silo.device=%s: training on %s", cfg.silo.device, resolve_device(cfg.silo.device))
         num_samples = count_train_examples(cfg.data)
         health = None
         if cfg.server.health_listen:

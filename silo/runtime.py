@@ -9,6 +9,7 @@ from typing import Any
 
 from pf2lora.common.algorithms.base import Algorithm, AlgorithmConfig
 from pf2lora.common.algorithms.registry import make_algorithm
+from pf2lora.common.batching import resolve_device
 from pf2lora.common.client_runtime import ClientRuntime, client_seed, encode_dataset, load_tokenizer
 from pf2lora.common.config import ModelConfig
 from pf2lora.common.errors import DataError
@@ -70,7 +71,7 @@ def build_context(run: RunInfo, client_index: int, cfg: SiloConfig) -> RunContex
     runtime = ClientRuntime(
         algorithm, model_cfg, client_index=client_index, seed=seed,
         train=encode_dataset(train, tok, model_cfg), test=encode_dataset(test, tok, model_cfg),
-        name=cfg.silo.id,
+        name=cfg.silo.id, device=resolve_device(cfg.silo.device),
     )
     runtime.model.log_trainable()
     logger.info(

@@ -45,7 +45,7 @@ def test_secure_by_default_and_explicit_insecure(tmp_path: Path, caplog: pytest.
 
 def test_bad_values_are_refused_by_name(tmp_path: Path) -> None:
     p = tmp_path / "silo.toml"
-    p.write_text('[silo]\nid = "a"\ndevice = "cuda"\n')
+    p.write_text('[silo]\nid = "a"\ndevice = "tpu"\n')
     with pytest.raises(ConfigError, match="silo.device"):
         load_silo_config(p)
     p.write_text('[silo]\nid = "Not A Label"\n')
