@@ -15,6 +15,7 @@ OVERRIDES: dict[str, str] = {
     "silo_api_listen": "server.silo_api_listen",
     "control_api_listen": "server.control_api_listen",
     "health_listen": "server.health_listen",
+    "metrics_listen": "server.metrics_listen",
     "ca_file": "tls.ca_file",
     "cert_file": "tls.cert_file",
     "key_file": "tls.key_file",
@@ -40,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--silo-api-listen", help="HOST:PORT of the silo API (default 0.0.0.0:8443)")
     s.add_argument("--control-api-listen", help="HOST:PORT of the control API (default 0.0.0.0:8444)")
     s.add_argument("--health-listen", help='HOST:PORT of grpc.health.v1, "" for off')
+    s.add_argument("--metrics-listen",
+                   help='HOST:PORT of the Prometheus /metrics endpoint (HTTP), "" for off (default off)')
     s.add_argument("--ca-file", help="federation CA (PEM)")
     s.add_argument("--cert-file", help="coordinator certificate (PEM)")
     s.add_argument("--key-file", help="coordinator private key (PEM)")

@@ -41,8 +41,9 @@ class ServerSection:
     control_api_listen: str = "0.0.0.0:8444"
     # Plaintext grpc.health.v1 only; "" turns it off.
     health_listen: str = "0.0.0.0:8081"
-    # Prometheus /metrics: accepted, not served yet (a later issue).
-    metrics_listen: str = "0.0.0.0:9100"
+    # Prometheus /metrics over plaintext HTTP; "" (the default) turns it off. The manifests set
+    # "0.0.0.0:9100". Off by default so that several coordinators on one host do not collide.
+    metrics_listen: str = ""
     # Worker threads: each long poll and each tensor stream holds one for its duration, so
     # this must exceed the number of silos (plus a few for admin calls).
     max_workers: int = 64

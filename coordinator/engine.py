@@ -46,6 +46,7 @@ from pf2lora.common.runspec import RunConfig, from_json, to_dict, to_json
 from pf2lora.common.simulation import client_weights
 from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore, canonical
+from pf2lora.coordinator.metrics import CoordinatorMetrics
 from pf2lora.coordinator.store import Store
 from pf2lora.coordinator.views import Phase, UpdateReceipt
 
@@ -132,8 +133,10 @@ class Engine:
         initial_state: InitialState = default_initial_state,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or CoordinatorMetrics()  # hooks below; served by server.py
         self.checkpoints = checkpoints
         self.federation = federation
         self.allowed = None if allowed_silos is None else tuple(sorted(allowed_silos))
@@ -376,6 +379,7 @@ class Engine:
             run.running_sum = sum_payloads(parts)  # the individual update is not kept
             self.store.record_update(run_id, round_, attempt, silo_id, manifest_digest.hex(), self._now_ms())
             run.participants[silo_id].state = "reported"
+            self.metrics.update_accepted()
             received = sum(p.state == "reported" for p in run.participants.values())
             total = len(run.participants)
             logger.info("round %d: update from %s (%d of %d)", round_, silo_id, received, total)
@@ -436,6 +440,7 @@ class Engine:
                     "round %d: deadline passed with %d of min %d updates (missing %s); opening it again",
                     run.round, len(reported), run.cfg.min_silos, missing,
                 )
+                self.metrics.round_reopened(len(missing))
                 self._open_round(run.round)
         elif run.phase is Phase.EVALUATING:
             if run.eval_targets <= run.eval_reported or now >= run.deadline:
@@ -458,6 +463,7 @@ class Engine:
         run.deadline = math.inf
         run.deadline_unix_ms = 0
         logger.info("run %s: round %d open (attempt %d)", run.run_id, round_, run.attempt)
+        self.metrics.round_opened(round_)
         self._notify()
 
     def _maybe_seal(self) -> None:
@@ -482,6 +488,7 @@ class Engine:
         run.deadline = self._clock() + run.cfg.round_deadline_s
         run.deadline_unix_ms = self._now_ms() + int(run.cfg.round_deadline_s * 1000)
         logger.info("round %d: training with %s", run.round, ", ".join(silos))
+        self.metrics.round_sealed(len(silos))
         self._notify()
 
     def _complete_round(self) -> None:
@@ -504,6 +511,7 @@ class Engine:
         run.global_state, run.global_digest = new_state, digest
         run.completed = run.round
         run.running_sum = None
+        self.metrics.round_completed(self._clock() - run.opened_at, len(run.participants), len(reported))
         logger.info(
             "run %s: round %d complete with %d update(s), global %s",
             run.run_id, run.round, len(reported), digest[:16],
@@ -536,6 +544,7 @@ class Engine:
         self.store.finish_run(run.run_id, state, reason, self._now_ms())
         logger.info("run %s %s%s", run.run_id, state, f": {reason}" if reason else "")
         self._run = None
+        self.metrics.run_ended()
         self._notify()
 
     # ------------------------------------------------------------------ control

@@ -19,12 +19,14 @@ from grpc_health.v1 import health, health_pb2
 
 from pf2lora.common import grpc_factory
 from pf2lora.common.identity import admin_only_interceptor
+from pf2lora.common.metrics_http import MetricsServer
 from pf2lora.common.state_io import atomic_write_bytes
 from pf2lora.common.version import software_version
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.config import CoordinatorConfig
 from pf2lora.coordinator.control_servicer import ControlServicer
 from pf2lora.coordinator.engine import Engine, InitialState, default_initial_state
+from pf2lora.coordinator.metrics import CoordinatorMetrics
 from pf2lora.coordinator.silo_servicer import SiloServicer
 from pf2lora.coordinator.store import Store
 from pf2lora.v1 import control_pb2_grpc, silo_pb2_grpc
@@ -45,9 +47,12 @@ class Coordinator:
         state_dir = Path(cfg.storage.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(state_dir / "state.db")
+        self.metrics = CoordinatorMetrics()
+        self.metrics.set_info(cfg.federation.name, software_version())
         self.engine = Engine(
             self.store, CheckpointStore(state_dir), federation=cfg.federation.name,
             allowed_silos=cfg.federation.allowed_silos, initial_state=initial_state,
+            metrics=self.metrics,
         )
         self._stopped = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="pf2lora-tick", daemon=True)
@@ -55,6 +60,7 @@ class Coordinator:
         self.control_server: grpc.Server | None = None
         self.health_server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
+        self.metrics_server: MetricsServer | None = None
         self.ports: dict[str, int] = {}
 
     def _credentials(self) -> grpc.ServerCredentials | None:
@@ -78,6 +84,9 @@ class Coordinator:
         self.ports["control_api"] = grpc_factory.add_port(
             self.control_server, s.control_api_listen, self._credentials()
         )
+        if s.metrics_listen:
+            self.metrics_server = self.metrics.serve(s.metrics_listen)
+            self.ports["metrics"] = self.metrics_server.port
         if s.health_listen:
             self.health_server, servicer, port = grpc_factory.create_health_server(s.health_listen)
             self._health = servicer
@@ -85,8 +94,6 @@ class Coordinator:
             for service in (SILO_SERVICE, CONTROL_SERVICE):
                 servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
             self.health_server.start()
-        if s.metrics_listen:
-            logger.info("server.metrics_listen=%s: Prometheus metrics are not served yet", s.metrics_listen)
         self.silo_server.start()
         self.control_server.start()
         self._ticker.start()
@@ -115,6 +122,8 @@ class Coordinator:
             ev.wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self._ticker.is_alive():
             self._ticker.join(timeout=5)
         self.store.close()

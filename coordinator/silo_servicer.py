@@ -119,15 +119,15 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
     ) -> Iterator[tpb.StreamMessage]:
         silo = self._silo(context, request.silo_id)
         tensors, _ = self.engine.global_state(silo, request.run_id, request.round)
-        yield from serde.tensors_to_stream(
+        yield from self.engine.metrics.count_sent(serde.tensors_to_stream(
             tensors, run_id=request.run_id, round=request.round, kind=serde.StreamKind.GLOBAL_MODEL
-        )
+        ))
 
     @map_errors
     def PushUpdate(
         self, request_iterator: Iterator[tpb.StreamMessage], context: grpc.ServicerContext
     ) -> silo_pb2.PushUpdateReply:
-        messages = iter(request_iterator)
+        messages = self.engine.metrics.count_received(request_iterator)  # bytes, for /metrics
         first = next(messages, None)
         if first is None or first.WhichOneof("body") != "header":
             raise InvalidArgument("an update stream must start with its header")
