@@ -47,6 +47,7 @@ LOCAL_FORMATS: dict[str, str] = {
     ".jsonl": "json",
     ".json": "json",
     ".csv": "csv",
+    ".tsv": "csv",  # read with delimiter="\t"
     ".parquet": "parquet",
 }
 CACHE_DIR_ENV = "PF2LORA_DATA_CACHE"
@@ -269,6 +270,8 @@ def _read_table(
     if p.stat().st_size == 0:
         raise DataError(f"{p}: empty file {expected}")
     kwargs: dict[str, Any] = {"keep_default_na": False} if builder == "csv" else {}
+    if p.suffix.lower() == ".tsv":
+        kwargs["delimiter"] = "\t"
     ds = _read(builder, p, cache_dir, context=expected, **kwargs)
     if len(ds) == 0:
         raise DataError(f"{p}: no rows {expected}")
@@ -339,7 +342,7 @@ def load_local(
     domain: str | None = None,
     cache_dir: Path | None = None,
 ) -> Dataset:
-    """A .jsonl/.json/.csv/.parquet file as text/label/domain (domain defaults to the file stem).
+    """A .jsonl/.json/.csv/.tsv/.parquet file as text/label/domain (domain defaults to the file stem).
 
     String labels map to their index in `labels` (default: sorted unique values, logged);
     integer labels must lie in [0, len(labels)) (default: [0, max]).

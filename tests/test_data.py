@@ -135,15 +135,16 @@ ROWS = [
 
 
 def write(path: Path, rows: list[dict[str, object]]) -> Path:
-    """rows to .jsonl / .json / .csv / .parquet according to the suffix."""
+    """rows to .jsonl / .json / .csv / .tsv / .parquet according to the suffix."""
     if path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     elif path.suffix == ".json":
         path.write_text(json.dumps(rows))
-    elif path.suffix == ".csv":
+    elif path.suffix in (".csv", ".tsv"):
+        sep = "," if path.suffix == ".csv" else "\t"
         cols = list(rows[0])
-        lines = [",".join(cols)] + [
-            ",".join("" if r.get(c) is None else str(r.get(c)) for c in cols) for r in rows
+        lines = [sep.join(cols)] + [
+            sep.join("" if r.get(c) is None else str(r.get(c)) for c in cols) for r in rows
         ]
         path.write_text("\n".join(lines) + "\n")
     else:
@@ -151,7 +152,7 @@ def write(path: Path, rows: list[dict[str, object]]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".parquet"])
 def test_load_local_formats_with_given_labels(tmp_path: Path, suffix: str) -> None:
     path = write(tmp_path / f"reviews{suffix}", ROWS)
     ds = load_local(path, labels=["neg", "neu", "pos"], cache_dir=tmp_path / "cache")
@@ -184,6 +185,21 @@ def test_load_local_integer_labels_and_custom_columns(tmp_path: Path) -> None:
     # A text that pandas would read as missing ("NA") stays text.
     na = write(tmp_path / "na.csv", [{"text": "NA", "label": 0}, {"text": "null", "label": 1}])
     assert load_local(na, cache_dir=tmp_path / "c")["text"] == ["NA", "null"]
+
+
+def test_load_local_tsv_keeps_commas_and_reads_tabs_only(tmp_path: Path) -> None:
+    """TSV (the deploy/ examples' format): commas are text, the tab is the only separator."""
+    path = tmp_path / "notes.TSV"
+    path.write_text("text\tlabel\nslow, but worth it\tpos\nno, just no\tneg\n")
+    ds = load_local(path, cache_dir=tmp_path / "c")
+    assert ds["text"] == ["slow, but worth it", "no, just no"]
+    assert ds.features["label"].names == ["neg", "pos"] and ds["label"] == [1, 0]
+    assert ds["domain"] == ["notes"] * 2
+    # The same bytes as .csv split at the commas: the column count no longer matches.
+    as_csv = tmp_path / "notes.csv"
+    as_csv.write_text(path.read_text())
+    with pytest.raises(DataError):
+        load_local(as_csv, cache_dir=tmp_path / "c")
 
 
 BAD_CASES: dict[str, tuple[str, Callable[[Path], Path], str]] = {

@@ -10,6 +10,7 @@ from federation_util import free_port
 
 from pf2lora.cli.main import main
 from pf2lora.cli.run import build_run_config
+from pf2lora.common.data import LOCAL_FORMATS
 from pf2lora.common.errors import ConfigError
 from pf2lora.coordinator.config import load_coordinator_config
 from pf2lora.silo.config import load_silo_config
@@ -22,6 +23,7 @@ def test_deployed_coordinator_configs_load(path: Path) -> None:
     cfg = load_coordinator_config(path)
     assert cfg.tls.configured and not cfg.server.insecure
     assert cfg.server.silo_api_listen.endswith(":8443") and cfg.server.control_api_listen.endswith(":8444")
+    assert cfg.server.metrics_listen.endswith(":9100"), "the pods' prometheus.io/port is 9100"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "deploy").rglob("silo.toml")), ids=str)
@@ -29,6 +31,10 @@ def test_deployed_silo_configs_load(path: Path) -> None:
     cfg = load_silo_config(path)
     cfg.require_transport()
     assert cfg.data.train_files and cfg.data.eval_files and cfg.model.path
+    # The daemon can read what the manifests point it at (common.data.load_local's formats).
+    for f in cfg.data.train_files + cfg.data.eval_files:
+        assert Path(f).suffix.lower() in LOCAL_FORMATS, f"{path}: {f} is not a format load_local reads"
+    assert cfg.server.metrics_listen.endswith(":9100"), "the pods' prometheus.io/port is 9100"
 
 
 def test_secure_by_default_and_explicit_insecure(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
