@@ -23,6 +23,7 @@ OVERRIDES: dict[str, str] = {
     "server_name": "coordinator.server_name",
     "model_path": "model.path",
     "health_listen": "server.health_listen",
+    "metrics_listen": "server.metrics_listen",
     "ca_file": "tls.ca_file",
     "cert_file": "tls.cert_file",
     "key_file": "tls.key_file",
@@ -61,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--threads", type=int, help="torch threads (0: torch's default)")
     s.add_argument("--seed", type=int, help="override the silo seed (default: derived from the run seed)")
     s.add_argument("--health-listen", help='HOST:PORT of grpc.health.v1, "" for off')
+    s.add_argument("--metrics-listen",
+                   help='HOST:PORT of the Prometheus /metrics endpoint (HTTP), "" for off (default off)')
     s.add_argument("--audit-log", help="append every message sent to the coordinator to this file")
     s.add_argument("--exit-after-run", action="store_true", help="exit once the current run has ended")
     s.set_defaults(func=run_serve)

@@ -91,7 +91,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    """Local files (.jsonl, .json, .csv, .parquet) with a text and a label column."""
+    """Local files (.jsonl, .json, .csv, .tsv, .parquet) with a text and a label column."""
 
     train_files: tuple[str, ...] = ()
     eval_files: tuple[str, ...] = ()
@@ -111,8 +111,9 @@ class DataSection:
 class ServerSection:
     # Plaintext grpc.health.v1 for probes ("" for off); the silo listens on nothing else.
     health_listen: str = "0.0.0.0:8081"
-    # Prometheus /metrics: accepted, not served yet (a later issue).
-    metrics_listen: str = "0.0.0.0:9100"
+    # Prometheus /metrics over plaintext HTTP; "" (the default) turns it off. The manifests set
+    # "0.0.0.0:9100". Off by default so that several silos on one host do not collide.
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
         for name in ("health_listen", "metrics_listen"):

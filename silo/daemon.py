@@ -24,6 +24,7 @@ from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Trai
 from pf2lora.common.version import software_version
 from pf2lora.silo.client import CoordinatorClient, Stopped
 from pf2lora.silo.config import SiloConfig
+from pf2lora.silo.metrics import SiloMetrics
 from pf2lora.silo.runtime import RunContext, build_context, count_train_examples
 from pf2lora.silo.state import SiloState
 
@@ -62,6 +63,8 @@ class SiloDaemon:
         self.state = SiloState(cfg.silo.state_dir, cfg.silo.keep_rounds)
         self.ctx: RunContext | None = None
         self.current_run = self.state.current_run()
+        self.metrics = SiloMetrics()  # served at [server] metrics_listen while run() runs
+        self.metrics.set_info(cfg.silo.id, cfg.silo.federation, software_version())
 
     # -------------------------------------------------------------------- loop
     def run(self) -> int:
@@ -75,6 +78,7 @@ class SiloDaemon:
             health, _, port = grpc_factory.create_health_server(cfg.server.health_listen)
             health.start()
             logger.info("health service on port %d", port)
+        metrics_server = self.metrics.serve(cfg.server.metrics_listen) if cfg.server.metrics_listen else None
         self.client = CoordinatorClient(cfg, self.stop, interceptors=self.interceptors)
         try:
             self._join(num_samples)
@@ -94,6 +98,8 @@ class SiloDaemon:
             self.client.close()
             if health is not None:
                 health.stop(0)
+            if metrics_server is not None:
+                metrics_server.stop()
             logger.info("silo %s stopped", cfg.silo.id)
 
     def _join(self, num_samples: int) -> None:
@@ -211,6 +217,7 @@ class SiloDaemon:
                     rnd, receipt.received, receipt.participants, receipt.manifest_digest.hex()[:16])
         metrics = dict(result.metrics)
         metrics.update(weight=task.weight, fetch_seconds=t1 - t0, local_seconds=t2 - t1, push_seconds=t3 - t2)
+        self.metrics.round_done(rnd, fetch_s=t1 - t0, local_s=t2 - t1, push_s=t3 - t2, metrics=metrics)
         self.client.report_metrics(run_id, rnd, "train", metrics)
 
     def _evaluate(self, task: EvaluateTask) -> None:
@@ -220,6 +227,7 @@ class SiloDaemon:
         self.state.save_global(run_id, task.round, global_state)
         self._prepare(ctx, task.round + 1)
         metrics = ctx.runtime.evaluate(global_state)
+        self.metrics.evaluated(metrics)
         logger.info("run %s: final evaluation %s", run_id,
                     {k: round(v, 4) for k, v in metrics.items() if k.endswith("accuracy")})
         self.client.report_metrics(run_id, task.round, "evaluate", metrics)
