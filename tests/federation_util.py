@@ -120,7 +120,8 @@ class Federation:
     """A coordinator process and silo processes on loopback (plaintext, --insecure)."""
 
     def __init__(self, root: Path, silos: dict[str, tuple[Path, Path]], *, federation: str = "pf2lora",
-                 silo_extra: dict[str, dict[str, Any]] | None = None) -> None:
+                 silo_extra: dict[str, dict[str, Any]] | None = None,
+                 coordinator_args: list[str] | None = None) -> None:
         self.root = root
         self.silos = silos
         self.federation = federation
@@ -129,6 +130,7 @@ class Federation:
         self.control_port = free_port()
         self.state_dir = root / "coordinator"
         self.silo_extra = silo_extra or {}
+        self.coordinator_args = coordinator_args or []  # extra flags of `coordinator serve`
         self._channel: grpc.Channel | None = None
         self.stub: control_pb2_grpc.ControlApiStub | None = None
 
@@ -139,6 +141,7 @@ class Federation:
             "--state-dir", str(self.state_dir), "--allowed-silos", ",".join(sorted(self.silos)),
             "--silo-api-listen", f"127.0.0.1:{self.silo_port}",
             "--control-api-listen", f"127.0.0.1:{self.control_port}", "--health-listen", "",
+            *self.coordinator_args,
         ])
         if self._channel is None:
             self._channel = grpc.insecure_channel(f"127.0.0.1:{self.control_port}")
@@ -151,7 +154,7 @@ class Federation:
         lines = [
             "[silo]", f'id = "{silo_id}"', f'federation = "{self.federation}"',
             f'state_dir = "{self.root / silo_id}"', "threads = 1", "keep_rounds = 100",
-            "exit_after_run = true",
+            f"exit_after_run = {str(extra.get('exit_after_run', True)).lower()}",
         ]
         if "audit_log" in extra:
             lines.append(f'audit_log = "{extra["audit_log"]}"')
@@ -160,7 +163,7 @@ class Federation:
             "retry_max_s = 2.0", "long_poll_s = 2.0",
             "[model]", 'path = "minilm"',
             "[data]", f'train_files = ["{train}"]', f'eval_files = ["{test}"]',
-            "[server]", 'health_listen = ""', 'metrics_listen = ""',
+            "[server]", 'health_listen = ""', f'metrics_listen = "{extra.get("metrics_listen", "")}"',
         ]
         path = self.root / f"{silo_id}.toml"
         path.write_text("\n".join(lines) + "\n")
