@@ -173,3 +173,19 @@ def test_a_proxy_that_refuses_the_tunnel_is_unavailable(
         assert refusing.heads and refusing.heads[0].startswith("CONNECT localhost:")
     finally:
         refusing.close()
+
+
+def test_grpc_proxy_wins_over_https_proxy_over_http_proxy(
+    tls_server: tuple[int, bytes, bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxies = {var: ConnectProxy() for var in ("grpc_proxy", "https_proxy", "http_proxy")}
+    try:
+        for var, p in proxies.items():
+            monkeypatch.setenv(var, f"http://127.0.0.1:{p.port}")
+        assert call(tls_server) == grpc.StatusCode.OK
+        monkeypatch.delenv("grpc_proxy")
+        assert call(tls_server) == grpc.StatusCode.OK
+        assert [len(p.heads) for p in proxies.values()] == [1, 1, 0]
+    finally:
+        for p in proxies.values():
+            p.close()
