@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
+import tlsutil  # tests/ is on sys.path (conftest.py)
 import torch
 from cryptography.x509 import DNSName, verification
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,21 +16,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pf2lora.common import grpc_factory, serde
 from pf2lora.common.errors import ConfigError, InvalidArgument
 from pf2lora.v1 import tensors_pb2 as pb
-
-
-def _load_tlsutil():
-    # pytest runs with --import-mode=importlib, so tests/ is not on sys.path.
-    name = "pf2lora_tests_tlsutil"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("tlsutil.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-tlsutil = _load_tlsutil()
 
 SERVICE = "pf2lora.test.TensorEcho"
 TIMEOUT_S = 60.0
