@@ -20,9 +20,11 @@ from pf2lora.common.metrics_http import MetricsServer, start_metrics_server
 
 logger = logging.getLogger(__name__)
 
-# The SecAgg+ stages of a round (the task bodies of silo.proto), pre-created as label values
-# so that a dashboard sees 0 rather than no series before the first secure round.
-SECAGG_STAGES: tuple[str, ...] = ("advertise_keys", "share_keys", "masked_input", "unmask")
+# The SecAgg+ stages of a round (coordinator/secure_round.py STAGES), pre-created as label
+# values so that a dashboard sees 0 rather than no series before the first secure round.
+SECAGG_STAGES: tuple[str, ...] = (
+    "advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask",
+)
 # A round lasts from a second (tiny test models) to hours (large models, slow silos).
 ROUND_BUCKETS_S = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 # A secure-aggregation stage is a relay of keys or shares (milliseconds) up to a wait for the
