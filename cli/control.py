@@ -109,6 +109,8 @@ def round_line(h: cpb.RoundSummary, rounds: int) -> str:
     secs = (h.completed_unix_ms - h.opened_unix_ms) / 1000 if h.completed_unix_ms else 0.0
     missing = sorted(set(h.participants) - set(h.reported))
     miss = f", without {', '.join(missing)}" if missing else ""
+    if h.secure_aggregation:  # the coordinator saw only the sum
+        miss += ", secure aggregation" + (f" (recovered {', '.join(h.dropped)})" if h.dropped else "")
     return (f"round {h.round}/{rounds} complete: {len(h.reported)} silo(s){miss}{loss} "
             f"({secs:.1f} s, attempt {h.attempt}, global {h.checkpoint_digest.hex()[:12]})")
 

@@ -4,7 +4,10 @@ It writes configs and per-silo data (one VADER domain per silo) into a work fold
 coordinator and four silo daemons as separate processes, runs a few rounds of PF2LoRA with
 per-round progress, prints each silo's personalised vs shared-only accuracy, and stops every
 process it started (also on Ctrl-C). By default the processes talk mutual TLS with certificates
-made for the demo; `--insecure` uses plaintext gRPC on loopback instead.
+made for the demo and every round is securely aggregated (SecAgg+: the coordinator only sees the
+sum of the silos' masked updates); `--insecure` uses plaintext gRPC on loopback instead (the
+silos still sign their secure-aggregation keys with the demo certificates), and
+`--no-secure-aggregation` sends plain updates.
 """
 
 from __future__ import annotations
@@ -36,10 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="run a real local federation: a coordinator and 4 silo processes on loopback",
         description="A coordinator and four silo daemons (one VADER domain each) as separate "
         "processes on loopback gRPC, a few rounds of PF2LoRA on MiniLM, and a per-silo table of "
-        "personalised vs shared-only accuracy. Mutual TLS with demo certificates unless --insecure.",
+        "personalised vs shared-only accuracy. Mutual TLS with demo certificates unless --insecure; "
+        "secure aggregation (SecAgg+) in every round unless --no-secure-aggregation.",
     )
     p.add_argument("--insecure", action="store_true",
-                   help="plaintext gRPC on loopback, no certificates (logs a warning)")
+                   help="plaintext gRPC on loopback, identities not checked (logs a warning)")
+    p.add_argument("--no-secure-aggregation", dest="secure_aggregation", action="store_false",
+                   help="send plain updates: the coordinator sees each silo's update (logs a warning)")
     p.add_argument("--workdir", type=Path, help="where configs, data, state and logs go (default: a new temp folder)")
     p.add_argument("--algorithm", default="pf2lora", help="pf2lora | homlora | hetlora | perfedavg | local")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
@@ -137,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     if args.insecure:
         logger.warning("demo --insecure: plaintext gRPC on loopback, identities are not checked")
+    if not args.secure_aggregation:
+        logger.warning("demo --no-secure-aggregation: the coordinator sees each silo's update")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="pf2lora-demo-"))
     if work.exists() and any(work.iterdir()):
         raise ConfigError(f"--workdir {work} is not empty: give a new or empty folder")
@@ -150,23 +158,24 @@ def run(args: argparse.Namespace) -> int:
         ),
         model=ModelConfig(path="minilm", max_length=args.max_length, num_hidden_layers=args.num_layers, num_labels=2),
         rounds=args.rounds, min_silos=4, round_deadline_s=1800.0, enroll_window_s=60.0,
-        eval_deadline_s=600.0, seed=args.seed,
+        eval_deadline_s=600.0, seed=args.seed, secure_aggregation=args.secure_aggregation,
     )
     data = _write_data(work, args)
     silos = sorted(data)
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(silos))
     silo_port, control_port = _free_port(), _free_port()
-    tls: dict[str, dict[str, Any]] = {}
+    from pf2lora.common import pki
+
+    # Certificates for the demo: the transport's (mutual TLS) and the silos' signing keys for
+    # secure aggregation (needed with --insecure too).
+    pki.provision_federation(work / "pki", FEDERATION, ("localhost",), silos=silos, admins=("demo",))
+
+    def tls_of(d: Path) -> dict[str, Any]:
+        return {"tls": {"ca_file": str(d / "ca.crt"), "cert_file": str(d / "tls.crt"), "key_file": str(d / "tls.key")}}
+
+    tls: dict[str, dict[str, Any]] = {s: tls_of(pki.silo_dir(work / "pki", s)) for s in silos}
     if not args.insecure:
-        from pf2lora.common import pki
-
-        pki.provision_federation(work / "pki", FEDERATION, ("localhost",), silos=silos, admins=("demo",))
-
-        def tls_of(d: Path) -> dict[str, Any]:
-            return {"tls": {"ca_file": str(d / "ca.crt"), "cert_file": str(d / "tls.crt"), "key_file": str(d / "tls.key")}}
-
-        tls = {"coordinator": tls_of(pki.coordinator_dir(work / "pki")),
-               **{s: tls_of(pki.silo_dir(work / "pki", s)) for s in silos}}
+        tls["coordinator"] = tls_of(pki.coordinator_dir(work / "pki"))
     coord_toml = work / "coordinator.toml"
     coord_toml.write_text(_toml({
         "federation": {"name": FEDERATION, "allowed_silos": silos},
@@ -179,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
         train, test, _ = data[s]
         (work / "silos" / s / "silo.toml").write_text(_toml({
             "silo": {"id": s, "federation": FEDERATION, "state_dir": str(work / "silos" / s / "state"),
-                     "threads": threads, "exit_after_run": True},
+                     "threads": threads, "exit_after_run": True,
+                     "require_secure_aggregation": args.secure_aggregation},
             "coordinator": {"address": f"127.0.0.1:{silo_port}", "server_name": "localhost",
                             "insecure": args.insecure},
             "model": {"path": "minilm"},
@@ -198,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
         for s in silos:
             procs.start(s, ["silo", "serve", "--config", str(work / "silos" / s / "silo.toml")])
         print(f"started a coordinator and {len(silos)} silos ({', '.join(silos)}); "
-              f"{'plaintext' if args.insecure else 'mutual TLS'} on 127.0.0.1:{silo_port}/{control_port}; "
+              f"{'plaintext' if args.insecure else 'mutual TLS'} on 127.0.0.1:{silo_port}/{control_port}, "
+              f"{'secure aggregation (SecAgg+)' if args.secure_aggregation else 'PLAIN updates'}; "
               f"logs in {logs}", flush=True)
         stub, channel = control.connect(ctl_args)
         with channel:

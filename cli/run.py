@@ -77,6 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=run_manifest)
 
+    from pf2lora.cli.audit import register_audit
+
+    register_audit(rsub)
+
 
 def build_run_config(args: argparse.Namespace) -> Any:
     from pf2lora.common.config import from_mapping

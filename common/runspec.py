@@ -18,8 +18,55 @@ from typing import Any, TypeVar
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.config import ModelConfig, from_mapping
 from pf2lora.common.errors import ConfigError
+from pf2lora.common.secagg.config import SecAggConfig
+from pf2lora.common.secagg.fixedpoint import check_no_overflow, choose_frac_bits
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The run's SecAgg+ parameters (`[secagg]` in a run file); docs/security.md.
+
+    clip: each coordinate of a silo's weighted payload is clipped to [-clip, clip] before the
+        fixed-point encoding (the silo logs the fraction clipped). 4.0, not the library's 1.0:
+        payloads are p_k * shared state (|x| < 0.5 measured for every algorithm), but HETLoRA
+        also multiplies by ||B_k A_k||_F and sends it as a weight, which can exceed 1.
+    frac_bits: fixed-point fraction bits F; None: the largest F without int32 overflow for the
+        round's silo count (N * clip * 2^F < 2^31). A given F is checked against the allow-list.
+    threshold: Shamir threshold t; None: a majority of each silo's share holders.
+    neighbours: None: every silo masks with every other (SecAgg); an even k: a random k-regular
+        graph per round (SecAgg+), per-silo cost O(k) instead of O(N).
+    stage_deadline_s: how long each stage after the key advertisement waits for the silos
+        (key advertisement itself is bounded by round_deadline_s, as it follows training).
+    """
+
+    clip: float = 4.0
+    frac_bits: int | None = None
+    threshold: int | None = None
+    neighbours: int | None = None
+    stage_deadline_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        self.library_config()  # validates clip, frac_bits, threshold, neighbours by name
+        v = self.stage_deadline_s
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+            raise ConfigError(f"secagg.stage_deadline_s={v!r}: must be a number of seconds > 0")
+
+    def library_config(self, frac_bits: int | None = None, threshold: int | None = None) -> SecAggConfig:
+        return SecAggConfig(
+            clip=self.clip, frac_bits=self.frac_bits if frac_bits is None else frac_bits,
+            threshold=self.threshold if threshold is None else threshold, neighbours=self.neighbours,
+        )
+
+    def check_federation(self, num_silos: int) -> None:
+        """ConfigError if a round of num_silos silos would overflow or cannot meet the threshold."""
+        if self.frac_bits is None:
+            choose_frac_bits(num_silos, self.clip)
+        else:
+            check_no_overflow(num_silos, self.clip, self.frac_bits)
+        if self.threshold is not None and self.threshold > num_silos:
+            raise ConfigError(f"secagg.threshold={self.threshold} exceeds the {num_silos} allowed silos")
 
 
 @dataclass(frozen=True)
@@ -41,6 +88,12 @@ class RunConfig:
     # How long the final evaluation waits for the last round's silos to report.
     eval_deadline_s: float = 300.0
     seed: int = 0
+    # SecAgg+ in every round: the coordinator sees only the weighted sum of the silos' payloads.
+    # false sends plain payloads (the coordinator sees each silo's update): explicit only, logged
+    # as a warning, and silos refuse such runs unless their [silo] require_secure_aggregation
+    # is false.
+    secure_aggregation: bool = True
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, why: str) -> None:
@@ -57,6 +110,14 @@ class RunConfig:
                 "must be a number of seconds > 0",
             )
         check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "must be an integer in [0, 2^63)")
+        check(isinstance(self.secure_aggregation, bool), "secure_aggregation", "must be true or false")
+
+    @property
+    def round_min_silos(self) -> int:
+        """Silos a round needs: min_silos, and with secure aggregation at least 2 and t."""
+        if not self.secure_aggregation:
+            return self.min_silos
+        return max(self.min_silos, 2, self.secagg.threshold or 2)
 
 
 def _is_int(v: object) -> bool:

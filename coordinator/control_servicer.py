@@ -9,15 +9,17 @@ from __future__ import annotations
 import logging
 
 import grpc
+import torch
 
 from pf2lora.common.runspec import RunConfig, from_json
-from pf2lora.common.serde import spec_to_proto
+from pf2lora.common.serde import dtype_to_proto, spec_to_proto
 from pf2lora.coordinator import status
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.grpc_errors import map_errors
 from pf2lora.coordinator.views import Phase, RunView
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc
+from pf2lora.v1 import tensors_pb2 as tpb
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ def run_view_to_proto(v: RunView) -> cpb.RunStatus:
                 reported=list(h.reported), opened_unix_ms=h.opened_ms,
                 completed_unix_ms=h.completed_ms or 0,
                 checkpoint_digest=bytes.fromhex(h.checkpoint_digest or ""),
-                mean_metrics=h.mean_metrics,
+                mean_metrics=h.mean_metrics, stage_seconds=h.stage_seconds,
+                dropped=list(h.dropped), secure_aggregation=h.secure_aggregation,
             )
             for h in v.history
         ],
@@ -68,6 +71,7 @@ def run_view_to_proto(v: RunView) -> cpb.RunStatus:
         created_unix_ms=v.created_ms,
         finished_unix_ms=v.finished_ms or 0,
         reason=v.reason,
+        secagg_stage=v.secagg_stage,
     )
 
 
@@ -116,14 +120,34 @@ class ControlServicer(control_pb2_grpc.ControlApiServicer):
         self, request: cpb.GetRoundManifestRequest, context: grpc.ServicerContext
     ) -> cpb.RoundManifest:
         m = status.round_manifest(self.engine, request.run_id, request.round)
+        layout = m.layout.entries if m.layout is not None else ()
         return cpb.RoundManifest(
             run_id=m.run_id,
             round=m.round,
             global_tensors=[spec_to_proto(t) for t in m.tensors],
             global_manifest_digest=bytes.fromhex(m.digest),
             updates=[
-                cpb.UpdateReceipt(silo_id=s, attempt=a, manifest_digest=bytes.fromhex(d))
-                for s, a, d in m.updates
+                cpb.UpdateReceipt(
+                    silo_id=u.silo_id, attempt=u.attempt, manifest_digest=bytes.fromhex(u.digest),
+                    kind=u.kind, tensors=[_entry_to_proto(t) for t in u.tensors],
+                )
+                for u in m.updates
             ],
+            secure_aggregation=m.secure_aggregation,
+            payload_layout=[
+                cpb.LayoutEntry(name=e.name, shape=list(e.shape), offset=e.offset, dtype=tpb.DTYPE_FLOAT32)
+                for e in layout
+            ],
+            layout_digest=m.layout.digest() if m.layout is not None else "",
+            attempt=m.attempt, summed=list(m.summed), dropped=list(m.dropped),
         )
+
+
+def _entry_to_proto(entry: dict) -> tpb.TensorSpec:
+    """A stored manifest entry (wire_manifest.tensor_info_to_dict) as a TensorSpec."""
+    dtype = getattr(torch, str(entry["dtype"]))
+    return tpb.TensorSpec(
+        name=entry["name"], dtype=dtype_to_proto(dtype), shape=list(entry["shape"]),
+        nbytes=int(entry["nbytes"]), sha256=bytes.fromhex(entry["sha256"]),
+    )
 

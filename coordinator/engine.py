@@ -8,9 +8,12 @@ task with its public weight p_k over the round's participants. The round complet
 participant's update arrived, or at the deadline if at least min_silos did; with fewer it is
 opened again (attempt + 1), and updates of older attempts are refused.
 
-Updates are added to a running sum as they arrive (`sum_payloads`) and not kept, and the new
-global state is `algorithm.aggregate(sum, previous)`: nothing here needs an individual update
-beyond adding it. Completing a round writes its checkpoint file first, then commits the round
+With secure aggregation (the default) a participant's TRAIN task carries the attempt's SecAgg+
+parameters and the round then runs the stages of coordinator/secure_round.py: the engine only
+sees masked vectors, which SecAggServer adds, and the unmasked SUM of the survivors. Without it,
+plain updates are added to a running sum as they arrive (`sum_payloads`) and not kept. Either way
+the new global state is `algorithm.aggregate(sum, previous)`: nothing here needs an individual
+update beyond adding it. Completing a round writes its checkpoint file first, then commits the round
 in SQLite; a restart resumes at the last committed round and opens the next one again.
 """
 
@@ -22,9 +25,9 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -43,15 +46,19 @@ from pf2lora.common.errors import (
 )
 from pf2lora.common.identity import LABEL_RE
 from pf2lora.common.runspec import RunConfig, from_json, to_dict, to_json
+from pf2lora.common.serde import TensorInfo
 from pf2lora.common.simulation import client_weights
 from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
+from pf2lora.common.wire_manifest import tensors_to_json
 from pf2lora.coordinator.checkpoints import CheckpointStore, canonical
 from pf2lora.coordinator.metrics import CoordinatorMetrics
+from pf2lora.coordinator.secure_round import Outcome, SecureRound
 from pf2lora.coordinator.store import Store
 from pf2lora.coordinator.views import Phase, UpdateReceipt
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 InitialState = Callable[[Algorithm, ModelConfig, int], dict[str, Tensor]]
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -96,6 +103,8 @@ class _Run:
     deadline: float = math.inf
     deadline_unix_ms: int = 0
     running_sum: dict[str, Tensor] | None = None
+    secure: SecureRound | None = None  # the attempt's secure aggregation (None: plain updates)
+    stage_started_ms: int = 0  # wall clock when the current stage (enroll, train) began
     eval_targets: set[str] = field(default_factory=set)
     eval_reported: set[str] = field(default_factory=set)
 
@@ -287,12 +296,19 @@ class Engine:
                 p = run.participants.get(silo_id)
                 if p is None:
                     return IdleTask(IDLE_RETRY_S, f"round {run.round} is running without you; wait for the next")
+                secure = run.secure
+                if secure is not None and not secure.wants_training(silo_id):
+                    stage_task = secure.task_for(silo_id)
+                    if stage_task is not None:
+                        return stage_task
+                    return IdleTask(IDLE_RETRY_S, f"round {run.round}: secure aggregation at {secure.stage}")
                 if p.state == "reported":
                     return IdleTask(IDLE_RETRY_S, f"round {run.round}: update received, waiting for others")
                 return TrainTask(
                     run=run.info, round=run.round, attempt=run.attempt,
                     client_index=p.client_index, weight=p.weight,
                     deadline_unix_ms=run.deadline_unix_ms, global_digest=run.global_digest,
+                    secure=None if secure is None else secure.params,
                 )
             if run.phase is Phase.EVALUATING and silo_id not in run.eval_reported:
                 return EvaluateTask(
@@ -344,6 +360,11 @@ class Engine:
         with self._lock:
             self._require_joined(silo_id)
             run = self._check_update(silo_id, run_id, round_, attempt)
+            if run.secure is not None:
+                raise InvalidArgument(
+                    f"round {round_} uses secure aggregation: send a MASKED_UPDATE stream, never a "
+                    "plain update (is this silo's pf2lora version older than the coordinator's?)"
+                )
             return run.payload_spec
 
     def _check_update(self, silo_id: str, run_id: str, round_: int, attempt: int) -> _Run:
@@ -367,17 +388,20 @@ class Engine:
 
     def accept_update(
         self, silo_id: str, run_id: str, round_: int, attempt: int,
-        tensors: Mapping[str, Tensor], manifest_digest: bytes,
+        tensors: Mapping[str, Tensor], manifest_digest: bytes, manifest: Sequence[TensorInfo] = (),
     ) -> UpdateReceipt:
         """Add a validated update to the round's running sum; completes the round when all are in."""
         with self._lock:
             self._require_joined(silo_id)
             run = self._check_update(silo_id, run_id, round_, attempt)
-            if set(tensors) != set(run.payload_spec):
+            if run.secure is not None or set(tensors) != set(run.payload_spec):
                 raise InvalidArgument("update tensors do not match the round's payload spec")
             parts = [tensors] if run.running_sum is None else [run.running_sum, tensors]
             run.running_sum = sum_payloads(parts)  # the individual update is not kept
-            self.store.record_update(run_id, round_, attempt, silo_id, manifest_digest.hex(), self._now_ms())
+            self.store.record_update(
+                run_id, round_, attempt, silo_id, manifest_digest.hex(), self._now_ms(),
+                tensors_to_json("UPDATE", manifest),
+            )
             run.participants[silo_id].state = "reported"
             self.metrics.update_accepted()
             received = sum(p.state == "reported" for p in run.participants.values())
@@ -387,6 +411,65 @@ class Engine:
                 self._complete_round()
             self._notify()
             return UpdateReceipt(run_id, round_, manifest_digest, received, total)
+
+    # ------------------------------------------------------- secure aggregation
+    def secure_step(
+        self, silo_id: str, run_id: str, round_: int, attempt: int, step: Callable[[SecureRound], T]
+    ) -> T:
+        """Run one secure-aggregation step of a participant (a SecureRound method) and advance
+        the round: a stage closes once everyone it waits for answered, the round completes once
+        the sum is unmasked. Checks run, round and attempt first; a refusal changes nothing."""
+        with self._lock:
+            self._require_joined(silo_id)
+            run = self._active(run_id)
+            if run.phase is not Phase.TRAINING or run.secure is None or (round_, attempt) != (run.round, run.attempt):
+                raise FailedPrecondition(
+                    f"secure-aggregation message for round {round_} attempt {attempt} refused: round "
+                    f"{run.round} attempt {run.attempt} is {run.phase.value}"
+                    + ("" if run.secure is not None or run.phase is not Phase.TRAINING else " without secure aggregation")
+                )
+            if silo_id not in run.participants:
+                raise FailedPrecondition(f"silo {silo_id!r} is not a participant of round {round_}")
+            result = step(run.secure)
+            if silo_id in run.secure.progress:
+                run.participants[silo_id].state = run.secure.progress[silo_id]
+            self._advance_secure(run)
+            return result
+
+    def accept_masked(
+        self, silo_id: str, run_id: str, round_: int, attempt: int, vector: Any,
+        manifest_digest: bytes, manifest: Sequence[TensorInfo],
+    ) -> tuple[int, int]:
+        """Add a masked uint32 vector to the attempt's sum (SecAggServer keeps nothing else)."""
+        def step(secure: SecureRound) -> tuple[int, int]:
+            counts = secure.receive_masked(silo_id, vector)
+            self.store.record_update(
+                run_id, round_, attempt, silo_id, manifest_digest.hex(), self._now_ms(),
+                tensors_to_json("MASKED_UPDATE", manifest),
+            )
+            self.metrics.update_accepted()
+            return counts
+
+        return self.secure_step(silo_id, run_id, round_, attempt, step)
+
+    def _advance_secure(self, run: _Run, deadline_passed: bool = False) -> None:
+        secure = run.secure
+        assert secure is not None
+        done = len(secure.timings)
+        outcome = secure.advance(self._clock(), self._now_ms(), deadline_passed=deadline_passed)
+        for t in secure.timings[done:]:
+            self.store.record_stage(run.run_id, run.round, run.attempt, t.stage, t.started_ms, t.ended_ms, t.silos)
+            self.metrics.observe_secagg_stage(t.stage, (t.ended_ms - t.started_ms) / 1000)
+        if outcome is Outcome.DONE:
+            self._complete_round()
+        elif outcome is Outcome.FAILED:
+            missing = len(run.participants) - len(secure.survivors)
+            logger.warning("round %d: %s; opening it again", run.round, secure.failure)
+            self.metrics.round_reopened(missing)
+            self._open_round(run.round)
+        else:
+            run.deadline_unix_ms = self._now_ms() + int(max(0.0, secure.deadline - self._clock()) * 1000)
+        self._notify()
 
     def report_metrics(
         self, silo_id: str, run_id: str, round_: int, kind: str, metrics: Mapping[str, float]
@@ -429,6 +512,9 @@ class Engine:
         now = self._clock()
         if run.phase is Phase.ENROLLING:
             self._maybe_seal()
+        elif run.phase is Phase.TRAINING and run.secure is not None:
+            if now >= run.secure.deadline:
+                self._advance_secure(run, deadline_passed=True)
         elif run.phase is Phase.TRAINING and now >= run.deadline:
             reported = [p.silo_id for p in run.participants.values() if p.state == "reported"]
             missing = sorted(set(run.participants) - set(reported))
@@ -460,6 +546,8 @@ class Engine:
         run.enrolled = {}
         run.participants = {}
         run.running_sum = None
+        run.secure = None
+        run.stage_started_ms = self._now_ms()
         run.deadline = math.inf
         run.deadline_unix_ms = 0
         logger.info("run %s: round %d open (attempt %d)", run.run_id, round_, run.attempt)
@@ -469,7 +557,7 @@ class Engine:
     def _maybe_seal(self) -> None:
         run = self._run
         assert run is not None and run.phase is Phase.ENROLLING
-        if len(run.enrolled) < run.cfg.min_silos:
+        if len(run.enrolled) < run.cfg.round_min_silos:
             return
         everyone = self._expected() <= set(run.enrolled)
         if not everyone and self._clock() - run.opened_at < run.cfg.enroll_window_s:
@@ -487,6 +575,18 @@ class Engine:
         run.phase = Phase.TRAINING
         run.deadline = self._clock() + run.cfg.round_deadline_s
         run.deadline_unix_ms = self._now_ms() + int(run.cfg.round_deadline_s * 1000)
+        self._record_stage(run, "enroll", silos)
+        if run.cfg.secure_aggregation:
+            try:
+                run.secure = SecureRound(
+                    run_id=run.run_id, round_=run.round, attempt=run.attempt, roster=silos,
+                    spec=run.payload_spec, settings=run.cfg.secagg, keys_deadline=run.deadline,
+                    min_survivors=run.cfg.round_min_silos, now=self._clock(), now_ms=self._now_ms(),
+                )
+            except (ConfigError, InvalidArgument) as exc:
+                logger.error("round %d: cannot run secure aggregation: %s", run.round, exc)
+                self._finish("failed", f"secure aggregation of round {run.round}: {exc}")
+                return
         logger.info("round %d: training with %s", run.round, ", ".join(silos))
         self.metrics.round_sealed(len(silos))
         self._notify()
@@ -494,23 +594,31 @@ class Engine:
     def _complete_round(self) -> None:
         run = self._run
         assert run is not None and run.phase is Phase.TRAINING
-        reported = sorted(s for s, p in run.participants.items() if p.state == "reported")
-        summed = run.running_sum if run.running_sum is not None else {}
+        secure = run.secure
+        if secure is not None:
+            assert secure.sum is not None
+            reported, summed = sorted(secure.survivors), secure.sum
+            run.stage_started_ms = secure.timings[-1].ended_ms  # "aggregate" includes the unmasking
+            meta: dict[str, Any] = {"attempt": run.attempt, "participants": reported, **secure.meta()}
+        else:
+            reported = sorted(s for s, p in run.participants.items() if p.state == "reported")
+            summed = run.running_sum if run.running_sum is not None else {}
+            meta = {"attempt": run.attempt, "participants": reported}
+            self._record_stage(run, "train", reported)
         new_state = canonical(run.algorithm.aggregate(summed, run.global_state))
         try:
-            path, digest = self.checkpoints.write(
-                run.run_id, run.round, new_state,
-                {"attempt": run.attempt, "participants": reported},
-            )
+            path, digest = self.checkpoints.write(run.run_id, run.round, new_state, meta)
         except OSError as exc:
             logger.error("round %d: cannot write its checkpoint: %s", run.round, exc)
             self._finish("failed", f"checkpoint of round {run.round} could not be written: {exc}")
             return
         # The file is durable before the commit that marks the round complete.
+        self._record_stage(run, "aggregate", reported)
         self.store.complete_round(run.run_id, run.round, run.attempt, str(path), digest, self._now_ms())
         run.global_state, run.global_digest = new_state, digest
         run.completed = run.round
         run.running_sum = None
+        run.secure = None
         self.metrics.round_completed(self._clock() - run.opened_at, len(run.participants), len(reported))
         logger.info(
             "run %s: round %d complete with %d update(s), global %s",
@@ -520,6 +628,12 @@ class Engine:
             self._begin_evaluation(reported)
         else:
             self._open_round(run.round + 1)
+
+    def _record_stage(self, run: _Run, stage: str, silos: Sequence[str]) -> None:
+        """Record that a stage of the current attempt ended now (it began at the last record)."""
+        now_ms = self._now_ms()
+        self.store.record_stage(run.run_id, run.round, run.attempt, stage, run.stage_started_ms, now_ms, silos)
+        run.stage_started_ms = now_ms
 
     def _begin_evaluation(self, targets: list[str] | None = None) -> None:
         run = self._run
@@ -555,6 +669,14 @@ class Engine:
         if self.allowed is not None and cfg.min_silos > len(self.allowed):
             raise InvalidArgument(
                 f"min_silos={cfg.min_silos} but only {len(self.allowed)} silos are allowed"
+            )
+        if cfg.secure_aggregation and self.allowed is not None:
+            # N * clip * 2^F must fit in int32 for the largest possible round (library check).
+            cfg.secagg.check_federation(len(self.allowed))
+        if not cfg.secure_aggregation:
+            logger.warning(
+                "secure_aggregation = false: the coordinator will see each silo's weighted update "
+                "(silos refuse such runs unless [silo] require_secure_aggregation = false)"
             )
         algorithm = make_algorithm(cfg.algorithm, cfg.model.adapters)
         with self._lock:

@@ -9,16 +9,18 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
-from pf2lora.common import serde
+from pf2lora.common import serde, serde_secagg
 from pf2lora.common.errors import InvalidArgument
 from pf2lora.common.identity import require_silo
 from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
+from pf2lora.common.wire_manifest import MASKED_TENSOR
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.grpc_errors import map_errors
+from pf2lora.coordinator.secure_round import SecureRound
 from pf2lora.v1 import silo_pb2, silo_pb2_grpc
 from pf2lora.v1 import tensors_pb2 as tpb
 
@@ -53,10 +55,11 @@ def task_to_proto(task: Task) -> silo_pb2.Task:
                 client_index=task.client_index, weight=task.weight,
                 deadline_unix_ms=task.deadline_unix_ms,
                 global_manifest_digest=bytes.fromhex(task.global_digest),
-                secure_aggregation=silo_pb2.SecureAggregationParams(enabled=False),
+                secure_aggregation=serde_secagg.params_to_proto(task.secure),
             ),
         )
-    assert isinstance(task, EvaluateTask)
+    if not isinstance(task, EvaluateTask):
+        return serde_secagg.stage_task_to_proto(task)
     return silo_pb2.Task(
         run_id=task.run.run_id,
         round=task.round,
@@ -134,18 +137,79 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         header = first.header
         silo = self._silo(context, header.silo_id)
         attempt = attempt_of(header)
+        if header.kind == tpb.STREAM_KIND_MASKED_UPDATE:
+            return self._push_masked(silo, attempt, itertools.chain([first], messages))
         # Checked before any tensor byte is buffered: run, round, attempt, participant, duplicate.
         expected = self.engine.expected_update(silo, header.run_id, header.round, attempt)
         info, tensors = serde.stream_to_tensors(
             itertools.chain([first], messages), expected, kinds=(serde.StreamKind.UPDATE,)
         )
         receipt = self.engine.accept_update(
-            silo, info.run_id, info.round, attempt, tensors, info.manifest_digest
+            silo, info.run_id, info.round, attempt, tensors, info.manifest_digest, info.tensors
         )
         return silo_pb2.PushUpdateReply(
             run_id=receipt.run_id, round=receipt.round, manifest_digest=receipt.manifest_digest,
             received=receipt.received, participants=receipt.participants,
         )
+
+    def _push_masked(
+        self, silo: str, attempt: int, messages: Iterator[tpb.StreamMessage]
+    ) -> silo_pb2.PushUpdateReply:
+        """A secure round's masked input: one uint32 vector, added to the attempt's sum."""
+        first = next(messages)
+        header = first.header
+        # Checked before any byte is buffered: run, round, attempt, stage, participant, duplicate.
+        expected = self.engine.secure_step(
+            silo, header.run_id, header.round, attempt, lambda r: r.masked_spec(silo)
+        )
+        info, tensors = serde.stream_to_tensors(
+            itertools.chain([first], messages), expected, kinds=(serde.StreamKind.MASKED_UPDATE,)
+        )
+        received, waiting_for = self.engine.accept_masked(
+            silo, info.run_id, info.round, attempt, tensors[MASKED_TENSOR].numpy(),
+            info.manifest_digest, info.tensors,
+        )
+        return silo_pb2.PushUpdateReply(
+            run_id=info.run_id, round=info.round, manifest_digest=info.manifest_digest,
+            received=received, participants=waiting_for,
+        )
+
+    def _stage(self, context: grpc.ServicerContext, header: silo_pb2.SecAggHeader,
+               step: Callable[[SecureRound, str], tuple[int, int]]) -> silo_pb2.SecAggAck:
+        """One stage message of the authenticated silo, for the attempt its header names."""
+        silo = self._silo(context, header.silo_id)
+        received, expected = self.engine.secure_step(
+            silo, header.run_id, header.round, header.attempt, lambda r: step(r, silo)
+        )
+        return silo_pb2.SecAggAck(received=received, expected=expected)
+
+    @map_errors
+    def AdvertiseKeys(
+        self, request: silo_pb2.AdvertiseKeysRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.SecAggAck:
+        keys = serde_secagg.keys_from_proto(request.keys)
+        return self._stage(context, request.header, lambda r, silo: r.receive_keys(silo, keys))
+
+    @map_errors
+    def ShareKeys(
+        self, request: silo_pb2.ShareKeysRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.SecAggAck:
+        shares = [serde_secagg.share_from_proto(s) for s in request.shares]
+        return self._stage(context, request.header, lambda r, silo: r.receive_shares(silo, shares))
+
+    @map_errors
+    def ConsistencyCheck(
+        self, request: silo_pb2.ConsistencyCheckRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.SecAggAck:
+        signature = serde_secagg.signature_from_proto(request.signature)
+        return self._stage(
+            context, request.header, lambda r, silo: r.receive_consistency(silo, signature)
+        )
+
+    @map_errors
+    def Unmask(self, request: silo_pb2.UnmaskRequest, context: grpc.ServicerContext) -> silo_pb2.SecAggAck:
+        response = serde_secagg.response_from_proto(request.response)
+        return self._stage(context, request.header, lambda r, silo: r.receive_unmask(silo, response))
 
     @map_errors
     def ReportMetrics(

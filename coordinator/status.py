@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 from statistics import fmean
 
+from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.errors import FailedPrecondition, NotFound
+from pf2lora.common.runspec import RunConfig, from_json
 from pf2lora.common.serde import tensor_spec
+from pf2lora.common.wire_manifest import payload_layout, tensors_from_json
 from pf2lora.coordinator.engine import Engine
+from pf2lora.coordinator.store import StageRow
 from pf2lora.coordinator.views import (
     ManifestView,
     ParticipantView,
@@ -16,9 +20,19 @@ from pf2lora.coordinator.views import (
     RunView,
     SiloMetricsView,
     SiloView,
+    UpdateView,
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _secure_outcome(stages: list[StageRow]) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
+    """(secure aggregation used, silos summed, silos dropped after sharing keys) of an attempt."""
+    by = {s.stage: s.silos for s in stages}
+    if "masked_input" not in by:
+        return False, (), ()
+    summed = by["masked_input"]
+    return True, summed, tuple(s for s in by.get("share_keys", ()) if s not in summed)
 
 
 def run_status(engine: Engine, run_id: str = "") -> RunView:
@@ -42,12 +56,16 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
             per_silo = [train[(rr.round, s, "train")] for s in reported if (rr.round, s, "train") in train]
             names = sorted({k for m in per_silo for k in m})
             means = {k: fmean(m[k] for m in per_silo if k in m) for k in names}
+            stages = store.stages(run_id, rr.round, rr.attempt)
+            secure, _, dropped = _secure_outcome(stages)
             history.append(
                 RoundView(
                     round=rr.round, attempt=rr.attempt,
                     participants=tuple(p.silo_id for p in parts), reported=reported,
                     opened_ms=rr.opened_ms, completed_ms=rr.completed_ms,
                     checkpoint_digest=rr.checkpoint_digest, mean_metrics=means,
+                    stage_seconds={st.stage: (st.ended_ms - st.started_ms) / 1000 for st in stages},
+                    secure_aggregation=secure, dropped=dropped,
                 )
             )
         evaluation = tuple(
@@ -62,15 +80,17 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
             current, attempt = active.round, active.attempt
             enrolled = tuple(sorted(active.enrolled)) if phase is Phase.ENROLLING else ()
             deadline = active.deadline_unix_ms
+            secagg_stage = active.secure.stage if active.secure is not None else ""
         else:
             phase, participants, current, attempt, enrolled, deadline = Phase.DONE, (), 0, 0, (), 0
+            secagg_stage = ""
         return RunView(
             run_id=run_id, state=row.state, phase=phase,
             rounds=engine.rounds_of(row.config_json), completed_rounds=row.completed_rounds,
             current_round=current, attempt=attempt, enrolled=enrolled, participants=participants,
             deadline_unix_ms=deadline, history=tuple(history), evaluation=evaluation,
             config_json=row.config_json, created_ms=row.created_ms, finished_ms=row.finished_ms,
-            reason=row.reason,
+            reason=row.reason, secagg_stage=secagg_stage,
         )
 
 
@@ -95,7 +115,9 @@ def list_silos(engine: Engine) -> list[SiloView]:
 
 
 def round_manifest(engine: Engine, run_id: str, round_: int) -> ManifestView:
-    """The global state's manifest after a completed round and the digests of accepted updates."""
+    """What crossed the wire in a completed round, as the coordinator recorded it: the global
+    state's manifest, the manifest of every accepted update of every attempt, and the payload
+    spec's layout (with secure aggregation: what the masked vector flattens)."""
     store = engine.store
     rr = store.round_row(run_id, round_)
     if rr is None:
@@ -105,9 +127,17 @@ def round_manifest(engine: Engine, run_id: str, round_: int) -> ManifestView:
         raise FailedPrecondition(f"round {round_} of run {run_id} is not complete")
     tensors = engine.checkpoints.read(run_id, round_, rr.checkpoint_digest)
     views = [tensor_spec(name, t) for name, t in tensors.items()]
-    updates = tuple(
-        (p.silo_id, p.attempt, p.manifest_digest or "")
-        for p in store.participants(run_id, round_, rr.attempt)
-        if p.reported_ms is not None
+    updates = []
+    for p in store.participants(run_id, round_):
+        if p.reported_ms is None:
+            continue
+        kind, entries = tensors_from_json(p.update_manifest)
+        updates.append(UpdateView(p.silo_id, p.attempt, p.manifest_digest or "", kind, tuple(entries)))
+    cfg = from_json(RunConfig, store.run(run_id).config_json)
+    algorithm = make_algorithm(cfg.algorithm, cfg.model.adapters)
+    spec = algorithm.payload_spec({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()})
+    secure, summed, dropped = _secure_outcome(store.stages(run_id, round_, rr.attempt))
+    return ManifestView(
+        run_id, round_, tuple(views), rr.checkpoint_digest, tuple(updates), attempt=rr.attempt,
+        secure_aggregation=secure, layout=payload_layout(spec), summed=summed, dropped=dropped,
     )
-    return ManifestView(run_id, round_, tuple(views), rr.checkpoint_digest, updates)

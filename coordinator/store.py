@@ -8,6 +8,7 @@ whose manifest digests are recorded here when a round completes.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sqlite3
 import threading
@@ -19,7 +20,7 @@ from pf2lora.common.errors import ConfigError, NotFound
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,6 +63,7 @@ CREATE TABLE participants (
     num_samples INTEGER NOT NULL,
     reported_ms INTEGER,
     manifest_digest TEXT,
+    update_manifest TEXT,
     PRIMARY KEY (run_id, round, attempt, silo_id)
 );
 CREATE TABLE metrics (
@@ -73,7 +75,23 @@ CREATE TABLE metrics (
     value REAL NOT NULL,
     PRIMARY KEY (run_id, round, silo_id, kind, name)
 );
+CREATE TABLE round_stages (
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    stage TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER NOT NULL,
+    silos TEXT NOT NULL,
+    PRIMARY KEY (run_id, round, attempt, stage)
+);
 """
+# Schema 1 -> 2: the manifest of every accepted update (the audit compares it with the silo's
+# record) and per-stage timings of every round attempt (secure-aggregation stages included).
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE participants ADD COLUMN update_manifest TEXT",
+    _SCHEMA[_SCHEMA.index("CREATE TABLE round_stages"):].strip().rstrip(";"),
+)
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,20 @@ class ParticipantRow:
     num_samples: int
     reported_ms: int | None
     manifest_digest: str | None
+    update_manifest: str | None = None  # JSON (common/wire_manifest.py): kind and tensors
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """One stage of a round attempt: when it ran and which silos completed it."""
+
+    run_id: str
+    round: int
+    attempt: int
+    stage: str
+    started_ms: int
+    ended_ms: int
+    silos: tuple[str, ...]
 
 
 class Store:
@@ -171,6 +203,13 @@ class Store:
                 return
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             version = int(row["value"]) if row else -1
+            if version == 1:
+                with self._tx() as db:
+                    for statement in _MIGRATE_1_TO_2:
+                        db.execute(statement)
+                    db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+                logger.info("upgraded coordinator database %s from schema 1 to %d", self.path, SCHEMA_VERSION)
+                version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
                 raise ConfigError(
                     f"{self.path}: database schema {version}, this pf2lora reads {SCHEMA_VERSION}; "
@@ -295,13 +334,14 @@ class Store:
             )
 
     def record_update(
-        self, run_id: str, round_: int, attempt: int, silo_id: str, digest: str, now_ms: int
+        self, run_id: str, round_: int, attempt: int, silo_id: str, digest: str, now_ms: int,
+        manifest_json: str | None = None,
     ) -> None:
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE participants SET reported_ms=?, manifest_digest=? WHERE run_id=? AND "
-                "round=? AND attempt=? AND silo_id=? AND reported_ms IS NULL",
-                (now_ms, digest, run_id, round_, attempt, silo_id),
+                "UPDATE participants SET reported_ms=?, manifest_digest=?, update_manifest=? WHERE "
+                "run_id=? AND round=? AND attempt=? AND silo_id=? AND reported_ms IS NULL",
+                (now_ms, digest, manifest_json, run_id, round_, attempt, silo_id),
             )
             if cur.rowcount != 1:
                 raise AssertionError(f"no open participant row for {silo_id} in round {round_}")
@@ -348,6 +388,29 @@ class Store:
             rows = self._db.execute(query + " ORDER BY attempt, silo_id", args).fetchall()
         return [ParticipantRow(**dict(r)) for r in rows]
 
+    # --------------------------------------------------------------- stages
+    def record_stage(
+        self, run_id: str, round_: int, attempt: int, stage: str, started_ms: int, ended_ms: int,
+        silos: Sequence[str],
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO round_stages VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, round_, attempt, stage, started_ms, ended_ms, json.dumps(sorted(silos))),
+            )
+
+    def stages(self, run_id: str, round_: int, attempt: int | None = None) -> list[StageRow]:
+        query = "SELECT * FROM round_stages WHERE run_id=? AND round=?"
+        args: tuple = (run_id, round_)
+        if attempt is not None:
+            query += " AND attempt=?"
+            args += (attempt,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY attempt, started_ms, ended_ms", args).fetchall()
+        return [
+            StageRow(**{**dict(r), "silos": tuple(json.loads(r["silos"]))}) for r in rows
+        ]
+
     # -------------------------------------------------------------- metrics
     def put_metrics(
         self, run_id: str, round_: int, silo_id: str, kind: str, metrics: Mapping[str, float]
@@ -384,7 +447,7 @@ class Store:
         """Every row of every table except silos' last_seen (tests compare before/after)."""
         out: dict[str, list[tuple]] = {}
         with self._lock:
-            for table in ("runs", "rounds", "participants", "metrics"):
+            for table in ("runs", "rounds", "participants", "metrics", "round_stages"):
                 out[table] = [tuple(r) for r in self._db.execute(f"SELECT * FROM {table} ORDER BY 1, 2")]
             out["silos"] = [
                 tuple(r)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pf2lora.common.secagg.layout import VectorLayout
 from pf2lora.common.serde import TensorInfo
 
 
@@ -43,6 +44,9 @@ class RoundView:
     completed_ms: int | None
     checkpoint_digest: str | None
     mean_metrics: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # of the final attempt
+    secure_aggregation: bool = False
+    dropped: tuple[str, ...] = ()  # shared keys, sent no masked input: not in the sum
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class RunView:
     created_ms: int
     finished_ms: int | None
     reason: str
+    secagg_stage: str = ""  # the secure-aggregation stage of the round in progress
 
 
 @dataclass(frozen=True)
@@ -85,9 +90,25 @@ class SiloView:
 
 
 @dataclass(frozen=True)
+class UpdateView:
+    """An accepted update as the coordinator recorded it (any attempt of the round)."""
+
+    silo_id: str
+    attempt: int
+    digest: str  # manifest digest, hex
+    kind: str  # UPDATE | MASKED_UPDATE ("" if recorded before schema 2)
+    tensors: tuple[dict, ...]  # wire_manifest.tensor_info_to_dict entries
+
+
+@dataclass(frozen=True)
 class ManifestView:
     run_id: str
     round: int
     tensors: tuple[TensorInfo, ...]
     digest: str
-    updates: tuple[tuple[str, int, str], ...]  # (silo_id, attempt, manifest digest hex)
+    updates: tuple[UpdateView, ...]
+    attempt: int = 0  # the attempt that completed the round
+    secure_aggregation: bool = False
+    layout: VectorLayout | None = None  # the payload spec, flattened in sorted-name order
+    summed: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()

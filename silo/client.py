@@ -18,8 +18,14 @@ from typing import TypeVar
 import grpc
 from torch import Tensor
 
-from pf2lora.common import grpc_factory, serde
+from pf2lora.common import grpc_factory, serde, serde_secagg
 from pf2lora.common.errors import DataError, Pf2LoraError
+from pf2lora.common.secagg.messages import (
+    ConsistencySignature,
+    EncryptedShare,
+    SignedKeys,
+    UnmaskResponse,
+)
 from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
 from pf2lora.silo.audit import AuditInterceptor, AuditLog
 from pf2lora.silo.config import SiloConfig
@@ -49,6 +55,7 @@ class PushReceipt:
     manifest_digest: bytes
     received: int
     participants: int
+    sent: serde.StreamInfo | None = None  # the header of the accepted stream: what was sent
 
 
 def run_from_proto(msg: silo_pb2.RunSpec) -> RunInfo:
@@ -63,6 +70,7 @@ def task_from_proto(msg: silo_pb2.Task) -> Task:
             run=run_from_proto(t.run), round=msg.round, attempt=t.attempt,
             client_index=t.client_index, weight=t.weight, deadline_unix_ms=t.deadline_unix_ms,
             global_digest=t.global_manifest_digest.hex(),
+            secure=serde_secagg.params_from_proto(t.secure_aggregation),
         )
     if body == "evaluate":
         e = msg.evaluate
@@ -74,6 +82,9 @@ def task_from_proto(msg: silo_pb2.Task) -> Task:
         return StopTask(msg.run_id, msg.stop.state, msg.stop.reason)
     if body == "idle":
         return IdleTask(msg.idle.retry_after_ms / 1000, msg.idle.reason)
+    stage = serde_secagg.stage_task_from_proto(msg)
+    if stage is not None:
+        return stage
     # A secure-aggregation stage from a newer coordinator: this silo cannot serve it.
     return IdleTask(5.0, f"task {body!r} is not supported by this silo version")
 
@@ -168,18 +179,60 @@ class CoordinatorClient:
         return tensors
 
     def push_update(
-        self, run_id: str, round_: int, attempt: int, payload: Mapping[str, Tensor]
+        self, run_id: str, round_: int, attempt: int, payload: Mapping[str, Tensor],
+        kind: serde.StreamKind = serde.StreamKind.UPDATE,
     ) -> PushReceipt:
+        """Stream a payload (UPDATE) or a masked vector (MASKED_UPDATE, one uint32 tensor)."""
         timeout = self.cfg.coordinator.transfer_timeout_s
+        headers: list[tpb.StreamMessage] = []
 
         def messages() -> Iterator[tpb.StreamMessage]:
-            return serde.tensors_to_stream(
-                payload, run_id=run_id, round=round_, kind=serde.StreamKind.UPDATE,
+            stream = serde.tensors_to_stream(
+                payload, run_id=run_id, round=round_, kind=kind,
                 silo_id=self.silo_id, scalars={ATTEMPT_SCALAR: attempt},
             )
+            headers.append(header := next(stream))
+            yield header
+            yield from stream
 
         reply = self.retry.call("PushUpdate", lambda: self.stub.PushUpdate(messages(), timeout=timeout))
-        return PushReceipt(reply.manifest_digest, reply.received, reply.participants)
+        sent = serde.header_from_proto(headers[-1].header) if headers else None
+        return PushReceipt(reply.manifest_digest, reply.received, reply.participants, sent)
+
+    # ------------------------------------------------------ secure aggregation
+    def _stage_call(self, what: str, call: Callable[..., silo_pb2.SecAggAck], request: object) -> tuple[int, int]:
+        timeout = self.cfg.coordinator.call_timeout_s
+        reply = self.retry.call(what, lambda: call(request, timeout=timeout))
+        return reply.received, reply.expected
+
+    def _header(self, run_id: str, round_: int, attempt: int) -> silo_pb2.SecAggHeader:
+        return serde_secagg.header_to_proto(self.silo_id, run_id, round_, attempt)
+
+    def advertise_keys(self, run_id: str, round_: int, attempt: int, keys: SignedKeys) -> int:
+        req = silo_pb2.AdvertiseKeysRequest(
+            header=self._header(run_id, round_, attempt), keys=serde_secagg.keys_to_proto(keys))
+        self._stage_call("AdvertiseKeys", self.stub.AdvertiseKeys, req)
+        return req.ByteSize()
+
+    def share_keys(self, run_id: str, round_: int, attempt: int, shares: list[EncryptedShare]) -> int:
+        req = silo_pb2.ShareKeysRequest(
+            header=self._header(run_id, round_, attempt),
+            shares=[serde_secagg.share_to_proto(s) for s in shares])
+        self._stage_call("ShareKeys", self.stub.ShareKeys, req)
+        return req.ByteSize()
+
+    def consistency_check(self, run_id: str, round_: int, attempt: int, signature: ConsistencySignature) -> int:
+        req = silo_pb2.ConsistencyCheckRequest(
+            header=self._header(run_id, round_, attempt),
+            signature=serde_secagg.signature_to_proto(signature))
+        self._stage_call("ConsistencyCheck", self.stub.ConsistencyCheck, req)
+        return req.ByteSize()
+
+    def unmask(self, run_id: str, round_: int, attempt: int, response: UnmaskResponse) -> int:
+        req = silo_pb2.UnmaskRequest(
+            header=self._header(run_id, round_, attempt), response=serde_secagg.response_to_proto(response))
+        self._stage_call("Unmask", self.stub.Unmask, req)
+        return req.ByteSize()
 
     def report_metrics(self, run_id: str, round_: int, kind: str, metrics: Mapping[str, float]) -> None:
         req = silo_pb2.ReportMetricsRequest(

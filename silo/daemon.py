@@ -3,7 +3,8 @@
 Per TRAIN task for round r: fetch the global state of round r-1 (checked against the task's
 digest), load the newest private state of a round < r, train, save the state of round r, send
 `runtime.run_round(...).payload` (built from the shared state only: the private adapter never
-leaves), report scalar metrics. Per EVALUATE task: evaluate the personalised and shared-only
+leaves) masked by secure aggregation (silo/secure_round.py; plain only in a run that turned it
+off, and only if [silo] require_secure_aggregation = false), report scalar metrics. Per EVALUATE task: evaluate the personalised and shared-only
 models on the local held-out files and report the scalars.
 """
 
@@ -20,13 +21,15 @@ import torch
 from pf2lora.common import grpc_factory
 from pf2lora.common.batching import resolve_device
 from pf2lora.common.errors import DataError
-from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, TrainTask
+from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
 from pf2lora.common.version import software_version
 from pf2lora.silo.client import CoordinatorClient, Stopped
 from pf2lora.silo.config import SiloConfig
 from pf2lora.silo.metrics import SiloMetrics
 from pf2lora.silo.runtime import RunContext, build_context, count_train_examples
+from pf2lora.silo.secure_round import REFUSALS, SecureRoundDriver, Superseded
 from pf2lora.silo.state import SiloState
+from pf2lora.silo.wire_record import WireRecord
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,9 @@ class SiloDaemon:
         self.state = SiloState(cfg.silo.state_dir, cfg.silo.keep_rounds)
         self.ctx: RunContext | None = None
         self.current_run = self.state.current_run()
+        self.wire = WireRecord(self.state.root / "runs", cfg.silo.id)  # what crossed the wire
+        self._pending: Task | None = None  # a task received while a secure round was waiting
+        self._sat_out: set[tuple[str, int, int]] = set()  # (run, round, attempt) refused
         self.metrics = SiloMetrics()  # served at [server] metrics_listen while run() runs
         self.metrics.set_info(cfg.silo.id, cfg.silo.federation, software_version())
 
@@ -80,6 +86,10 @@ class SiloDaemon:
             logger.info("health service on port %d", port)
         metrics_server = self.metrics.serve(cfg.server.metrics_listen) if cfg.server.metrics_listen else None
         self.client = CoordinatorClient(cfg, self.stop, interceptors=self.interceptors)
+        self.secure = SecureRoundDriver(cfg, self.client, self.state, self.wire, self.stop)
+        if not cfg.tls.configured:
+            logger.warning("no [tls] certificate and key: this silo cannot sign secure-aggregation keys "
+                           "and will sit out every secure round")
         try:
             self._join(num_samples)
             while not self.stop.is_set():
@@ -143,7 +153,7 @@ class SiloDaemon:
     def _step(self, num_samples: int) -> bool:
         """One task; True when the daemon should exit."""
         t0 = time.monotonic()
-        task = self.client.get_task(self.current_run)
+        task, self._pending = self._pending or self.client.get_task(self.current_run), None
         if isinstance(task, IdleTask):
             logger.debug("idle: %s", task.reason)
             self.stop.wait(max(0.0, task.retry_after_s - (time.monotonic() - t0)))
@@ -162,6 +172,12 @@ class SiloDaemon:
     def _guarded(self, what: str, fn: Any, num_samples: int) -> None:
         try:
             fn()
+        except Superseded as exc:  # the coordinator moved on while a secure round waited
+            logger.warning("%s: %s; taking that task", what, exc)
+            self._pending = exc.task
+        except REFUSALS as exc:  # a secure round this silo does not (or no longer) take part in
+            logger.error("%s: sitting this attempt out: %s", what, exc)
+            self.stop.wait(ERROR_PAUSE_S)
         except grpc.RpcError as exc:
             if _code(exc) == grpc.StatusCode.FAILED_PRECONDITION:
                 # The round moved on (deadline, re-opened, coordinator restarted): not an error.
@@ -198,11 +214,32 @@ class SiloDaemon:
             self.state.write_resume_record(ctx.run.run_id, loaded, ctx.runtime)
         return loaded
 
+    def _refuse(self, task: TrainTask) -> bool:
+        """True (after waiting, logging once) for a TRAIN task this silo does not take part in."""
+        key = (task.run.run_id, task.round, task.attempt)
+        why = ""
+        if task.secure is None and self.cfg.silo.require_secure_aggregation:
+            why = ("the run does not use secure aggregation: the coordinator would see this silo's "
+                   "update (set [silo] require_secure_aggregation = false to take part)")
+        elif task.secure is not None and self.state.keys_advertised(*key):
+            why = "this silo advertised keys for this attempt before it restarted: sitting it out"
+        if not why:
+            return False
+        if key not in self._sat_out:
+            self._sat_out.add(key)
+            logger.error("round %d attempt %d refused: %s", task.round, task.attempt, why)
+        left_s = task.deadline_unix_ms / 1000 - time.time()
+        self.stop.wait(min(max(ERROR_PAUSE_S, left_s), 60.0))
+        return True
+
     def _train(self, task: TrainTask) -> None:
         run_id, rnd = task.run.run_id, task.round
+        if self._refuse(task):
+            return
         ctx = self._context(task.run, task.client_index)
         t0 = time.perf_counter()
         global_state = self.client.fetch_global(run_id, rnd - 1, task.global_digest)
+        self.wire.fetched(run_id, rnd - 1, task.global_digest)
         self.state.save_global(run_id, rnd - 1, global_state)
         t1 = time.perf_counter()
         base = self._prepare(ctx, rnd)
@@ -211,11 +248,18 @@ class SiloDaemon:
         result = ctx.runtime.run_round(global_state, task.weight)
         self.state.save_after(ctx.runtime, run_id, rnd)
         t2 = time.perf_counter()
-        receipt = self.client.push_update(run_id, rnd, task.attempt, result.payload)
-        t3 = time.perf_counter()
-        logger.info("round %d: update accepted (%d of %d), digest %s",
-                    rnd, receipt.received, receipt.participants, receipt.manifest_digest.hex()[:16])
         metrics = dict(result.metrics)
+        if task.secure is not None:  # masked: the coordinator only ever adds it to the others
+            outcome = self.secure.run(task, result.payload)
+            receipt = outcome.receipt
+            metrics.update({f"secagg_{k}_seconds": v for k, v in outcome.seconds.items()})
+        else:
+            receipt = self.client.push_update(run_id, rnd, task.attempt, result.payload)
+            if receipt.sent is not None:
+                self.wire.sent_update(run_id, rnd, task.attempt, receipt.sent, receipt.manifest_digest)
+        t3 = time.perf_counter()
+        logger.info("round %d: %supdate accepted, digest %s", rnd,
+                    "masked " if task.secure is not None else "", receipt.manifest_digest.hex()[:16])
         metrics.update(weight=task.weight, fetch_seconds=t1 - t0, local_seconds=t2 - t1, push_seconds=t3 - t2)
         self.metrics.round_done(rnd, fetch_s=t1 - t0, local_s=t2 - t1, push_s=t3 - t2, metrics=metrics)
         self.client.report_metrics(run_id, rnd, "train", metrics)
@@ -224,6 +268,7 @@ class SiloDaemon:
         run_id = task.run.run_id
         ctx = self._context(task.run, task.client_index)
         global_state = self.client.fetch_global(run_id, task.round, task.global_digest)
+        self.wire.fetched(run_id, task.round, task.global_digest)
         self.state.save_global(run_id, task.round, global_state)
         self._prepare(ctx, task.round + 1)
         metrics = ctx.runtime.evaluate(global_state)

@@ -6,6 +6,10 @@ Layout under STATE_DIR/runs/RUN_ID/:
                                     (00000 = freshly initialised, before any training)
   global.safetensors                the latest global shared state fetched (for export)
   resume.json                       what the last process start loaded (round, private digest)
+  wire.jsonl                        what this silo sent and fetched (silo/wire_record.py)
+  secagg/rNNNNN-aA.keys             written (fsync) before the keys of attempt A are sent: a
+                                    restarted silo never advertises a second key set for it
+  secagg/rNNNNN.unmask.json         the (attempt, survivors) of the unmask request it answered
 and STATE_DIR/current_run names the run this silo works on.
 
 Round r always starts from the newest state of a round < r, so a round the coordinator hands
@@ -33,6 +37,7 @@ from pf2lora.common.state_io import atomic_write_bytes, load_state, save_state
 logger = logging.getLogger(__name__)
 
 _STATE = re.compile(r"state-(\d{5,})\.safetensors")
+_SECAGG = re.compile(r"r(\d{5,})[-.].*")
 PRIVATE_PREFIX = "private/"
 
 
@@ -130,6 +135,35 @@ class SiloState:
         logger.info("run %s: resumed from the state after round %d (private adapter %s)",
                     run_id, round_, digest[:16])
         return record
+
+    # ----------------------------------------------------- secure aggregation
+    def _secagg_dir(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "secagg"
+
+    def keys_advertised(self, run_id: str, round_: int, attempt: int) -> bool:
+        return (self._secagg_dir(run_id) / f"r{round_:05d}-a{attempt}.keys").is_file()
+
+    def mark_keys_advertised(self, run_id: str, round_: int, attempt: int) -> None:
+        """Durably record, before sending them, that keys for this attempt are advertised."""
+        d = self._secagg_dir(run_id)
+        atomic_write_bytes(d / f"r{round_:05d}-a{attempt}.keys", b"", mode=0o600)
+        for old in d.iterdir():  # markers of rounds that can no longer be re-opened
+            m = _SECAGG.fullmatch(old.name)
+            if m and int(m.group(1)) < round_ - 1:
+                old.unlink(missing_ok=True)
+
+    def unmask_record(self, run_id: str, round_: int) -> dict[str, Any] | None:
+        path = self._secagg_dir(run_id) / f"r{round_:05d}.unmask.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+
+    def record_unmask(self, run_id: str, round_: int, attempt: int, survivors: tuple[str, ...]) -> None:
+        """Durably record, before answering it, the survivor set of an unmask request."""
+        record = {"attempt": attempt, "survivors": list(survivors)}
+        atomic_write_bytes(self._secagg_dir(run_id) / f"r{round_:05d}.unmask.json",
+                           json.dumps(record).encode(), mode=0o600)
 
     # ----------------------------------------------------------------- global
     def save_global(self, run_id: str, round_: int, tensors: Mapping[str, Tensor]) -> None:

@@ -117,12 +117,24 @@ class Procs:
 
 
 class Federation:
-    """A coordinator process and silo processes on loopback (plaintext, --insecure)."""
+    """A coordinator process and silo processes on loopback.
+
+    Plaintext (--insecure) by default, so that a test can read what a silo sent on the wire;
+    `tls=True` runs mutual TLS. Either way a PKI is made for the test (ROOT/pki: CA, coordinator,
+    one certificate per silo, admin "ops"): each silo signs its secure-aggregation keys with its
+    certificate's key, which secure rounds (the default) need even over plaintext.
+    """
 
     def __init__(self, root: Path, silos: dict[str, tuple[Path, Path]], *, federation: str = "pf2lora",
                  silo_extra: dict[str, dict[str, Any]] | None = None,
-                 coordinator_args: list[str] | None = None) -> None:
+                 coordinator_args: list[str] | None = None, tls: bool = False) -> None:
+        from pf2lora.common import pki
+
         self.root = root
+        self.tls = tls
+        self.pki = root / "pki"
+        if not (self.pki / "ca.crt").exists():
+            pki.provision_federation(self.pki, federation, ("localhost",), silos=sorted(silos), admins=("ops",))
         self.silos = silos
         self.federation = federation
         self.procs = Procs(root)
@@ -135,16 +147,31 @@ class Federation:
         self.stub: control_pb2_grpc.ControlApiStub | None = None
 
     # ---------------------------------------------------------------- processes
+    def _tls_files(self, role_dir: Path) -> list[str]:
+        return [str(role_dir / name) for name in ("ca.crt", "tls.crt", "tls.key")]
+
     def start_coordinator(self) -> None:
+        from pf2lora.common import grpc_factory, pki
+
+        if self.tls:
+            ca, cert, key = self._tls_files(pki.coordinator_dir(self.pki))
+            transport = ["--ca-file", ca, "--cert-file", cert, "--key-file", key]
+        else:
+            transport = ["--insecure"]
         self.procs.start("coordinator", PY + [
-            "coordinator", "serve", "--insecure", "--federation", self.federation,
+            "coordinator", "serve", *transport, "--federation", self.federation,
             "--state-dir", str(self.state_dir), "--allowed-silos", ",".join(sorted(self.silos)),
             "--silo-api-listen", f"127.0.0.1:{self.silo_port}",
             "--control-api-listen", f"127.0.0.1:{self.control_port}", "--health-listen", "",
             *self.coordinator_args,
         ])
         if self._channel is None:
-            self._channel = grpc.insecure_channel(f"127.0.0.1:{self.control_port}")
+            if self.tls:
+                creds = grpc_factory.channel_credentials(*grpc_factory.TlsFiles.in_dir(pki.admin_dir(self.pki, "ops")).read())
+                self._channel = grpc_factory.create_channel(
+                    f"127.0.0.1:{self.control_port}", creds, server_name_override="localhost")
+            else:
+                self._channel = grpc.insecure_channel(f"127.0.0.1:{self.control_port}")
             self.stub = control_pb2_grpc.ControlApiStub(self._channel)
 
     def silo_config(self, silo_id: str) -> Path:
@@ -158,12 +185,19 @@ class Federation:
         ]
         if "audit_log" in extra:
             lines.append(f'audit_log = "{extra["audit_log"]}"')
+        if "require_secure_aggregation" in extra:
+            lines.append(f"require_secure_aggregation = {str(extra['require_secure_aggregation']).lower()}")
+        from pf2lora.common import pki
+
+        ca, cert, key = self._tls_files(pki.silo_dir(self.pki, silo_id))
         lines += [
-            "[coordinator]", f'address = "{address}"', "insecure = true", "retry_initial_s = 0.2",
-            "retry_max_s = 2.0", "long_poll_s = 2.0",
+            "[coordinator]", f'address = "{address}"', f"insecure = {str(not self.tls).lower()}",
+            'server_name = "localhost"', "retry_initial_s = 0.2", "retry_max_s = 2.0", "long_poll_s = 2.0",
+            "[tls]", f'ca_file = "{ca}"', f'cert_file = "{cert}"', f'key_file = "{key}"',
             "[model]", 'path = "minilm"',
             "[data]", f'train_files = ["{train}"]', f'eval_files = ["{test}"]',
-            "[server]", 'health_listen = ""', f'metrics_listen = "{extra.get("metrics_listen", "")}"',
+            "[server]", f'health_listen = "{extra.get("health_listen", "")}"',
+            f'metrics_listen = "{extra.get("metrics_listen", "")}"',
         ]
         path = self.root / f"{silo_id}.toml"
         path.write_text("\n".join(lines) + "\n")

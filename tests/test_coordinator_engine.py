@@ -54,7 +54,9 @@ def make_engine(tmp_path: Path, clock: Clock, allowed=("a", "b", "c")) -> Engine
 
 
 def run_cfg(**kw) -> RunConfig:  # noqa: ANN003
-    base = dict(rounds=2, min_silos=2, round_deadline_s=60.0, enroll_window_s=5.0, seed=0)
+    # The plain-update engine (secure rounds: tests/test_secure_round.py, real servers).
+    base = dict(rounds=2, min_silos=2, round_deadline_s=60.0, enroll_window_s=5.0, seed=0,
+                secure_aggregation=False)
     base.update(kw)
     return RunConfig(model=ModelConfig(path="unused"), **base)
 

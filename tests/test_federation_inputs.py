@@ -128,7 +128,9 @@ def test_every_bad_input_is_refused_with_its_status_and_changes_nothing(tls_fede
     silo = env.silo
     # the control API admits admin certificates only
     assert _code_of(lambda: env.silo_as_admin.ListSilos(cpb.ListSilosRequest(), timeout=10)) == Code.PERMISSION_DENIED
-    cfg = RunConfig(model=ModelConfig(path="unused"), rounds=2, min_silos=2, enroll_window_s=30.0)
+    # plain updates (secure rounds' messages: tests/test_secure_round.py)
+    cfg = RunConfig(model=ModelConfig(path="unused"), rounds=2, min_silos=2, enroll_window_s=30.0,
+                    secure_aggregation=False)
     run_id = env.control.StartRun(cpb.StartRunRequest(run_config_json=to_json(cfg), run_id="r1"), timeout=30).run_id
     for s in SILOS:
         silo[s].Join(silo_pb2.JoinRequest(silo_id=s, num_samples=10 * (SILOS.index(s) + 1)), timeout=10)
@@ -236,7 +238,8 @@ def test_a_200mb_adapter_streams_through_fetch_global_and_push_update(tmp_path: 
         stop=threading.Event(),
     )
     try:
-        run_id = coord.engine.start_run(RunConfig(model=ModelConfig(path="unused"), rounds=1, min_silos=1))
+        run_id = coord.engine.start_run(RunConfig(model=ModelConfig(path="unused"), rounds=1, min_silos=1,
+                                                  secure_aggregation=False))
         client.join(100, "test")
         task = client.get_task("")
         while task.__class__.__name__ == "IdleTask":

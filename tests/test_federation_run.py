@@ -1,6 +1,11 @@
 """One real federation (coordinator + 3 silo processes, loopback gRPC, MiniLM cut to one layer) run to
-completion, then checked four ways: completion, parity with `pf2lora simulate`, privacy of what
-each silo sent, and the PEFT export of a silo's personalised model."""
+completion with secure aggregation (the default), then checked five ways: completion, parity with
+`pf2lora simulate` (within the fixed-point bound), privacy of what each silo sent (only masked
+vectors of the payload spec's layout, which look uniform, and no private byte), the audit of both
+records (`pf2lora run audit`), and the PEFT export of a silo's personalised model.
+
+The transport is plaintext on purpose: a TCP capture of silo-0 is searched for private bytes.
+The silos still sign their secure-aggregation keys with certificates made for the test."""
 
 from __future__ import annotations
 
@@ -9,13 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from federation_util import Federation, RecordingProxy, run_config, write_silo_data
+from scipy import stats
 
 from pf2lora.common import serde
 from pf2lora.common.algorithms.registry import make_algorithm
+from pf2lora.common.secagg import fixedpoint
+from pf2lora.common.secagg.layout import flatten
 from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
+from pf2lora.common.wire_manifest import payload_layout
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.store import Store
 from pf2lora.silo.audit import read_audit_log
@@ -29,7 +39,11 @@ pytestmark = pytest.mark.slow
 
 SILOS = ("silo-0", "silo-1", "silo-2")
 SIZES = (24, 32, 40)  # different sample counts: non-trivial FedAvg weights
-SILO_METHODS = {f"/pf2lora.v1.SiloApi/{m}": m for m in ("Join", "GetTask", "FetchGlobal", "PushUpdate", "ReportMetrics")}
+SILO_METHODS = {f"/pf2lora.v1.SiloApi/{m}": m for m in (
+    "Join", "GetTask", "FetchGlobal", "PushUpdate", "ReportMetrics",
+    "AdvertiseKeys", "ShareKeys", "ConsistencyCheck", "Unmask")}
+SECAGG_REQUESTS = {"AdvertiseKeys": "AdvertiseKeysRequest", "ShareKeys": "ShareKeysRequest",
+                   "ConsistencyCheck": "ConsistencyCheckRequest", "Unmask": "UnmaskRequest"}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +82,9 @@ def test_full_run_completes(done: SimpleNamespace) -> None:
     for e in st.evaluation:
         assert 0.0 <= e.metrics["personal_accuracy"] <= 1.0 and "shared_accuracy" in e.metrics
     assert all(done.fed.procs.procs[s].returncode == 0 for s in SILOS)
+    for h in st.history:  # every round was securely aggregated, nobody dropped
+        assert h.secure_aggregation and not h.dropped
+        assert {"advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask"} <= set(h.stage_seconds)
     ck = CheckpointStore(done.root / "coordinator")
     assert ck.rounds_on_disk(done.run_id) == [0, 1, 2]
     store = Store(done.root / "coordinator" / "state.db")
@@ -101,7 +118,7 @@ def test_parity_with_the_in_process_simulation(done: SimpleNamespace) -> None:
     assert set(fed_global) == set(sim.final_global)
     worst = max(float((fed_global[k] - sim.final_global[k]).abs().max()) for k in fed_global)
     print(f"parity: max |federation - simulation| over the final shared adapter = {worst:.3g}")
-    for name, value in fed_global.items():
+    for name, value in fed_global.items():  # fixed point: 3 * 2^-(F+1) per coordinate, F = 27 here
         torch.testing.assert_close(value, sim.final_global[name], rtol=1e-5, atol=1e-6)
     # the per-silo evaluation of the final models agrees as well
     fed_eval = {e.silo_id: dict(e.metrics) for e in done.status.evaluation}
@@ -132,13 +149,24 @@ def _streams(records: list[tuple[str, bytes]]) -> list[list[tpb.StreamMessage]]:
     return streams
 
 
-def test_privacy_only_shared_tensors_leave_a_silo(done: SimpleNamespace) -> None:
-    """Every message each silo sent (its audit log; silo-0 also every byte, via a TCP proxy) holds
-    only tensors of the round's payload spec (shared state + weight), never a private tensor."""
+def _p_uniform(v: np.ndarray) -> float:
+    """Chi-square p-value of the top byte of each uint32 (a fixed-point update piles up at 0x00
+    and 0xFF; a masked one is uniform)."""
+    counts = np.bincount((v >> 24).astype(np.int64), minlength=256)
+    return float(stats.chisquare(counts).pvalue)
+
+
+def test_privacy_only_masked_shared_tensors_leave_a_silo(done: SimpleNamespace) -> None:
+    """Every message each silo sent (its audit log; silo-0 also every byte, via a TCP proxy): the
+    only tensor streams are one masked uint32 vector per round, of the payload spec's length
+    (shared state + weight), which passes a uniformity test; the secure-aggregation messages carry
+    keys, shares and signatures only; no private tensor's bytes appear anywhere."""
     initial = CheckpointStore(done.root / "coordinator").read(done.run_id, 0)
     cfg = done.cfg
     algorithm = make_algorithm(cfg.algorithm, cfg.model.adapters)
     spec = algorithm.payload_spec({k: (tuple(v.shape), v.dtype) for k, v in initial.items()})
+    layout = payload_layout(spec)
+    masked_spec = {"masked": ((layout.size,), torch.uint32)}
     for silo in SILOS:
         records = list(read_audit_log(done.root / f"{silo}.audit"))
         raw_audit = (done.root / f"{silo}.audit").read_bytes()
@@ -149,16 +177,27 @@ def test_privacy_only_shared_tensors_leave_a_silo(done: SimpleNamespace) -> None
             if kind == "ReportMetrics":
                 msg = silo_pb2.ReportMetricsRequest.FromString(data)
                 assert msg.silo_id == silo and len(msg.metrics) < 32
+            elif kind in SECAGG_REQUESTS:  # keys, shares, signatures: small, no tensor
+                msg = getattr(silo_pb2, SECAGG_REQUESTS[kind]).FromString(data)
+                assert msg.header.silo_id == silo and len(data) < 16384
             elif kind != "PushUpdate":
                 getattr(silo_pb2, f"{kind}Request" if kind != "FetchGlobal" else "FetchGlobalRequest").FromString(data)
         streams = _streams(records)
         assert len(streams) == cfg.rounds  # one update per round, nothing else carried tensors
         sent: list[torch.Tensor] = []
         for msgs in streams:
-            info, tensors = serde.stream_to_tensors(msgs, spec, kinds=(serde.StreamKind.UPDATE,))
-            assert info.silo_id == silo and set(tensors) == set(spec)
-            assert not any("private" in name for name in tensors)
-            sent += list(tensors.values())
+            info, tensors = serde.stream_to_tensors(msgs, masked_spec, kinds=(serde.StreamKind.MASKED_UPDATE,))
+            assert info.silo_id == silo and list(tensors) == ["masked"]
+            vector = tensors["masked"].numpy()
+            assert _p_uniform(vector) > 1e-4, "a masked vector from the wire is not uniform"
+            sent.append(tensors["masked"])
+        # the same test tells a plain update apart: the fixed-point code of a weighted payload
+        # (the final global state times this silo's weight) is far from uniform
+        final = CheckpointStore(done.root / "coordinator").read(done.run_id, cfg.rounds)
+        weight = next(p.weight for p in done.status.participants) if done.status.participants else 1 / 3
+        plain, _ = flatten({**{k: v * weight for k, v in final.items()}, "__weight__": torch.tensor(weight)})
+        encoded, _ = fixedpoint.encode(plain, 4.0, 26)
+        assert _p_uniform(encoded) < 1e-12
         # byte level: no window of any private tensor, at any saved round, was ever sent
         state = SiloState(done.root / silo)
         private_windows = []
@@ -174,6 +213,25 @@ def test_privacy_only_shared_tensors_leave_a_silo(done: SimpleNamespace) -> None
             sent_windows = [w for t in sent for w in _windows(t)]
             found = sum(w in capture for w in sent_windows)
             assert found >= 0.9 * len(sent_windows) > 0
+
+
+def test_audit_of_every_silo_finds_nothing(done: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pf2lora run audit` against the real coordinator: each silo's wire record (and its audit log of
+    sent messages) agrees with the coordinator's manifests; a tampered record is a finding."""
+    from pf2lora.cli.main import main
+
+    base = ["run", "audit", done.run_id, "--insecure", "--coordinator", f"127.0.0.1:{done.fed.control_port}"]
+    for silo in SILOS:
+        argv = [*base, "--silo-state", str(done.root / silo), "--audit-log", str(done.root / f"{silo}.audit")]
+        code = main(argv)
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "0 finding(s)" in out and out.count("MASKED_UPDATE") == 2
+    wire = done.root / "silo-1" / "runs" / done.run_id / "wire.jsonl"
+    tampered = done.root / "tampered.jsonl"
+    tampered.write_text(wire.read_text().replace('"name": "masked"', '"name": "enc.private.weight"', 1))
+    assert main([*base, "--silo-state", str(tampered)]) == 1
+    assert "FINDING" in capsys.readouterr().out
 
 
 def test_export_loads_with_plain_peft(done: SimpleNamespace, tmp_path: Path) -> None:

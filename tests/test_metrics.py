@@ -88,7 +88,7 @@ def test_engine_hooks_count_rounds_durations_participants_dropouts_and_reopening
     clock, m = Clock(), CoordinatorMetrics()
     eng = _engine(tmp_path, clock, m)
     cfg = RunConfig(model=ModelConfig(path="unused"), rounds=2, min_silos=2, round_deadline_s=60.0,
-                    enroll_window_s=5.0, seed=0)
+                    enroll_window_s=5.0, seed=0, secure_aggregation=False)  # plain updates pushed here
     eng.start_run(cfg)
     value = m.registry.get_sample_value
     assert value("pf2lora_coordinator_run_active") == 1 and value("pf2lora_coordinator_current_round") == 1

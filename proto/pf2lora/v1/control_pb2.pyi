@@ -67,8 +67,15 @@ class ParticipantStatus(_message.Message):
     def __init__(self, silo_id: _Optional[str] = ..., weight: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "attempt", "participants", "reported", "opened_unix_ms", "completed_unix_ms", "checkpoint_digest", "mean_metrics")
+    __slots__ = ("round", "attempt", "participants", "reported", "opened_unix_ms", "completed_unix_ms", "checkpoint_digest", "mean_metrics", "stage_seconds", "dropped", "secure_aggregation")
     class MeanMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +90,9 @@ class RoundSummary(_message.Message):
     COMPLETED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     MEAN_METRICS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     round: int
     attempt: int
     participants: _containers.RepeatedScalarFieldContainer[str]
@@ -91,7 +101,10 @@ class RoundSummary(_message.Message):
     completed_unix_ms: int
     checkpoint_digest: bytes
     mean_metrics: _containers.ScalarMap[str, float]
-    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., opened_unix_ms: _Optional[int] = ..., completed_unix_ms: _Optional[int] = ..., checkpoint_digest: _Optional[bytes] = ..., mean_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    stage_seconds: _containers.ScalarMap[str, float]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    secure_aggregation: bool
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., opened_unix_ms: _Optional[int] = ..., completed_unix_ms: _Optional[int] = ..., checkpoint_digest: _Optional[bytes] = ..., mean_metrics: _Optional[_Mapping[str, float]] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., dropped: _Optional[_Iterable[str]] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
 
 class SiloMetrics(_message.Message):
     __slots__ = ("silo_id", "round", "kind", "metrics")
@@ -113,7 +126,7 @@ class SiloMetrics(_message.Message):
     def __init__(self, silo_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RunStatus(_message.Message):
-    __slots__ = ("run_id", "state", "phase", "rounds", "completed_rounds", "current_round", "attempt", "enrolled", "participants", "deadline_unix_ms", "history", "evaluation", "config_json", "created_unix_ms", "finished_unix_ms", "reason")
+    __slots__ = ("run_id", "state", "phase", "rounds", "completed_rounds", "current_round", "attempt", "enrolled", "participants", "deadline_unix_ms", "history", "evaluation", "config_json", "created_unix_ms", "finished_unix_ms", "reason", "secagg_stage")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +143,7 @@ class RunStatus(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_STAGE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: RunState
     phase: RunPhase
@@ -146,7 +160,8 @@ class RunStatus(_message.Message):
     created_unix_ms: int
     finished_unix_ms: int
     reason: str
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., attempt: _Optional[int] = ..., enrolled: _Optional[_Iterable[str]] = ..., participants: _Optional[_Iterable[_Union[ParticipantStatus, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., evaluation: _Optional[_Iterable[_Union[SiloMetrics, _Mapping]]] = ..., config_json: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    secagg_stage: str
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., attempt: _Optional[int] = ..., enrolled: _Optional[_Iterable[str]] = ..., participants: _Optional[_Iterable[_Union[ParticipantStatus, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., evaluation: _Optional[_Iterable[_Union[SiloMetrics, _Mapping]]] = ..., config_json: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., reason: _Optional[str] = ..., secagg_stage: _Optional[str] = ...) -> None: ...
 
 class ListSilosRequest(_message.Message):
     __slots__ = ()
@@ -187,25 +202,53 @@ class GetRoundManifestRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class UpdateReceipt(_message.Message):
-    __slots__ = ("silo_id", "attempt", "manifest_digest")
+    __slots__ = ("silo_id", "attempt", "manifest_digest", "tensors", "kind")
     SILO_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     silo_id: str
     attempt: int
     manifest_digest: bytes
-    def __init__(self, silo_id: _Optional[str] = ..., attempt: _Optional[int] = ..., manifest_digest: _Optional[bytes] = ...) -> None: ...
+    tensors: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorSpec]
+    kind: str
+    def __init__(self, silo_id: _Optional[str] = ..., attempt: _Optional[int] = ..., manifest_digest: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class LayoutEntry(_message.Message):
+    __slots__ = ("name", "shape", "offset", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    dtype: _tensors_pb2.DType
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[_tensors_pb2.DType, str]] = ...) -> None: ...
 
 class RoundManifest(_message.Message):
-    __slots__ = ("run_id", "round", "global_tensors", "global_manifest_digest", "updates")
+    __slots__ = ("run_id", "round", "global_tensors", "global_manifest_digest", "updates", "secure_aggregation", "payload_layout", "layout_digest", "attempt", "summed", "dropped")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_TENSORS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SUMMED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     global_tensors: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorSpec]
     global_manifest_digest: bytes
     updates: _containers.RepeatedCompositeFieldContainer[UpdateReceipt]
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., global_tensors: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., global_manifest_digest: _Optional[bytes] = ..., updates: _Optional[_Iterable[_Union[UpdateReceipt, _Mapping]]] = ...) -> None: ...
+    secure_aggregation: bool
+    payload_layout: _containers.RepeatedCompositeFieldContainer[LayoutEntry]
+    layout_digest: str
+    attempt: int
+    summed: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., global_tensors: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., global_manifest_digest: _Optional[bytes] = ..., updates: _Optional[_Iterable[_Union[UpdateReceipt, _Mapping]]] = ..., secure_aggregation: _Optional[bool] = ..., payload_layout: _Optional[_Iterable[_Union[LayoutEntry, _Mapping]]] = ..., layout_digest: _Optional[str] = ..., attempt: _Optional[int] = ..., summed: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...

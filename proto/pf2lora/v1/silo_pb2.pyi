@@ -66,20 +66,26 @@ class RunSpec(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., algorithm_json: _Optional[str] = ..., model_json: _Optional[str] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...
 
 class SecureAggregationParams(_message.Message):
-    __slots__ = ("enabled", "clip", "frac_bits", "threshold", "neighbours", "roster")
+    __slots__ = ("enabled", "clip", "frac_bits", "threshold", "neighbours", "roster", "instance_id", "vector_length", "layout_digest")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     ROSTER_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     clip: float
     frac_bits: int
     threshold: int
     neighbours: int
     roster: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, enabled: _Optional[bool] = ..., clip: _Optional[float] = ..., frac_bits: _Optional[int] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ..., roster: _Optional[_Iterable[str]] = ...) -> None: ...
+    instance_id: str
+    vector_length: int
+    layout_digest: str
+    def __init__(self, enabled: _Optional[bool] = ..., clip: _Optional[float] = ..., frac_bits: _Optional[int] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ..., roster: _Optional[_Iterable[str]] = ..., instance_id: _Optional[str] = ..., vector_length: _Optional[int] = ..., layout_digest: _Optional[str] = ...) -> None: ...
 
 class IdleTask(_message.Message):
     __slots__ = ("retry_after_ms", "reason")
@@ -127,55 +133,67 @@ class StopTask(_message.Message):
     reason: str
     def __init__(self, state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
-class AdvertiseKeysTask(_message.Message):
-    __slots__ = ("secure_aggregation",)
-    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
-    secure_aggregation: SecureAggregationParams
-    def __init__(self, secure_aggregation: _Optional[_Union[SecureAggregationParams, _Mapping]] = ...) -> None: ...
-
 class ShareKeysTask(_message.Message):
-    __slots__ = ("neighbour_keys",)
+    __slots__ = ("neighbour_keys", "attempt")
     NEIGHBOUR_KEYS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     neighbour_keys: _containers.RepeatedCompositeFieldContainer[SignedKeys]
-    def __init__(self, neighbour_keys: _Optional[_Iterable[_Union[SignedKeys, _Mapping]]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, neighbour_keys: _Optional[_Iterable[_Union[SignedKeys, _Mapping]]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class MaskedInputTask(_message.Message):
-    __slots__ = ("shares",)
+    __slots__ = ("shares", "attempt")
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
-    def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class ConsistencyCheckTask(_message.Message):
+    __slots__ = ("proposal", "attempt")
+    PROPOSAL_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    proposal: UnmaskProposal
+    attempt: int
+    def __init__(self, proposal: _Optional[_Union[UnmaskProposal, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class UnmaskTask(_message.Message):
-    __slots__ = ("survivors", "dropped")
+    __slots__ = ("survivors", "dropped", "signatures", "attempt", "instance_id")
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+    signatures: _containers.RepeatedCompositeFieldContainer[ConsistencySignature]
+    attempt: int
+    instance_id: str
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., signatures: _Optional[_Iterable[_Union[ConsistencySignature, _Mapping]]] = ..., attempt: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("run_id", "round", "idle", "train", "evaluate", "stop", "advertise_keys", "share_keys", "masked_input", "unmask")
+    __slots__ = ("run_id", "round", "idle", "train", "evaluate", "stop", "share_keys", "masked_input", "unmask", "consistency_check")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
-    ADVERTISE_KEYS_FIELD_NUMBER: _ClassVar[int]
     SHARE_KEYS_FIELD_NUMBER: _ClassVar[int]
     MASKED_INPUT_FIELD_NUMBER: _ClassVar[int]
     UNMASK_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_CHECK_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     idle: IdleTask
     train: TrainTask
     evaluate: EvaluateTask
     stop: StopTask
-    advertise_keys: AdvertiseKeysTask
     share_keys: ShareKeysTask
     masked_input: MaskedInputTask
     unmask: UnmaskTask
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., idle: _Optional[_Union[IdleTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., stop: _Optional[_Union[StopTask, _Mapping]] = ..., advertise_keys: _Optional[_Union[AdvertiseKeysTask, _Mapping]] = ..., share_keys: _Optional[_Union[ShareKeysTask, _Mapping]] = ..., masked_input: _Optional[_Union[MaskedInputTask, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskTask, _Mapping]] = ...) -> None: ...
+    consistency_check: ConsistencyCheckTask
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., idle: _Optional[_Union[IdleTask, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., stop: _Optional[_Union[StopTask, _Mapping]] = ..., share_keys: _Optional[_Union[ShareKeysTask, _Mapping]] = ..., masked_input: _Optional[_Union[MaskedInputTask, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskTask, _Mapping]] = ..., consistency_check: _Optional[_Union[ConsistencyCheckTask, _Mapping]] = ...) -> None: ...
 
 class FetchGlobalRequest(_message.Message):
     __slots__ = ("silo_id", "run_id", "round")
@@ -225,6 +243,58 @@ class ReportMetricsRequest(_message.Message):
 class ReportMetricsReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SecAggHeader(_message.Message):
+    __slots__ = ("silo_id", "run_id", "round", "attempt")
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    silo_id: str
+    run_id: str
+    round: int
+    attempt: int
+    def __init__(self, silo_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class SecAggAck(_message.Message):
+    __slots__ = ("received", "expected")
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    received: int
+    expected: int
+    def __init__(self, received: _Optional[int] = ..., expected: _Optional[int] = ...) -> None: ...
+
+class AdvertiseKeysRequest(_message.Message):
+    __slots__ = ("header", "keys")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    header: SecAggHeader
+    keys: SignedKeys
+    def __init__(self, header: _Optional[_Union[SecAggHeader, _Mapping]] = ..., keys: _Optional[_Union[SignedKeys, _Mapping]] = ...) -> None: ...
+
+class ShareKeysRequest(_message.Message):
+    __slots__ = ("header", "shares")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    header: SecAggHeader
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    def __init__(self, header: _Optional[_Union[SecAggHeader, _Mapping]] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class ConsistencyCheckRequest(_message.Message):
+    __slots__ = ("header", "signature")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    header: SecAggHeader
+    signature: ConsistencySignature
+    def __init__(self, header: _Optional[_Union[SecAggHeader, _Mapping]] = ..., signature: _Optional[_Union[ConsistencySignature, _Mapping]] = ...) -> None: ...
+
+class UnmaskRequest(_message.Message):
+    __slots__ = ("header", "response")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    header: SecAggHeader
+    response: UnmaskResponse
+    def __init__(self, header: _Optional[_Union[SecAggHeader, _Mapping]] = ..., response: _Optional[_Union[UnmaskResponse, _Mapping]] = ...) -> None: ...
 
 class SignedKeys(_message.Message):
     __slots__ = ("run_id", "round", "silo_id", "mask_public_key", "share_public_key", "signature", "certificate")
@@ -279,3 +349,29 @@ class UnmaskResponse(_message.Message):
     self_mask_shares: _containers.RepeatedCompositeFieldContainer[OwnedShare]
     mask_key_shares: _containers.RepeatedCompositeFieldContainer[OwnedShare]
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., silo_id: _Optional[str] = ..., self_mask_shares: _Optional[_Iterable[_Union[OwnedShare, _Mapping]]] = ..., mask_key_shares: _Optional[_Iterable[_Union[OwnedShare, _Mapping]]] = ...) -> None: ...
+
+class UnmaskProposal(_message.Message):
+    __slots__ = ("run_id", "round", "survivors", "dropped")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConsistencySignature(_message.Message):
+    __slots__ = ("run_id", "round", "silo_id", "signature", "certificate")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    silo_id: str
+    signature: bytes
+    certificate: bytes
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., silo_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ...) -> None: ...

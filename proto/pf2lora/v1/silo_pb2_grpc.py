@@ -60,6 +60,26 @@ class SiloApiStub:
                 request_serializer=pf2lora_dot_v1_dot_silo__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=pf2lora_dot_v1_dot_silo__pb2.ReportMetricsReply.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/pf2lora.v1.SiloApi/AdvertiseKeys',
+                request_serializer=pf2lora_dot_v1_dot_silo__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=pf2lora_dot_v1_dot_silo__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/pf2lora.v1.SiloApi/ShareKeys',
+                request_serializer=pf2lora_dot_v1_dot_silo__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=pf2lora_dot_v1_dot_silo__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.ConsistencyCheck = channel.unary_unary(
+                '/pf2lora.v1.SiloApi/ConsistencyCheck',
+                request_serializer=pf2lora_dot_v1_dot_silo__pb2.ConsistencyCheckRequest.SerializeToString,
+                response_deserializer=pf2lora_dot_v1_dot_silo__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.Unmask = channel.unary_unary(
+                '/pf2lora.v1.SiloApi/Unmask',
+                request_serializer=pf2lora_dot_v1_dot_silo__pb2.UnmaskRequest.SerializeToString,
+                response_deserializer=pf2lora_dot_v1_dot_silo__pb2.SecAggAck.FromString,
+                _registered_method=True)
 
 
 class SiloApiServicer:
@@ -101,6 +121,37 @@ class SiloApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure-aggregation stages (the masked input itself goes through PushUpdate). Each request
+        names the TRAIN task's run, round and attempt; a stage message for another attempt, out of
+        order, or twice is refused with FAILED_PRECONDITION and changes nothing.
+        Stage 1: this round's two X25519 public keys, signed with the silo's TLS key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Stage 2: the silo's Shamir shares, each encrypted to one peer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConsistencyCheck(self, request, context):
+        """Stage 4: the silo's signature over the coordinator's (survivors, dropped) proposal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmask(self, request, context):
+        """Stage 5: shares of survivors' self-mask seeds and of dropped silos' mask keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiloApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +179,26 @@ def add_SiloApiServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=pf2lora_dot_v1_dot_silo__pb2.ReportMetricsRequest.FromString,
                     response_serializer=pf2lora_dot_v1_dot_silo__pb2.ReportMetricsReply.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=pf2lora_dot_v1_dot_silo__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=pf2lora_dot_v1_dot_silo__pb2.SecAggAck.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=pf2lora_dot_v1_dot_silo__pb2.ShareKeysRequest.FromString,
+                    response_serializer=pf2lora_dot_v1_dot_silo__pb2.SecAggAck.SerializeToString,
+            ),
+            'ConsistencyCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConsistencyCheck,
+                    request_deserializer=pf2lora_dot_v1_dot_silo__pb2.ConsistencyCheckRequest.FromString,
+                    response_serializer=pf2lora_dot_v1_dot_silo__pb2.SecAggAck.SerializeToString,
+            ),
+            'Unmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmask,
+                    request_deserializer=pf2lora_dot_v1_dot_silo__pb2.UnmaskRequest.FromString,
+                    response_serializer=pf2lora_dot_v1_dot_silo__pb2.SecAggAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +336,114 @@ class SiloApi:
             '/pf2lora.v1.SiloApi/ReportMetrics',
             pf2lora_dot_v1_dot_silo__pb2.ReportMetricsRequest.SerializeToString,
             pf2lora_dot_v1_dot_silo__pb2.ReportMetricsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pf2lora.v1.SiloApi/AdvertiseKeys',
+            pf2lora_dot_v1_dot_silo__pb2.AdvertiseKeysRequest.SerializeToString,
+            pf2lora_dot_v1_dot_silo__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pf2lora.v1.SiloApi/ShareKeys',
+            pf2lora_dot_v1_dot_silo__pb2.ShareKeysRequest.SerializeToString,
+            pf2lora_dot_v1_dot_silo__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConsistencyCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pf2lora.v1.SiloApi/ConsistencyCheck',
+            pf2lora_dot_v1_dot_silo__pb2.ConsistencyCheckRequest.SerializeToString,
+            pf2lora_dot_v1_dot_silo__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pf2lora.v1.SiloApi/Unmask',
+            pf2lora_dot_v1_dot_silo__pb2.UnmaskRequest.SerializeToString,
+            pf2lora_dot_v1_dot_silo__pb2.SecAggAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,386 @@
+"""Secure aggregation in the round, through the real coordinator (gRPC servers on loopback, mutual TLS
+with certificates made in the test) and the silo's real client and SecureRoundDriver, with fixed
+payloads instead of training: the aggregate is the weighted mean, what the coordinator stores and
+serves matches the silos' records (`pf2lora run audit`), bad secure-aggregation messages are
+refused with their status and change nothing, and an active coordinator that substitutes a key
+or lists a silo both alive and dropped gets nothing from the silos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from pf2lora.cli.audit import audit_round
+from pf2lora.common import grpc_factory, pki, serde, serde_secagg
+from pf2lora.common.algorithms.aggregate import weighted_payload
+from pf2lora.common.config import ModelConfig
+from pf2lora.common.daemon_config import TlsSection
+from pf2lora.common.errors import PermissionDenied
+from pf2lora.common.runspec import RunConfig, SecAggSettings, to_json
+from pf2lora.common.secagg.config import SecAggConfig
+from pf2lora.common.secagg.messages import SignedKeys, UnmaskProposal
+from pf2lora.common.secagg.server import SecAggServer
+from pf2lora.common.secagg.silo import SecAggSilo
+from pf2lora.common.tasks import IdleTask, TrainTask
+from pf2lora.coordinator.checkpoints import CheckpointStore
+from pf2lora.coordinator.config import (
+    CoordinatorConfig,
+    FederationSection,
+    ServerSection,
+    StorageSection,
+)
+from pf2lora.coordinator.secure_round import SecureRound
+from pf2lora.coordinator.server import Coordinator
+from pf2lora.silo.client import CoordinatorClient
+from pf2lora.silo.config import CoordinatorSection, SiloConfig, SiloSection
+from pf2lora.silo.secure_round import SecureRoundDriver, SitOut, load_signing_material
+from pf2lora.silo.state import SiloState
+from pf2lora.silo.wire_record import WireRecord, read_wire_record
+from pf2lora.v1 import control_pb2 as cpb
+from pf2lora.v1 import control_pb2_grpc, silo_pb2, silo_pb2_grpc
+from pf2lora.v1 import tensors_pb2 as tpb
+
+FED = "secfed"
+INITIAL = {
+    "enc.query.lora_A.weight": torch.linspace(-1, 1, 32).reshape(4, 8),
+    "enc.query.lora_B.weight": torch.zeros(8, 4),
+    "classifier.weight": torch.ones(2, 8),
+}
+Code = grpc.StatusCode
+
+
+def _tls(d: Path) -> TlsSection:
+    return TlsSection(str(d / "ca.crt"), str(d / "tls.crt"), str(d / "tls.key"))
+
+
+class Env(SimpleNamespace):
+    coord: Coordinator
+    pki: Path
+    root: Path
+    silos: tuple[str, ...]
+
+
+@pytest.fixture
+def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
+    silos = tuple(getattr(request, "param", ("silo-a", "silo-b", "silo-c")))
+    pki_dir = tmp_path / "pki"
+    pki.provision_federation(pki_dir, FED, ("localhost",), silos=silos, admins=("ops",))
+    cfg = CoordinatorConfig(
+        federation=FederationSection(name=FED, allowed_silos=silos),
+        server=ServerSection(silo_api_listen="127.0.0.1:0", control_api_listen="127.0.0.1:0",
+                             health_listen="", metrics_listen="", long_poll_s=0.5),
+        tls=_tls(pki.coordinator_dir(pki_dir)),
+        storage=StorageSection(state_dir=str(tmp_path / "coordinator")),
+    )
+    coord = Coordinator(cfg, initial_state=lambda a, m, s: {k: v.clone() for k, v in INITIAL.items()})
+    coord.start()
+    try:
+        yield Env(coord=coord, pki=pki_dir, root=tmp_path, silos=silos)
+    finally:
+        coord.stop(grace=0)
+
+
+def _silo_cfg(env: Env, silo: str) -> SiloConfig:
+    return SiloConfig(
+        silo=SiloSection(id=silo, federation=FED, state_dir=str(env.root / silo)),
+        coordinator=CoordinatorSection(
+            address=f"127.0.0.1:{env.coord.ports['silo_api']}", server_name="localhost", long_poll_s=0.5,
+            call_timeout_s=10.0, retry_initial_s=0.1, retry_max_s=0.5),
+        tls=_tls(pki.silo_dir(env.pki, silo)),
+    )
+
+
+class PayloadSilo:
+    """A silo without a model: the real client and secure-round driver, a fixed payload."""
+
+    def __init__(self, env: Env, silo: str, samples: int, value: float) -> None:
+        self.silo, self.samples, self.value = silo, samples, value
+        self.cfg = _silo_cfg(env, silo)
+        self.stop = threading.Event()
+        self.client = CoordinatorClient(self.cfg, self.stop)
+        self.state = SiloState(self.cfg.silo.state_dir)
+        self.wire = WireRecord(self.state.root / "runs", silo)
+        self.driver = SecureRoundDriver(self.cfg, self.client, self.state, self.wire, self.stop)
+        self.outcome: Any = None
+        self.error: BaseException | None = None
+
+    def train_task(self, run_id: str, timeout: float = 30.0) -> TrainTask:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            task = self.client.get_task(run_id)
+            if isinstance(task, TrainTask):
+                return task
+            assert isinstance(task, IdleTask), task
+        raise AssertionError(f"{self.silo}: no TRAIN task")
+
+    def payload(self, task: TrainTask) -> dict[str, torch.Tensor]:
+        return weighted_payload({k: torch.full_like(v, self.value) for k, v in INITIAL.items()}, task.weight)
+
+    def take_part(self, run_id: str) -> None:
+        try:
+            task = self.train_task(run_id)
+            self.outcome = self.driver.run(task, self.payload(task))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def close(self) -> None:
+        self.stop.set()
+        self.client.close()
+
+
+def _admin(env: Env) -> control_pb2_grpc.ControlApiStub:
+    ca, cert, key = grpc_factory.TlsFiles.in_dir(pki.admin_dir(env.pki, "ops")).read()
+    ch = grpc_factory.create_channel(f"127.0.0.1:{env.coord.ports['control_api']}",
+                                     grpc_factory.channel_credentials(ca, cert, key), server_name_override="localhost")
+    return control_pb2_grpc.ControlApiStub(ch)
+
+
+def _start(env: Env, **kw: Any) -> tuple[str, list[PayloadSilo]]:
+    settings = kw.pop("secagg", SecAggSettings(stage_deadline_s=5.0))
+    cfg = RunConfig(model=ModelConfig(path="unused"), rounds=1, min_silos=2, enroll_window_s=30.0,
+                    round_deadline_s=30.0, secagg=settings, **kw)
+    run_id = env.coord.engine.start_run(cfg, "sec")
+    silos = [PayloadSilo(env, s, 10 * (k + 1), float(k + 1)) for k, s in enumerate(env.silos)]
+    for s in silos:
+        s.client.join(s.samples, "test")
+    return run_id, silos
+
+
+def _run_all(silos: list[PayloadSilo], run_id: str, timeout: float = 60.0) -> None:
+    threads = [threading.Thread(target=s.take_part, args=(run_id,)) for s in silos]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads)
+
+
+def _train_tasks(silos: list[PayloadSilo], run_id: str) -> dict[str, TrainTask]:
+    """Every silo asks for work at once (enrollment waits for all allowed silos)."""
+    tasks: dict[str, TrainTask] = {}
+    threads = [threading.Thread(target=lambda s=s: tasks.__setitem__(s.silo, s.train_task(run_id))) for s in silos]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    return tasks
+
+
+def _expected_mean(silos: list[PayloadSilo]) -> float:
+    total = sum(s.samples for s in silos)
+    return sum(s.samples / total * s.value for s in silos) / sum(s.samples / total for s in silos)
+
+
+def test_secure_round_aggregates_the_weighted_mean_and_both_records_agree(env: Env) -> None:
+    run_id, silos = _start(env)
+    try:
+        _run_all(silos, run_id)
+        assert all(s.error is None for s in silos), [s.error for s in silos]
+        g1 = CheckpointStore(env.root / "coordinator").read(run_id, 1)
+        mean = _expected_mean(silos)
+        for name in INITIAL:  # within the fixed-point bound N * 2^-(F+1)
+            torch.testing.assert_close(g1[name], torch.full_like(INITIAL[name], mean), rtol=0, atol=1e-6)
+        admin = _admin(env)
+        status = admin.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id), timeout=10)
+        h = status.history[0]
+        assert h.secure_aggregation and sorted(h.reported) == list(env.silos) and not h.dropped
+        assert {"enroll", "advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask",
+                "aggregate"} <= set(h.stage_seconds)
+        manifest = admin.GetRoundManifest(cpb.GetRoundManifestRequest(run_id=run_id, round=1), timeout=10)
+        assert manifest.secure_aggregation and sorted(manifest.summed) == list(env.silos)
+        assert {e.name for e in manifest.payload_layout} == set(INITIAL) | {"__weight__"}
+        size = sum(int(np.prod(e.shape)) for e in manifest.payload_layout)
+        for u in manifest.updates:  # the wire carried one uint32 vector per silo, nothing else
+            assert u.kind == "MASKED_UPDATE" and [(t.name, t.dtype, list(t.shape)) for t in u.tensors] == [
+                ("masked", tpb.DTYPE_UINT32, [size])]
+        for s in silos:  # pf2lora run audit's comparison: no finding for any silo
+            events = list(read_wire_record(s.wire.path(run_id)))
+            findings, notes = audit_round(s.silo, manifest, events)
+            assert findings == [] and len(notes) == 1, findings
+            stages = [e["stage"] for e in events if e["event"] == "secagg"]
+            assert stages == ["advertise_keys", "share_keys", "consistency_check", "unmask"]
+        # a doctored silo record is caught: a private tensor in the layout, a changed digest
+        events = list(read_wire_record(silos[0].wire.path(run_id)))
+        upd = next(e for e in events if e["event"] == "update")
+        upd["layout"] = upd["layout"] + [{"name": "enc.query.lora_A.private.weight", "shape": [4, 8], "offset": 0}]
+        upd["manifest_digest"] = "00" * 32
+        findings, _ = audit_round(silos[0].silo, manifest, events)
+        assert len(findings) >= 2
+    finally:
+        for s in silos:
+            s.close()
+
+
+def _snapshot(env: Env) -> tuple[object, list[tuple[str, str]]]:
+    state = env.root / "coordinator"
+    files = sorted((str(p.relative_to(state)), hashlib.sha256(p.read_bytes()).hexdigest())
+                   for p in state.rglob("*") if p.is_file() and not p.name.startswith("state.db"))
+    return env.coord.store.dump(), files
+
+
+def _code_of(fn: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        fn()
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return,attr-defined]
+    return Code.OK
+
+
+def test_bad_secure_aggregation_messages_are_refused_and_change_nothing(env: Env) -> None:
+    run_id, silos = _start(env)
+    a = silos[0]
+    stubs = {s.silo: silo_pb2_grpc.SiloApiStub(s.client.channel) for s in silos}
+    try:
+        ta = _train_tasks(silos, run_id)["silo-a"]
+        assert ta.secure is not None and ta.secure.roster == env.silos
+        sp = ta.secure
+        signing = load_signing_material(a.cfg)
+        proto_silo = SecAggSilo(sp.instance_id, ta.round, "silo-a", sp.roster, signing.key, signing.certificate_der,
+                                signing.verifier, SecAggConfig(clip=sp.clip, frac_bits=sp.frac_bits, threshold=sp.threshold))
+        keys = proto_silo.advertise_keys()
+
+        def advertise(stub: str, header_silo: str, k: SignedKeys, attempt: int = ta.attempt, rnd: int = 1) -> Callable[[], object]:
+            req = silo_pb2.AdvertiseKeysRequest(header=serde_secagg.header_to_proto(header_silo, run_id, rnd, attempt),
+                                                keys=serde_secagg.keys_to_proto(k))
+            return lambda: stubs[stub].AdvertiseKeys(req, timeout=10)
+
+        good = dict(weighted_payload({k: torch.ones_like(v) for k, v in INITIAL.items()}, ta.weight))
+        plain = list(serde.tensors_to_stream(good, run_id=run_id, round=1, kind=serde.StreamKind.UPDATE,
+                                             silo_id="silo-a", scalars={"attempt": ta.attempt}))
+        masked = list(serde.tensors_to_stream({"masked": torch.zeros(sp.vector_length, dtype=torch.uint32)},
+                                              run_id=run_id, round=1, kind=serde.StreamKind.MASKED_UPDATE,
+                                              silo_id="silo-a", scalars={"attempt": ta.attempt}))
+        other_keys = SignedKeys(**{**keys.__dict__, "silo_id": "silo-b"})
+        shares = silo_pb2.ShareKeysRequest(header=serde_secagg.header_to_proto("silo-a", run_id, 1, ta.attempt))
+        cases = [
+            ("keys claiming another silo's id in the header", advertise("silo-a", "silo-b", keys), Code.PERMISSION_DENIED),
+            ("keys naming another silo inside", advertise("silo-a", "silo-a", other_keys), Code.PERMISSION_DENIED),
+            ("keys of another attempt", advertise("silo-a", "silo-a", keys, attempt=ta.attempt + 1), Code.FAILED_PRECONDITION),
+            ("keys of another round", advertise("silo-a", "silo-a", keys, rnd=2), Code.FAILED_PRECONDITION),
+            ("shares before the key stage closed", lambda: stubs["silo-a"].ShareKeys(shares, timeout=10), Code.FAILED_PRECONDITION),
+            ("a plain update in a secure round", lambda: stubs["silo-a"].PushUpdate(iter(plain), timeout=10), Code.INVALID_ARGUMENT),
+            ("a masked update before its stage", lambda: stubs["silo-a"].PushUpdate(iter(masked), timeout=10), Code.FAILED_PRECONDITION),
+            ("malformed keys", lambda: stubs["silo-a"].AdvertiseKeys(silo_pb2.AdvertiseKeysRequest(
+                header=serde_secagg.header_to_proto("silo-a", run_id, 1, ta.attempt)), timeout=10), Code.INVALID_ARGUMENT),
+        ]
+        before = _snapshot(env)
+        for name, fn, expected in cases:
+            assert _code_of(fn) == expected, name
+            assert _snapshot(env) == before, f"{name} changed the coordinator's state"
+        assert env.coord.engine.snapshot()[1].secure.done == set()  # type: ignore[union-attr]
+        # the good keys are accepted once; a second copy is refused
+        advertise("silo-a", "silo-a", keys)()
+        assert _code_of(advertise("silo-a", "silo-a", keys)) == Code.FAILED_PRECONDITION
+    finally:
+        for s in silos:
+            s.close()
+
+
+def test_substituted_key_is_refused_end_to_end(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator relays silo-b's keys with its own mask key substituted: every silo refuses
+    (the signature no longer verifies), nobody masks, and the attempt fails at its deadline."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from pf2lora.common.secagg.keys import x25519_public_bytes
+
+    real = SecureRound.task_for
+    evil = x25519_public_bytes(X25519PrivateKey.generate())
+
+    def substituting(self: SecureRound, silo_id: str) -> Any:
+        task = real(self, silo_id)
+        if task is not None and type(task).__name__ == "ShareKeysTask":
+            keys = tuple(SignedKeys(**{**k.__dict__, "mask_public_key": evil}) if k.silo_id == "silo-b" else k
+                         for k in task.keys)
+            return type(task)(task.run_id, task.round, task.attempt, keys)
+        return task
+
+    monkeypatch.setattr(SecureRound, "task_for", substituting)
+    run_id, silos = _start(env, secagg=SecAggSettings(stage_deadline_s=2.0))
+    try:
+        _run_all(silos, run_id)
+        for s in silos:
+            if s.silo == "silo-b":  # its own keys came back as sent: it is refused by the others
+                continue
+            assert isinstance(s.error, PermissionDenied) and "signature" in str(s.error), s.error
+        engine = env.coord.engine
+        deadline = time.monotonic() + 20
+        while engine.snapshot()[1].attempt < 2 and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.1)
+        rows = env.coord.store.participants(run_id, 1, 1)
+        assert all(r.reported_ms is None for r in rows)  # no masked input was ever sent
+        assert env.coord.store.round_row(run_id, 1).state == "open"  # type: ignore[union-attr]
+        assert engine.snapshot()[1].attempt == 2  # type: ignore[union-attr]
+        assert [st.stage for st in env.coord.store.stages(run_id, 1, 1)] == ["enroll", "advertise_keys", "share_keys"]
+    finally:
+        for s in silos:
+            s.close()
+
+
+def test_proposal_naming_a_silo_alive_and_dropped_is_refused_end_to_end(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator proposes silo-c as both a survivor and dropped (to get both b_c and sk_c):
+    no silo signs, so no unmask request can exist and nothing is revealed."""
+    real = SecAggServer.close_masked_inputs
+
+    def lying(self: SecAggServer) -> UnmaskProposal:
+        honest = real(self)
+        forged = UnmaskProposal(run_id=honest.run_id, round=honest.round, survivors=honest.survivors,
+                                dropped=("silo-c",))
+        self._proposal = forged
+        return forged
+
+    monkeypatch.setattr(SecAggServer, "close_masked_inputs", lying)
+    run_id, silos = _start(env, secagg=SecAggSettings(stage_deadline_s=2.0))
+    try:
+        _run_all(silos, run_id)
+        for s in silos:
+            assert isinstance(s.error, PermissionDenied) and "both alive and dropped" in str(s.error), s.error
+        assert all(s.state.unmask_record(run_id, 1) is None for s in silos)  # no share left any silo
+        stages = [st.stage for st in env.coord.store.stages(run_id, 1, 1)]
+        deadline = time.monotonic() + 20
+        while "consistency_check" not in stages and time.monotonic() < deadline:
+            time.sleep(0.1)
+            stages = [st.stage for st in env.coord.store.stages(run_id, 1, 1)]
+        assert stages[-1] == "consistency_check"
+        consistency = env.coord.store.stages(run_id, 1, 1)[-1]
+        assert consistency.silos == ()  # not one signature
+        assert env.coord.store.round_row(run_id, 1).state == "open"  # type: ignore[union-attr]
+    finally:
+        for s in silos:
+            s.close()
+
+
+def test_a_restarted_silo_sits_out_the_attempt_it_advertised_keys_for(env: Env) -> None:
+    run_id, silos = _start(env)
+    try:
+        a = silos[0]
+        task = _train_tasks(silos, run_id)[a.silo]
+        a.state.mark_keys_advertised(run_id, task.round, task.attempt)  # as before a crash
+        with pytest.raises(SitOut, match="advertised keys"):
+            a.driver.run(task, a.payload(task))
+    finally:
+        for s in silos:
+            s.close()
+
+
+def test_plain_runs_need_the_explicit_switch(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = RunConfig(model=ModelConfig(path="unused"), rounds=1, min_silos=2, secure_aggregation=False)
+    env.coord.engine.start_run(cfg, "plain")
+    assert "secure_aggregation = false" in caplog.text
+    assert RunConfig().secure_aggregation and RunConfig().round_min_silos == 2
+    # a configuration that would overflow int32 for the allowed silos is refused at StartRun
+    env.coord.engine.stop_run("plain")
+    bad = RunConfig(model=ModelConfig(path="unused"), secagg=SecAggSettings(clip=4.0, frac_bits=30))
+    admin = _admin(env)
+    code = _code_of(lambda: admin.StartRun(cpb.StartRunRequest(run_config_json=to_json(bad)), timeout=10))
+    assert code == Code.INVALID_ARGUMENT
