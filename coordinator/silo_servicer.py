@@ -174,42 +174,41 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
             received=received, participants=waiting_for,
         )
 
-    def _stage(self, context: grpc.ServicerContext, header: silo_pb2.SecAggHeader,
-               step: Callable[[SecureRound, str], tuple[int, int]]) -> silo_pb2.SecAggAck:
+    def _stage(self, silo: str, header: silo_pb2.SecAggHeader,
+               step: Callable[[SecureRound], tuple[int, int]]) -> silo_pb2.SecAggAck:
         """One stage message of the authenticated silo, for the attempt its header names."""
-        silo = self._silo(context, header.silo_id)
-        received, expected = self.engine.secure_step(
-            silo, header.run_id, header.round, header.attempt, lambda r: step(r, silo)
-        )
+        received, expected = self.engine.secure_step(silo, header.run_id, header.round, header.attempt, step)
         return silo_pb2.SecAggAck(received=received, expected=expected)
 
     @map_errors
     def AdvertiseKeys(
         self, request: silo_pb2.AdvertiseKeysRequest, context: grpc.ServicerContext
     ) -> silo_pb2.SecAggAck:
+        silo = self._silo(context, request.header.silo_id)  # identity first, then the message
         keys = serde_secagg.keys_from_proto(request.keys)
-        return self._stage(context, request.header, lambda r, silo: r.receive_keys(silo, keys))
+        return self._stage(silo, request.header, lambda r: r.receive_keys(silo, keys))
 
     @map_errors
     def ShareKeys(
         self, request: silo_pb2.ShareKeysRequest, context: grpc.ServicerContext
     ) -> silo_pb2.SecAggAck:
+        silo = self._silo(context, request.header.silo_id)
         shares = [serde_secagg.share_from_proto(s) for s in request.shares]
-        return self._stage(context, request.header, lambda r, silo: r.receive_shares(silo, shares))
+        return self._stage(silo, request.header, lambda r: r.receive_shares(silo, shares))
 
     @map_errors
     def ConsistencyCheck(
         self, request: silo_pb2.ConsistencyCheckRequest, context: grpc.ServicerContext
     ) -> silo_pb2.SecAggAck:
+        silo = self._silo(context, request.header.silo_id)
         signature = serde_secagg.signature_from_proto(request.signature)
-        return self._stage(
-            context, request.header, lambda r, silo: r.receive_consistency(silo, signature)
-        )
+        return self._stage(silo, request.header, lambda r: r.receive_consistency(silo, signature))
 
     @map_errors
     def Unmask(self, request: silo_pb2.UnmaskRequest, context: grpc.ServicerContext) -> silo_pb2.SecAggAck:
+        silo = self._silo(context, request.header.silo_id)
         response = serde_secagg.response_from_proto(request.response)
-        return self._stage(context, request.header, lambda r, silo: r.receive_unmask(silo, response))
+        return self._stage(silo, request.header, lambda r: r.receive_unmask(silo, response))
 
     @map_errors
     def ReportMetrics(

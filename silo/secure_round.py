@@ -21,6 +21,8 @@ deadlines move the round on.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -64,6 +66,15 @@ from pf2lora.silo.wire_record import WireRecord
 logger = logging.getLogger(__name__)
 
 S = TypeVar("S", ShareKeysTask, MaskedInputTask, ConsistencyCheckTask, UnmaskTask)
+# Fault injection for the dropout tests only: "stop-before:STAGE" makes this process SIGSTOP
+# itself when that stage's task arrives (the test then kills it with SIGKILL). Never set it.
+FAILPOINT_ENV = "PF2LORA_TEST_FAILPOINT"
+
+
+def _failpoint(stage: str) -> None:
+    if os.environ.get(FAILPOINT_ENV) == f"stop-before:{stage}":
+        logger.warning("%s: stopping this process before %s (test fault injection)", FAILPOINT_ENV, stage)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class SitOut(Pf2LoraError):
@@ -171,6 +182,7 @@ class SecureRoundDriver:
         seconds["share_keys"] = time.perf_counter() - t1
 
         routed = self._wait(MaskedInputTask, task)
+        _failpoint("masked_input")
         t2 = time.perf_counter()
         sa.receive_shares(routed.shares)  # the mask floor: refuses to mask with too few peers
         masked = sa.masked_input(vector)  # uint32 (L,)

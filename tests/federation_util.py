@@ -73,9 +73,10 @@ class Procs:
         self.root = root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.root / f"{name}.log").open("ab")
-        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                             env={**os.environ, **env} if env else None)
         log.close()
         self.procs[name] = p
         return p
@@ -90,6 +91,14 @@ class Procs:
 
     def alive(self, name: str) -> bool:
         return self.procs[name].poll() is None
+
+    def stopped(self, name: str) -> bool:
+        """True while the process is stopped (SIGSTOP): state T in /proc/PID/stat."""
+        try:
+            stat = Path(f"/proc/{self.procs[name].pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
 
     def tail(self, name: str, lines: int = 40) -> str:
         p = self.root / f"{name}.log"
@@ -203,8 +212,8 @@ class Federation:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def start_silo(self, silo_id: str) -> subprocess.Popen[bytes]:
-        return self.procs.start(silo_id, PY + ["silo", "serve", "--config", str(self.silo_config(silo_id))])
+    def start_silo(self, silo_id: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return self.procs.start(silo_id, PY + ["silo", "serve", "--config", str(self.silo_config(silo_id))], env)
 
     def start(self) -> None:
         self.start_coordinator()
@@ -309,3 +318,41 @@ class RecordingProxy:
 def env_ok() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def secure_simulation(sim_cfg: Any, roster_size: int, clip: float = 4.0) -> Any:
+    """`run_simulation` whose aggregation sees what secure aggregation reveals: each payload
+    clipped and fixed-point encoded as a silo of a `roster_size`-silo round encodes it (F chosen
+    for the roster, as the coordinator does), the codes summed exactly, the sum decoded. A secure
+    federation that retrains bit for bit must match it to float32 rounding, over any number of
+    rounds (the plain simulation differs by the fixed-point error, which training amplifies)."""
+    import numpy as np
+    import torch
+
+    from pf2lora.common import simulation
+    from pf2lora.common.secagg import fixedpoint
+    from pf2lora.common.secagg.layout import flatten, unflatten
+
+    frac_bits = fixedpoint.choose_frac_bits(roster_size, clip)
+    plain_sum = simulation.sum_payloads
+
+    def revealed_sum(payloads: Any) -> dict[str, torch.Tensor]:
+        total: np.ndarray | None = None
+        layout = None
+        for p in payloads:
+            vector, layout = flatten(p)
+            codes, _ = fixedpoint.encode(vector, clip, frac_bits)
+            part = codes.view(np.int32).astype(np.int64)
+            total = part if total is None else total + part
+        assert total is not None and layout is not None
+        decoded = total.astype(np.float64) * 2.0**-frac_bits
+        return {k: torch.from_numpy(v.astype(np.float32)) for k, v in unflatten(decoded, layout).items()}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the silos
+    simulation.sum_payloads = revealed_sum  # type: ignore[assignment]
+    try:
+        return simulation.run_simulation(sim_cfg)
+    finally:
+        simulation.sum_payloads = plain_sum
+        torch.set_num_threads(threads)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_util import Federation, run_config, write_silo_data
+from federation_util import Federation, run_config, secure_simulation, write_silo_data
 
-from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
+from pf2lora.common.simulation import DataConfig, SimulationConfig
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.silo.state import SiloState, private_digest, private_tensors_of_file
 from pf2lora.v1 import control_pb2 as cpb
@@ -118,18 +118,14 @@ def test_coordinator_killed_mid_run_resumes_at_last_completed_round(tmp_path: Pa
         assert all(fed.procs.procs[s].returncode == 0 for s in names)
     finally:
         fed.close()
-    # The interrupted round was retrained from the same silo states: the result is the
-    # uninterrupted one, i.e. the in-process simulation's.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the silos (and oversubscribed threads are 100x slower here)
-    try:
-        sim = run_simulation(SimulationConfig(
-            algorithm=cfg.algorithm, model=cfg.model, rounds=cfg.rounds, seed=cfg.seed,
-            data=DataConfig(source="files", num_clients=2, train_files=tuple(str(silos[s][0]) for s in names),
-                            test_files=tuple(str(silos[s][1]) for s in names)),
-        ))
-    finally:
-        torch.set_num_threads(threads)
+    # The interrupted round was retrained from the same silo states and securely aggregated again
+    # in a new protocol instance: the result is the uninterrupted one, i.e. the in-process
+    # simulation's with the sums secure aggregation reveals (fixed point for a 2-silo roster).
+    sim = secure_simulation(SimulationConfig(
+        algorithm=cfg.algorithm, model=cfg.model, rounds=cfg.rounds, seed=cfg.seed,
+        data=DataConfig(source="files", num_clients=2, train_files=tuple(str(silos[s][0]) for s in names),
+                        test_files=tuple(str(silos[s][1]) for s in names)),
+    ), roster_size=2)
     fed_global = CheckpointStore(tmp_path / "coordinator").read(run_id, 3)
     for name, value in fed_global.items():
         torch.testing.assert_close(value, sim.final_global[name], rtol=1e-5, atol=1e-6)

@@ -280,5 +280,58 @@ def test_health_port_reports_the_services(tmp_path: Path) -> None:
             for service in ("", "pf2lora.v1.SiloApi", "pf2lora.v1.ControlApi"):
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # nothing else is served on the plaintext port: not the silo API, not the control API
+            for method in ("/pf2lora.v1.SiloApi/Join", "/pf2lora.v1.SiloApi/GetTask",
+                           "/pf2lora.v1.ControlApi/ListSilos", "/pf2lora.v1.ControlApi/StartRun"):
+                assert _code_of(lambda m=method: ch.unary_unary(m)(b"", timeout=10)) == Code.UNIMPLEMENTED, method
     finally:
         coord.stop(grace=0)
+
+
+def test_tls_and_identity_refusals_against_the_real_coordinator_change_nothing(tls_federation: SimpleNamespace) -> None:
+    """Every way in without the right certificate, against the real coordinator during a run: the
+    call fails with its status and no SQLite row or checkpoint file changes. Each request would
+    change state if it were accepted (a new sample count, stopping the run)."""
+    import datetime as dt
+
+    env = tls_federation
+    cfg = RunConfig(model=ModelConfig(path="unused"), rounds=2, min_silos=2, enroll_window_s=30.0)
+    run_id = env.control.StartRun(cpb.StartRunRequest(run_config_json=to_json(cfg), run_id="r2"), timeout=30).run_id
+    for s in SILOS:
+        env.silo[s].Join(silo_pb2.JoinRequest(silo_id=s, num_samples=10), timeout=10)
+    port = env.coord.ports["silo_api"]
+    ca_pem = (env.pki / "ca.crt").read_bytes()
+    ca = pki.load_ca(env.pki)
+    now = dt.datetime.now(dt.UTC)
+    expired = pki.issue_silo_cert(ca, "silo-a", not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1))
+    stranger = pki.issue_silo_cert(pki.create_ca(FED), "silo-a")  # same federation name and id, another CA
+
+    def stub(cert: pki.IssuedCertificate | None, port: int = port) -> silo_pb2_grpc.SiloApiStub:
+        creds = grpc_factory.channel_credentials(ca_pem, cert.cert_pem(), cert.key_pem()) if cert else \
+            grpc_factory.channel_credentials(ca_pem)
+        return silo_pb2_grpc.SiloApiStub(grpc_factory.create_channel(
+            f"127.0.0.1:{port}", creds, server_name_override="localhost"))
+
+    def join(s: silo_pb2_grpc.SiloApiStub, silo: str = "silo-a") -> Callable[[], object]:
+        return lambda: s.Join(silo_pb2.JoinRequest(silo_id=silo, num_samples=999), timeout=10)
+
+    keys_as_b = silo_pb2.AdvertiseKeysRequest(header=silo_pb2.SecAggHeader(silo_id="silo-b", run_id=run_id, round=1, attempt=1))
+    cases: list[tuple[str, Callable[[], object], grpc.StatusCode]] = [
+        ("no client certificate", join(stub(None)), Code.UNAVAILABLE),
+        ("a certificate from another CA", join(stub(stranger)), Code.UNAVAILABLE),
+        ("an expired certificate", join(stub(expired)), Code.UNAVAILABLE),
+        ("silo-a's certificate claiming silo-b (Join)", join(env.silo["silo-a"], "silo-b"), Code.PERMISSION_DENIED),
+        ("silo-a's certificate claiming silo-b (AdvertiseKeys)",
+         lambda: env.silo["silo-a"].AdvertiseKeys(keys_as_b, timeout=10), Code.PERMISSION_DENIED),
+        ("a silo certificate on the control API (StopRun)",
+         lambda: env.silo_as_admin.StopRun(cpb.StopRunRequest(run_id=run_id), timeout=10), Code.PERMISSION_DENIED),
+        ("a silo certificate on the control API (StartRun)",
+         lambda: env.silo_as_admin.StartRun(cpb.StartRunRequest(run_config_json=to_json(cfg)), timeout=10),
+         Code.PERMISSION_DENIED),
+        ("a silo not on the allow-list", join(env.silo["mallory"], "mallory"), Code.PERMISSION_DENIED),
+    ]
+    before = _snapshot(env)
+    for name, fn, expected in cases:
+        assert _code_of(fn) == expected, name
+        assert _snapshot(env) == before, f"{name} changed the coordinator's state"
+    assert env.control.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id), timeout=10).state == cpb.RUN_STATE_RUNNING

@@ -17,7 +17,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from federation_util import Federation, RecordingProxy, run_config, write_silo_data
+from federation_util import (
+    Federation,
+    RecordingProxy,
+    run_config,
+    secure_simulation,
+    write_silo_data,
+)
 from scipy import stats
 
 from pf2lora.common import serde
@@ -108,18 +114,23 @@ def test_parity_with_the_in_process_simulation(done: SimpleNamespace) -> None:
         algorithm=cfg.algorithm, model=cfg.model, rounds=cfg.rounds, seed=cfg.seed,
         data=DataConfig(source="files", num_clients=3, train_files=tuple(trains), test_files=tuple(tests)),
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the silos
-    try:
-        sim = run_simulation(sim_cfg)
-    finally:
-        torch.set_num_threads(threads)
+    sim = secure_simulation(sim_cfg, roster_size=3)  # the sums secure aggregation reveals
     fed_global = CheckpointStore(done.root / "coordinator").read(done.run_id, cfg.rounds)
     assert set(fed_global) == set(sim.final_global)
     worst = max(float((fed_global[k] - sim.final_global[k]).abs().max()) for k in fed_global)
     print(f"parity: max |federation - simulation| over the final shared adapter = {worst:.3g}")
-    for name, value in fed_global.items():  # fixed point: 3 * 2^-(F+1) per coordinate, F = 27 here
+    for name, value in fed_global.items():
         torch.testing.assert_close(value, sim.final_global[name], rtol=1e-5, atol=1e-6)
+    # and the plain weighted mean (no fixed point) is within the fixed-point bound's reach
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = run_simulation(sim_cfg)
+    finally:
+        torch.set_num_threads(threads)
+    drift = max(float((fed_global[k] - plain.final_global[k]).abs().max()) for k in fed_global)
+    print(f"parity: max |federation - plain simulation| = {drift:.3g}")
+    assert drift < 1e-4
     # the per-silo evaluation of the final models agrees as well
     fed_eval = {e.silo_id: dict(e.metrics) for e in done.status.evaluation}
     for k, s in enumerate(SILOS):
