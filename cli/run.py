@@ -33,6 +33,10 @@ RUN_FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "enroll_window": (("enroll_window_s",), float, "seconds to wait for silos to enroll"),
     "eval_deadline": (("eval_deadline_s",), float, "seconds to wait for the final evaluation"),
     "seed": (("seed",), int, "run seed (initial shared adapter, silo seeds)"),
+    "secagg_clip": (("secagg", "clip"), float, "secure aggregation: clip bound C of the weighted payload"),
+    "secagg_threshold": (("secagg", "threshold"), int, "secure aggregation: Shamir threshold t (default: majority)"),
+    "secagg_neighbours": (("secagg", "neighbours"), int, "secure aggregation: k-regular graph (SecAgg+; default: all pairs)"),
+    "secagg_stage_deadline": (("secagg", "stage_deadline_s"), float, "secure aggregation: seconds per stage"),
 }
 
 
@@ -51,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--run-file", type=Path, help="TOML run configuration")
     for name, (_, typ, help_text) in RUN_FLAGS.items():
         s.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, help=help_text)
+    s.add_argument("--no-secure-aggregation", dest="secure_aggregation", action="store_false", default=None,
+                   help="send plain updates: the coordinator sees each silo's update (silos must allow it)")
     s.add_argument("--run-id", default="", help="choose the run id (default: generated)")
     s.add_argument("--wait", action="store_true", help="follow the run and print each round")
     s.add_argument("--json", action="store_true", help="print the run status as JSON")
@@ -91,7 +97,12 @@ def build_run_config(args: argparse.Namespace) -> Any:
         value = getattr(args, name)
         if value is not None:
             set_path(tree, path, value)
-    return from_mapping(RunConfig, tree, str(args.run_file or "run configuration"))
+    if getattr(args, "secure_aggregation", None) is False:
+        tree["secure_aggregation"] = False
+    cfg = from_mapping(RunConfig, tree, str(args.run_file or "run configuration"))
+    if not cfg.secure_aggregation:
+        logger.warning("secure_aggregation = false: the coordinator will see each silo's weighted update")
+    return cfg
 
 
 def follow(args: argparse.Namespace, stub: Any, run_id: str, poll_s: float = 1.0) -> Any:

@@ -29,9 +29,12 @@ class SecAggSettings:
     """The run's SecAgg+ parameters (`[secagg]` in a run file); docs/security.md.
 
     clip: each coordinate of a silo's weighted payload is clipped to [-clip, clip] before the
-        fixed-point encoding (the silo logs the fraction clipped). 4.0, not the library's 1.0:
-        payloads are p_k * shared state (|x| < 0.5 measured for every algorithm), but HETLoRA
-        also multiplies by ||B_k A_k||_F and sends it as a weight, which can exceed 1.
+        fixed-point encoding (the silo logs the fraction clipped, and sits the round out rather
+        than clip a weight). None picks by algorithm (`default_clip`): payloads are p_k * shared
+        state, at most p_k <= 1 in magnitude for pf2lora, homlora and perfedavg (measured: the
+        weight itself, 0.25 of 4 silos, is the largest value), so 4.0; HETLoRA also multiplies by
+        ||B_k A_k||_F, which grows with training (measured p_k ||B_k A_k||: 0.25, 0.45, 1.24,
+        3.18 in rounds 1-4 with 20 local steps), so 256.0.
     frac_bits: fixed-point fraction bits F; None: the largest F without int32 overflow for the
         round's silo count (N * clip * 2^F < 2^31). A given F is checked against the allow-list.
     threshold: Shamir threshold t; None: a majority of each silo's share holders.
@@ -41,30 +44,30 @@ class SecAggSettings:
         (key advertisement itself is bounded by round_deadline_s, as it follows training).
     """
 
-    clip: float = 4.0
+    clip: float | None = None
     frac_bits: int | None = None
     threshold: int | None = None
     neighbours: int | None = None
     stage_deadline_s: float = 120.0
 
     def __post_init__(self) -> None:
-        self.library_config()  # validates clip, frac_bits, threshold, neighbours by name
+        self.library_config(1.0 if self.clip is None else self.clip)  # validates every field by name
         v = self.stage_deadline_s
         if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
             raise ConfigError(f"secagg.stage_deadline_s={v!r}: must be a number of seconds > 0")
 
-    def library_config(self, frac_bits: int | None = None, threshold: int | None = None) -> SecAggConfig:
+    def library_config(self, clip: float, frac_bits: int | None = None) -> SecAggConfig:
         return SecAggConfig(
-            clip=self.clip, frac_bits=self.frac_bits if frac_bits is None else frac_bits,
-            threshold=self.threshold if threshold is None else threshold, neighbours=self.neighbours,
+            clip=clip, frac_bits=self.frac_bits if frac_bits is None else frac_bits,
+            threshold=self.threshold, neighbours=self.neighbours,
         )
 
-    def check_federation(self, num_silos: int) -> None:
+    def check_federation(self, num_silos: int, clip: float) -> None:
         """ConfigError if a round of num_silos silos would overflow or cannot meet the threshold."""
         if self.frac_bits is None:
-            choose_frac_bits(num_silos, self.clip)
+            choose_frac_bits(num_silos, clip)
         else:
-            check_no_overflow(num_silos, self.clip, self.frac_bits)
+            check_no_overflow(num_silos, clip, self.frac_bits)
         if self.threshold is not None and self.threshold > num_silos:
             raise ConfigError(f"secagg.threshold={self.threshold} exceeds the {num_silos} allowed silos")
 
@@ -113,11 +116,24 @@ class RunConfig:
         check(isinstance(self.secure_aggregation, bool), "secure_aggregation", "must be true or false")
 
     @property
+    def secagg_clip(self) -> float:
+        """The clip bound in force: [secagg] clip, or the algorithm's default."""
+        return self.secagg.clip if self.secagg.clip is not None else default_clip(self.algorithm.name)
+
+    @property
     def round_min_silos(self) -> int:
         """Silos a round needs: min_silos, and with secure aggregation at least 2 and t."""
         if not self.secure_aggregation:
             return self.min_silos
         return max(self.min_silos, 2, self.secagg.threshold or 2)
+
+
+DEFAULT_CLIP = 4.0
+ALGORITHM_CLIP = {"hetlora": 256.0}  # norm-weighted payloads (SecAggSettings.clip)
+
+
+def default_clip(algorithm: str) -> float:
+    return ALGORITHM_CLIP.get(algorithm, DEFAULT_CLIP)
 
 
 def _is_int(v: object) -> bool:

@@ -580,7 +580,8 @@ class Engine:
             try:
                 run.secure = SecureRound(
                     run_id=run.run_id, round_=run.round, attempt=run.attempt, roster=silos,
-                    spec=run.payload_spec, settings=run.cfg.secagg, keys_deadline=run.deadline,
+                    spec=run.payload_spec, settings=run.cfg.secagg, clip=run.cfg.secagg_clip,
+                    keys_deadline=run.deadline,
                     min_survivors=run.cfg.round_min_silos, now=self._clock(), now_ms=self._now_ms(),
                 )
             except (ConfigError, InvalidArgument) as exc:
@@ -672,7 +673,7 @@ class Engine:
             )
         if cfg.secure_aggregation and self.allowed is not None:
             # N * clip * 2^F must fit in int32 for the largest possible round (library check).
-            cfg.secagg.check_federation(len(self.allowed))
+            cfg.secagg.check_federation(len(self.allowed), cfg.secagg_clip)
         if not cfg.secure_aggregation:
             logger.warning(
                 "secure_aggregation = false: the coordinator will see each silo's weighted update "

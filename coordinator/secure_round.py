@@ -95,21 +95,20 @@ class SecureRound:
         roster: Sequence[str],
         spec: Spec,
         settings: SecAggSettings,
+        clip: float,
         keys_deadline: float,
         min_survivors: int,
         now: float,
         now_ms: int,
     ) -> None:
         roster = tuple(sorted(roster))
-        frac_bits = settings.frac_bits if settings.frac_bits is not None else choose_frac_bits(
-            len(roster), settings.clip
-        )
+        frac_bits = settings.frac_bits if settings.frac_bits is not None else choose_frac_bits(len(roster), clip)
         self.layout = payload_layout(spec)
         self.instance = instance_id(run_id, attempt)
         self.run_id, self.round, self.attempt = run_id, round_, attempt
         # Builds the RoundPlan: refuses an overflowing F, a threshold above the roster, N < 2.
         self.server = SecAggServer(
-            self.instance, round_, roster, self.layout.size, settings.library_config(frac_bits=frac_bits)
+            self.instance, round_, roster, self.layout.size, settings.library_config(clip, frac_bits)
         )
         plan = self.server.plan
         self.params = SecureAggregation(

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from torch import Tensor
 
 from pf2lora.common import serde
+from pf2lora.common.algorithms.aggregate import is_weight_key
 from pf2lora.common.errors import (
     ConfigError,
     FailedPrecondition,
@@ -159,6 +160,12 @@ class SecureRoundDriver:
                 f"round {rnd}: this silo's payload layout ({layout.size} values, {layout.digest()[:16]}) "
                 f"differs from the round's ({params.vector_length}, {params.layout_digest[:16]})"
             )
+        for entry in layout.entries:  # a clipped weight would corrupt the sum's denominator
+            if is_weight_key(entry.name) and abs(float(vector[entry.offset])) > params.clip:
+                raise SitOut(
+                    f"round {rnd}: weight {entry.name} = {float(vector[entry.offset]):.4g} exceeds the "
+                    f"secure-aggregation clip {params.clip:g}; raise [secagg] clip in the run"
+                )
         if self.state.keys_advertised(run_id, rnd, attempt):
             raise SitOut(
                 f"round {rnd} attempt {attempt}: this silo advertised keys for it before a restart; "

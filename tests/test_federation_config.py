@@ -80,6 +80,15 @@ def test_run_file_and_flag_overrides(tmp_path: Path) -> None:
     cfg = build_run_config(ns)
     assert (cfg.rounds, cfg.min_silos, cfg.seed, cfg.algorithm.name) == (2, 2, 3, "homlora")
     assert cfg.algorithm.train.local_steps == 7 and cfg.model.num_labels == 3
+    # secure aggregation: on unless switched off explicitly; [secagg] from the file, flags override
+    assert cfg.secure_aggregation and cfg.secagg_clip == 4.0 and cfg.round_min_silos == 2
+    run.write_text(run.read_text() + '[secagg]\nclip = 2.0\nthreshold = 3\n')
+    ns.secagg_clip, ns.secure_aggregation = 1.5, False
+    cfg = build_run_config(ns)
+    assert (cfg.secure_aggregation, cfg.secagg_clip, cfg.secagg.threshold) == (False, 1.5, 3)
+    run.write_text('[secagg]\nneighbours = 3\n')  # odd: refused by name
+    with pytest.raises(ConfigError, match="secagg.neighbours"):
+        build_run_config(argparse.Namespace(run_file=run, **{k: None for k in _run_flags()}))
     run.write_text("roundz = 1\n")
     with pytest.raises(ConfigError, match="unknown key"):
         build_run_config(argparse.Namespace(run_file=run, **{k: None for k in _run_flags()}))

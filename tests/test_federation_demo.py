@@ -1,4 +1,5 @@
-"""`pf2lora demo` end to end, shrunk (one layer, one round, a few dozen examples per silo)."""
+"""`pf2lora demo` end to end, shrunk (one layer, one round, a few dozen examples per silo), with its
+defaults: mutual TLS and secure aggregation."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pf2lora.cli.main import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("insecure", [True], ids=["insecure"])
+# The README's main job as it ships: mutual TLS with certificates the demo makes, SecAgg+ on.
+@pytest.mark.parametrize("insecure", [False], ids=["mtls-secagg"])
 def test_demo_runs_a_federation_and_prints_the_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], insecure: bool
 ) -> None:
@@ -20,7 +22,8 @@ def test_demo_runs_a_federation_and_prints_the_table(
             "--max-train", "24", "--max-test", "12", "--max-length", "32", "--threads", "1"]
     assert main(argv + (["--insecure"] if insecure else [])) == 0
     out = capsys.readouterr().out
-    assert "round 1/1 complete: 4 silo(s)" in out
+    assert "round 1/1 complete: 4 silo(s), secure aggregation" in out
+    assert ("plaintext" if insecure else "mutual TLS") in out and "secure aggregation (SecAgg+)" in out
     for silo in ("amazon", "movies", "nyt", "tweets"):
         assert silo in out
         assert (work / "silos" / silo / "data" / "train.jsonl").is_file()

@@ -360,11 +360,15 @@ def test_proposal_naming_a_silo_alive_and_dropped_is_refused_end_to_end(env: Env
             s.close()
 
 
-def test_a_restarted_silo_sits_out_the_attempt_it_advertised_keys_for(env: Env) -> None:
+def test_a_silo_sits_out_a_clipped_weight_and_an_attempt_it_advertised_keys_for_before_a_restart(env: Env) -> None:
     run_id, silos = _start(env)
     try:
         a = silos[0]
         task = _train_tasks(silos, run_id)[a.silo]
+        too_heavy = {**a.payload(task), "__weight__": torch.tensor(10.0)}  # above the clip 4.0
+        with pytest.raises(SitOut, match="exceeds the secure-aggregation clip"):
+            a.driver.run(task, too_heavy)  # refused before any key is made: nothing sent
+        assert not a.state.keys_advertised(run_id, task.round, task.attempt)
         a.state.mark_keys_advertised(run_id, task.round, task.attempt)  # as before a crash
         with pytest.raises(SitOut, match="advertised keys"):
             a.driver.run(task, a.payload(task))
