@@ -68,14 +68,25 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from pf2lora.common.data import build_client_data
     from pf2lora.common.model import load_base_model
 
-    data = build_client_data("vader", "natural", 8, 0, max_train_per_client=250, max_test_per_client=50)
+    data = build_client_data(
+        "vader", "natural", 8, 0, max_train_per_client=250, max_test_per_client=50
+    )
     client = next(c for c in data if c.name == args.client)
-    mc = ModelConfig(path="minilm", max_length=64, adapters=AdapterConfig(shared_rank=8, private_rank=2))
+    mc = ModelConfig(
+        path="minilm", max_length=64, adapters=AdapterConfig(shared_rank=8, private_rank=2)
+    )
     tok = load_tokenizer(mc)
-    return mc, load_base_model(mc), encode_dataset(client.train, tok, mc), encode_dataset(client.test, tok, mc)
+    return (
+        mc,
+        load_base_model(mc),
+        encode_dataset(client.train, tok, mc),
+        encode_dataset(client.test, tok, mc),
+    )
 
 
-def make_runtime(args: argparse.Namespace, label: str, mc: Any, base: Any, train: Any, test: Any) -> tuple[Any, Any]:
+def make_runtime(
+    args: argparse.Namespace, label: str, mc: Any, base: Any, train: Any, test: Any
+) -> tuple[Any, Any]:
     from pf2lora.common.algorithms.base import AlgorithmConfig
     from pf2lora.common.algorithms.registry import make_algorithm
     from pf2lora.common.client_runtime import ClientRuntime, initial_global_state
@@ -84,11 +95,15 @@ def make_runtime(args: argparse.Namespace, label: str, mc: Any, base: Any, train
     name, hypergrad = VARIANTS[label]
     cfg = AlgorithmConfig(
         name=name,
-        train=TrainConfig(local_steps=args.local_steps, batch_size=args.batch_size, hypergrad=hypergrad),  # type: ignore[arg-type]
+        train=TrainConfig(
+            local_steps=args.local_steps, batch_size=args.batch_size, hypergrad=hypergrad
+        ),  # type: ignore[arg-type]
     )
     alg = make_algorithm(cfg, mc.adapters)
     g = initial_global_state(alg, mc, 0, base=copy.deepcopy(base))
-    rt = ClientRuntime(alg, mc, client_index=0, seed=12345, train=train, test=test, base=copy.deepcopy(base))
+    rt = ClientRuntime(
+        alg, mc, client_index=0, seed=12345, train=train, test=test, base=copy.deepcopy(base)
+    )
     return rt, g
 
 
@@ -111,7 +126,16 @@ def child(args: argparse.Namespace) -> int:
     for _ in range(2):
         timed_round(rt, g)
     peak = _status_kib("VmHWM")
-    print(json.dumps({"variant": args.child, "baseline_kib": baseline, "peak_kib": peak, "increase_kib": peak - baseline}))
+    print(
+        json.dumps(
+            {
+                "variant": args.child,
+                "baseline_kib": baseline,
+                "peak_kib": peak,
+                "increase_kib": peak - baseline,
+            }
+        )
+    )
     return 0
 
 
@@ -119,13 +143,28 @@ def measure_memory(args: argparse.Namespace, labels: list[str]) -> dict[str, Any
     out: dict[str, Any] = {label: [] for label in labels}
     for rep in range(args.mem_repeats):
         for label in labels:
-            cmd = [sys.executable, __file__, "--child", label, "--threads", str(args.threads),
-                   "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size), "--client", args.client]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                label,
+                "--threads",
+                str(args.threads),
+                "--local-steps",
+                str(args.local_steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--client",
+                args.client,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rec = json.loads(proc.stdout.strip().splitlines()[-1])
             out[label].append(rec)
-            print(f"memory rep {rep} {label:20s}: baseline {rec['baseline_kib'] / 1024:.0f} MiB, "
-                  f"peak {rec['peak_kib'] / 1024:.0f} MiB, +{rec['increase_kib'] / 1024:.0f} MiB", flush=True)
+            print(
+                f"memory rep {rep} {label:20s}: baseline {rec['baseline_kib'] / 1024:.0f} MiB, "
+                f"peak {rec['peak_kib'] / 1024:.0f} MiB, +{rec['increase_kib'] / 1024:.0f} MiB",
+                flush=True,
+            )
     return out
 
 
@@ -136,8 +175,13 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cpus_usable": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    return {
+        "cpu": cpu,
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -169,12 +213,18 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{r['time_ratio']:.2f} | {r['median_pairwise_ratio']:.2f} | {r['peak_mib']:.0f} | "
             f"{r['increase_mib']:.0f} | {r['peak_ratio']:.2f} | {r['increase_ratio']:.2f} |"
         )
-    lines += ["", f"Loaded baseline RSS (HOMLoRA process): {doc['results'][BASELINE]['baseline_mib']:.0f} MiB.", ""]
+    lines += [
+        "",
+        f"Loaded baseline RSS (HOMLoRA process): {doc['results'][BASELINE]['baseline_mib']:.0f} MiB.",
+        "",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--mem-repeats", type=int, default=2)
     p.add_argument("--local-steps", type=int, default=5)
@@ -192,28 +242,34 @@ def main(argv: list[str] | None = None) -> int:
         return child(args)
     torch.set_num_threads(args.threads)
     labels = [BASELINE] + [v for v in args.variants if v != BASELINE]
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_local_cost.py", *sys.argv[1:]])
+    command = "python " + " ".join(
+        shlex.quote(a) for a in ["benchmarks/bench_local_cost.py", *sys.argv[1:]]
+    )
     load_before = os.getloadavg()
     t_start = time.perf_counter()
 
     mc, base, train, test = setup(args)
     runtimes = {label: make_runtime(args, label, mc, base, train, test) for label in labels}
-    for label, (rt, g) in runtimes.items():  # warm-up
+    for rt, g in runtimes.values():  # warm-up
         timed_round(rt, g)
     times: dict[str, list[float]] = {label: [] for label in labels}
     for rep in range(args.repeats):
-        order = labels[rep % len(labels):] + labels[: rep % len(labels)]
+        order = labels[rep % len(labels) :] + labels[: rep % len(labels)]
         for label in order:
             rt, g = runtimes[label]
             times[label].append(timed_round(rt, g))
-        print(f"repeat {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+        print(
+            f"repeat {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True
+        )
     del runtimes
     gc.collect()
 
     memory = measure_memory(args, labels)
     results: dict[str, Any] = {}
     base_t = statistics.median(times[BASELINE])
-    mem_base = {k: statistics.median(r[k] for r in memory[BASELINE]) for k in ("peak_kib", "increase_kib")}
+    mem_base = {
+        k: statistics.median(r[k] for r in memory[BASELINE]) for k in ("peak_kib", "increase_kib")
+    }
     for label in labels:
         med = statistics.median(times[label])
         peak = statistics.median(r["peak_kib"] for r in memory[label])
@@ -222,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             "round_seconds": times[label],
             "median_round_s": med,
             "time_ratio": med / base_t,
-            "median_pairwise_ratio": statistics.median(a / b for a, b in zip(times[label], times[BASELINE], strict=True)),
+            "median_pairwise_ratio": statistics.median(
+                a / b for a, b in zip(times[label], times[BASELINE], strict=True)
+            ),
             "memory_runs": memory[label],
             "baseline_mib": statistics.median(r["baseline_kib"] for r in memory[label]) / 1024,
             "peak_mib": peak / 1024,
@@ -237,10 +295,20 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "settings": {"local_steps": args.local_steps, "batch_size": args.batch_size, "repeats": args.repeats,
-                     "mem_repeats": args.mem_repeats, "client": args.client, "train_size": len(train),
-                     "model": "minilm (6 layers)", "max_length": 64, "shared_rank": 8, "private_rank": 2,
-                     "neumann_terms": 3, "threads": args.threads},
+        "settings": {
+            "local_steps": args.local_steps,
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "mem_repeats": args.mem_repeats,
+            "client": args.client,
+            "train_size": len(train),
+            "model": "minilm (6 layers)",
+            "max_length": 64,
+            "shared_rank": 8,
+            "private_rank": 2,
+            "neumann_terms": 3,
+            "threads": args.threads,
+        },
         "wall_seconds": time.perf_counter() - t_start,
         "results": results,
     }

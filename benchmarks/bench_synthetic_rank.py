@@ -46,23 +46,39 @@ TOP_SV = 12  # singular values kept in the JSON per client (r + r_hat = 10, plus
 
 
 def make_config(
-    algorithm: str, *, seed: int, noise: float, rounds: int, ll_lr: float, ul_lr: float,
-    local_steps: int, batch_size: int, eval_every: int,
+    algorithm: str,
+    *,
+    seed: int,
+    noise: float,
+    rounds: int,
+    ll_lr: float,
+    ul_lr: float,
+    local_steps: int,
+    batch_size: int,
+    eval_every: int,
 ) -> SimulationConfig:
     return SimulationConfig(
         algorithm=AlgorithmConfig(
             name=algorithm,
             train=TrainConfig(
-                local_steps=local_steps, batch_size=batch_size, ll_lr=ll_lr, ul_lr=ul_lr,
-                max_grad_norm=None, hypergrad="unroll",
+                local_steps=local_steps,
+                batch_size=batch_size,
+                ll_lr=ll_lr,
+                ul_lr=ul_lr,
+                max_grad_norm=None,
+                hypergrad="unroll",
             ),
         ),
         model=ModelConfig(
             path="", task="regression", adapters=AdapterConfig(shared_rank=8, private_rank=2)
         ),
         data=DataConfig(
-            source="synthetic-rank", synthetic_dim=64, synthetic_true_ranks=TRUE_RANKS,
-            synthetic_noise_std=noise, synthetic_train_samples=2000, synthetic_test_samples=500,
+            source="synthetic-rank",
+            synthetic_dim=64,
+            synthetic_true_ranks=TRUE_RANKS,
+            synthetic_noise_std=noise,
+            synthetic_train_samples=2000,
+            synthetic_test_samples=500,
         ),
         rounds=rounds,
         seed=seed,
@@ -77,20 +93,26 @@ def run_case(label: str, algorithm: str, **kw: Any) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     clients = []
     for c in res.clients:
-        clients.append({
-            "name": c["name"],
-            "true_rank": c["true_rank"],
-            "learned_rank": c["learned_rank"],
-            "learned_rank_tau_0.01": c["learned_rank_tau_0.01"],
-            "hetlora_rank": c.get("hetlora_rank"),
-            "test_mse": c["test_mse"],
-            "shared_only_mse": c.get("shared_mse"),
-            "singular_values": [round(s, 5) for s in c["singular_values"][:TOP_SV]],
-        })
+        clients.append(
+            {
+                "name": c["name"],
+                "true_rank": c["true_rank"],
+                "learned_rank": c["learned_rank"],
+                "learned_rank_tau_0.01": c["learned_rank_tau_0.01"],
+                "hetlora_rank": c.get("hetlora_rank"),
+                "test_mse": c["test_mse"],
+                "shared_only_mse": c.get("shared_mse"),
+                "singular_values": [round(s, 5) for s in c["singular_values"][:TOP_SV]],
+            }
+        )
     curve = [
-        {"round": r["round"], "mean_personal_mse": r.get("mean_personal_mse"),
-         "train_loss": statistics.fmean(r["train_loss"])}
-        for r in res.rounds if "mean_personal_mse" in r
+        {
+            "round": r["round"],
+            "mean_personal_mse": r.get("mean_personal_mse"),
+            "train_loss": statistics.fmean(r["train_loss"]),
+        }
+        for r in res.rounds
+        if "mean_personal_mse" in r
     ]
     exact = sum(c["learned_rank"] == c["true_rank"] for c in clients)
     out = {
@@ -193,10 +215,17 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--sweep-seeds", type=int, nargs="+", default=None,
-                   help="seeds of the ll/ul ratio sweep (default: --seeds)")
+    p.add_argument(
+        "--sweep-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of the ll/ul ratio sweep (default: --seeds)",
+    )
     p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.01])
     p.add_argument("--rounds", type=int, default=600)
     p.add_argument("--local-steps", type=int, default=20)
@@ -209,37 +238,87 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="synthetic_rank", help="output file stem")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_synthetic_rank.py", *sys.argv[1:]])
+    command = "python " + " ".join(
+        shlex.quote(a) for a in ["benchmarks/bench_synthetic_rank.py", *sys.argv[1:]]
+    )
     machine = machine_info()
     common = {
-        "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "local_steps": args.local_steps,
+        "batch_size": args.batch_size,
         "eval_every": args.eval_every,
     }
     t0 = time.perf_counter()
     cases: list[dict[str, Any]] = []
     for noise in args.noise:
         for seed in args.seeds:
-            cases.append(run_case("pf2lora ll0.2/ul0.002 (100x)", "pf2lora", seed=seed, noise=noise,
-                                  ll_lr=0.2, ul_lr=0.002, **common))
+            cases.append(
+                run_case(
+                    "pf2lora ll0.2/ul0.002 (100x)",
+                    "pf2lora",
+                    seed=seed,
+                    noise=noise,
+                    ll_lr=0.2,
+                    ul_lr=0.002,
+                    **common,
+                )
+            )
             if not args.no_baselines:
                 for alg in ("homlora", "hetlora"):
-                    cases.append(run_case(f"{alg} lr0.002", alg, seed=seed, noise=noise,
-                                          ll_lr=0.2, ul_lr=0.002, **common))
+                    cases.append(
+                        run_case(
+                            f"{alg} lr0.002",
+                            alg,
+                            seed=seed,
+                            noise=noise,
+                            ll_lr=0.2,
+                            ul_lr=0.002,
+                            **common,
+                        )
+                    )
     if not args.no_sweep:
         for seed in args.sweep_seeds or args.seeds:
-            cases.append(run_case("pf2lora ll0.2/ul0.005 (40x)", "pf2lora", seed=seed, noise=0.0,
-                                  ll_lr=0.2, ul_lr=0.005, **common))
-            cases.append(run_case("pf2lora ll0.05/ul0.002 (25x)", "pf2lora", seed=seed, noise=0.0,
-                                  ll_lr=0.05, ul_lr=0.002, **common))
+            cases.append(
+                run_case(
+                    "pf2lora ll0.2/ul0.005 (40x)",
+                    "pf2lora",
+                    seed=seed,
+                    noise=0.0,
+                    ll_lr=0.2,
+                    ul_lr=0.005,
+                    **common,
+                )
+            )
+            cases.append(
+                run_case(
+                    "pf2lora ll0.05/ul0.002 (25x)",
+                    "pf2lora",
+                    seed=seed,
+                    noise=0.0,
+                    ll_lr=0.05,
+                    ul_lr=0.002,
+                    **common,
+                )
+            )
     doc = {
         "benchmark": "synthetic_rank",
         "command": command,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine,
         "load_average_after": os.getloadavg(),
-        "settings": {**common, "dim": 64, "clients": 5, "shared_rank": 8, "private_rank": 2,
-                     "alpha": 16.0, "true_ranks": list(TRUE_RANKS), "train_samples": 2000,
-                     "test_samples": 500, "max_grad_norm": None, "tau": [0.05, 0.01]},
+        "settings": {
+            **common,
+            "dim": 64,
+            "clients": 5,
+            "shared_rank": 8,
+            "private_rank": 2,
+            "alpha": 16.0,
+            "true_ranks": list(TRUE_RANKS),
+            "train_samples": 2000,
+            "test_samples": 500,
+            "max_grad_norm": None,
+            "tau": [0.05, 0.01],
+        },
         "wall_seconds": time.perf_counter() - t0,
         "cases": cases,
     }
