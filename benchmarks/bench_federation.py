@@ -146,6 +146,8 @@ def write(results: list[dict[str, Any]], command: str) -> None:
         "the silo-reported `train_seconds` of the local steps. Round 1 also pays each silo's "
         "one-time model load and tokenisation.",
         "",
+        "With secure aggregation a silo's `push` time runs from the end of its own training to its unmask answer, all five stages: it includes waiting for the slowest silo to finish training (the key stage closes when every participant advertised keys), so it is not overhead; the overhead columns are. The coordinator's stage times (share_keys .. unmask) are the relays after the key stage; `aggregate` is unmasking, aggregation and the checkpoint.",
+        "",
         "| setting | secure aggregation | demo flags | rounds | median overhead | median overhead, rounds >= 2 | median overhead s, rounds >= 2 | median round wall s, rounds >= 2 | demo wall s | load before/after |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
