@@ -388,3 +388,35 @@ def test_plain_runs_need_the_explicit_switch(env: Env, caplog: pytest.LogCapture
     admin = _admin(env)
     code = _code_of(lambda: admin.StartRun(cpb.StartRunRequest(run_config_json=to_json(bad)), timeout=10))
     assert code == Code.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("algorithm", ["pf2lora", "homlora", "hetlora", "perfedavg"])
+def test_every_algorithm_aggregates_the_securely_summed_payload(env: Env, algorithm: str) -> None:
+    """Each algorithm's payload spec (HETLoRA: per-module norm weights too) through a secure round:
+    the global state is that algorithm's aggregate of the plain sum of the same payloads."""
+    from pf2lora.common.algorithms.aggregate import sum_payloads
+    from pf2lora.common.algorithms.base import AlgorithmConfig
+    from pf2lora.common.algorithms.registry import make_algorithm
+
+    cfg_algo = AlgorithmConfig(name=algorithm)
+    algo = make_algorithm(cfg_algo, ModelConfig().adapters)
+    spec = algo.payload_spec({k: (tuple(v.shape), v.dtype) for k, v in INITIAL.items()})
+    gen = torch.Generator().manual_seed(3)
+    payloads: dict[str, dict[str, torch.Tensor]] = {}
+    for k, s in enumerate(env.silos):  # weights in (0, 1], values as weighted adapters are: small
+        payloads[s] = {name: (torch.rand((), generator=gen) * 0.5 + 0.1 * (k + 1)) if name.startswith("__weight__")
+                       else torch.randn(shape, generator=gen) * 0.05 for name, (shape, _) in spec.items()}
+    run_id, silos = _start(env, algorithm=cfg_algo)
+    try:
+        for s in silos:
+            s.payload = lambda task, s=s: payloads[s.silo]  # type: ignore[method-assign]
+        _run_all(silos, run_id)
+        assert all(s.error is None for s in silos), [s.error for s in silos]
+        expected = algo.aggregate(sum_payloads(payloads.values()), {k: v.clone() for k, v in INITIAL.items()})
+        g1 = CheckpointStore(env.root / "coordinator").read(run_id, 1)
+        assert set(g1) == set(expected)
+        for name in g1:  # fixed point: 3 silos, clip 4 (256 for hetlora), well within 1e-5
+            torch.testing.assert_close(g1[name], expected[name].float(), rtol=1e-5, atol=1e-5)
+    finally:
+        for s in silos:
+            s.close()
