@@ -15,10 +15,11 @@ import pytest
 from pf2lora.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/operations.md", "docs/certificates.md", "docs/federation.md", "deploy/README.md")
+DOCS = ("README.md", "docs/operations.md", "docs/certificates.md", "docs/federation.md", "deploy/README.md",
+        "docs/benchmarks.md")
 # Fewest commands each file must yield: guards against an extractor that silently finds nothing.
 MIN_COMMANDS = {"docs/operations.md": 15, "docs/certificates.md": 4, "docs/federation.md": 8,
-                "deploy/README.md": 3}
+                "deploy/README.md": 3, "docs/benchmarks.md": 1}
 
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
 MENTION = re.compile(r"(?:^|[\s/|;&(])pf2lora(?:\s|$)")  # `pf2lora` as a command word
