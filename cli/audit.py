@@ -18,6 +18,7 @@ that actually left) must be one the wire record lists.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -175,15 +176,17 @@ def run_audit(args: argparse.Namespace) -> int:
     shared_of: dict[int, set[str]] = {}
     stub, channel = control.connect(args)
     with channel:
-        status = control.call(args, lambda: stub.GetRunStatus(
-            cpb.GetRunStatusRequest(run_id=args.run_id), timeout=control.CALL_TIMEOUT_S))
+        status_req = cpb.GetRunStatusRequest(run_id=args.run_id)
+        status = control.call(
+            args, lambda: stub.GetRunStatus(status_req, timeout=control.CALL_TIMEOUT_S))
         for r in range(1, status.completed_rounds + 1):
             req = cpb.GetRoundManifestRequest(run_id=args.run_id, round=r)
-            manifest = control.call(args, lambda req=req: stub.GetRoundManifest(req, timeout=control.CALL_TIMEOUT_S))
+            manifest = control.call(args, functools.partial(
+                stub.GetRoundManifest, req, timeout=control.CALL_TIMEOUT_S))
             shared_of[r] = {t.name for t in manifest.global_tensors}
-            f, n = audit_round(silo_id, manifest, events)
-            findings += f
-            notes += n
+            round_findings, round_notes = audit_round(silo_id, manifest, events)
+            findings += round_findings
+            notes += round_notes
     recorded = {e["manifest_digest"] for e in events if e["event"] == "update"}
     if args.audit_log is not None:
         for digest, header in audit_log_streams(args.audit_log):
@@ -191,7 +194,9 @@ def run_audit(args: argparse.Namespace) -> int:
                 notes.append(f"round {header['round']}: a {header['kind']} stream {digest[:16]} in the audit log "
                              "was not accepted (refused or interrupted)")
             shared = shared_of.get(header["round"])
-            for name in header["tensors"] if shared is not None else ():
+            if shared is None:
+                continue
+            for name in header["tensors"]:
                 masked = header["kind"] == "MASKED_UPDATE" and name == MASKED_TENSOR
                 if not (masked or name in shared or is_weight_key(name)):
                     findings.append(Finding(header["round"], 0, f"the audit log shows {name!r} sent: "
@@ -202,8 +207,8 @@ def run_audit(args: argparse.Namespace) -> int:
     else:
         print(f"audit of run {args.run_id}, silo {silo_id}: {status.completed_rounds} completed round(s), "
               f"{len(findings)} finding(s)")
-        for n in notes:
-            print(f"  ok: {n}")
-        for f in findings:
-            print(f"  FINDING: {f}")
+        for note in notes:
+            print(f"  ok: {note}")
+        for finding in findings:
+            print(f"  FINDING: {finding}")
     return 1 if findings else 0

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 Named = dict[str, Tensor]
+Params = Mapping[str, Tensor]  # inputs: a dict of Parameters is one too (dict is invariant)
 LossFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor]
 
 
@@ -28,7 +29,7 @@ class HyperStep:
     ul_loss: float
 
 
-def grad_named(out: Tensor, inputs: Named, **kwargs: object) -> Named:
+def grad_named(out: Tensor, inputs: Params, **kwargs: object) -> Named:
     names = list(inputs)
     grads = torch.autograd.grad(out, [inputs[n] for n in names], allow_unused=True, **kwargs)  # type: ignore[call-overload]
     return {
@@ -37,12 +38,12 @@ def grad_named(out: Tensor, inputs: Named, **kwargs: object) -> Named:
     }
 
 
-def _dot(a: Named, b: Named) -> Tensor:
+def _dot(a: Params, b: Params) -> Tensor:
     return sum((a[n] * b[n]).sum() for n in a)  # type: ignore[return-value]
 
 
 def lower_level_step(
-    loss_fn: LossFn, y: Named, batch_ll: Mapping[str, Tensor], beta: float, *, create_graph: bool
+    loss_fn: LossFn, y: Params, batch_ll: Mapping[str, Tensor], beta: float, *, create_graph: bool
 ) -> tuple[Named, float]:
     """y_hat = y - beta * grad_y g(x, y; xi); with create_graph, y_hat stays a function of x."""
     loss = loss_fn({}, batch_ll)
@@ -52,7 +53,7 @@ def lower_level_step(
 
 
 def unroll(
-    loss_fn: LossFn, x: Named, y: Named, batch_ll: Mapping[str, Tensor],
+    loss_fn: LossFn, x: Params, y: Params, batch_ll: Mapping[str, Tensor],
     batch_ul: Mapping[str, Tensor], beta: float,
 ) -> HyperStep:
     """h = d/dx f(x, y_hat(x); zeta), differentiating through the SGD step (one HVP)."""
@@ -63,7 +64,7 @@ def unroll(
 
 
 def first_order(
-    loss_fn: LossFn, x: Named, y: Named, batch_ll: Mapping[str, Tensor],
+    loss_fn: LossFn, x: Params, y: Params, batch_ll: Mapping[str, Tensor],
     batch_ul: Mapping[str, Tensor], beta: float,
 ) -> HyperStep:
     """h = grad_x f(x, y_hat; zeta) with y_hat treated as a constant."""
@@ -74,7 +75,7 @@ def first_order(
 
 
 def implicit(
-    loss_fn: LossFn, x: Named, y: Named, batch_ll: Mapping[str, Tensor],
+    loss_fn: LossFn, x: Params, y: Params, batch_ll: Mapping[str, Tensor],
     batch_ul: Mapping[str, Tensor], beta: float, *, terms: int = 3, scale: float = 0.01,
 ) -> HyperStep:
     """h = grad_x f - grad2_xy g . v,  v ~ [grad2_yy g]^-1 grad_y f (Neumann series, HVPs only).
@@ -103,7 +104,7 @@ def implicit(
 
 
 def maml_hessian_free(
-    loss_fn: LossFn, x: Named, batches: tuple[Mapping[str, Tensor], ...], alpha: float
+    loss_fn: LossFn, x: Params, batches: tuple[Mapping[str, Tensor], ...], alpha: float
 ) -> tuple[Named, float]:
     """Per-FedAvg (HF): (I - alpha H(x; D3)) grad f(x - alpha grad f(x; D1); D2).
 

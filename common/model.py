@@ -156,7 +156,7 @@ class TwoLevelModel(nn.Module):
         for name, cfg in configs[1:]:
             self.peft.add_adapter(name, cfg)
         self.adapter_names = tuple(n for n, _ in configs)
-        self.peft.base_model.set_adapter(list(self.adapter_names))
+        self.peft.base_model.set_adapter(list(self.adapter_names))  # type: ignore[operator]  # torch stubs: Module attrs read as Tensor
         self._fix_requires_grad()
         if self.has_shared:
             self.reinit_adapter(SHARED, shared_seed)
@@ -168,7 +168,7 @@ class TwoLevelModel(nn.Module):
     def _lora(self, rank: int, targets: list[str], heads: list[str]) -> LoraConfig:
         return LoraConfig(
             r=rank,
-            lora_alpha=self.adapters.alpha,
+            lora_alpha=self.adapters.alpha,  # type: ignore[arg-type]  # PEFT annotates int; it computes alpha / r in float
             target_modules=targets,
             lora_dropout=self.adapters.dropout,
             modules_to_save=heads or None,
@@ -241,12 +241,12 @@ class TwoLevelModel(nn.Module):
             torch.manual_seed(seed)
             for _, module in sorted(self.peft.named_modules(), key=lambda kv: kv[0]):
                 if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                    module.reset_lora_parameters(adapter, True)
+                    module.reset_lora_parameters(adapter, True)  # type: ignore[operator]  # torch stubs
                 copies = getattr(module, "modules_to_save", None)
                 if isinstance(copies, nn.ModuleDict) and adapter in copies:
                     head = copies[adapter]
                     if hasattr(head, "reset_parameters"):
-                        head.reset_parameters()
+                        head.reset_parameters()  # type: ignore[operator]  # torch stubs
 
     # -------------------------------------------------------------------- shared state
     def shared_state(self) -> dict[str, Tensor]:
@@ -339,7 +339,9 @@ class TwoLevelModel(nn.Module):
                 for adapter in self.adapter_names:
                     if adapter not in m.lora_A:
                         continue
-                    d = m.scaling[adapter] * (m.lora_B[adapter].weight @ m.lora_A[adapter].weight)
+                    b, a = m.lora_B[adapter].weight, m.lora_A[adapter].weight
+                    assert isinstance(b, Tensor) and isinstance(a, Tensor)
+                    d = m.scaling[adapter] * (b @ a)
                     delta = d if delta is None else delta + d
                 if delta is not None:
                     out[name] = delta

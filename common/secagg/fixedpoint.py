@@ -136,6 +136,6 @@ def decode(total: np.ndarray, frac_bits: int, dtype: type = np.float64) -> np.nd
     """
     if total.dtype != np.uint32 or total.ndim != 1:
         raise InvalidArgument(f"expected a 1-D uint32 sum, got dtype={total.dtype}")
-    result = total.view(np.int32).astype(dtype)
+    result: np.ndarray = total.view(np.int32).astype(dtype)
     result *= dtype(2.0**-frac_bits)
     return result

@@ -59,7 +59,7 @@ class MaskExpander:
             raise InvalidArgument(f"chunk_elements must be positive, got {chunk_elements}")
         self._chunk = chunk_elements
         self._scratch = np.empty(chunk_elements, dtype=np.uint32)
-        self._scratch_bytes = memoryview(self._scratch).cast("B")
+        self._scratch_bytes = memoryview(self._scratch).cast("B")  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer
         self._zeros = bytes(chunk_elements * 4)
 
     def apply(self, target: np.ndarray, seed: bytes, sign: int = 1) -> None:
