@@ -59,6 +59,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS: dict[str, tuple[str, str]] = {
     "pf2lora": ("pf2lora", "unroll"),
     "pf2lora-joint": ("pf2lora", "joint"),
+    # PF2LoRA with the lower-level (private) gradient clipped: added after the 3-seed table
+    # showed one client's private adapter collapsing (seed 2); selected on validation like the rest.
+    "pf2lora-llclip": ("pf2lora", "unroll"),
     "homlora": ("homlora", "unroll"),
     "hetlora": ("hetlora", "unroll"),
     "perfedavg": ("perfedavg", "unroll"),
@@ -75,6 +78,9 @@ GRIDS: dict[str, list[dict[str, float]]] = {
     "pf2lora": [{"ul_lr": u, "ll_lr": b} for u in ADAMW_GRID for b in (0.1, 0.5)]
     + [{"ul_lr": 1e-2, "ll_lr": 0.02}],
     "pf2lora-joint": [{"ul_lr": u} for u in ADAMW_GRID],
+    "pf2lora-llclip": [
+        {"ul_lr": 1e-2, "ll_lr": b, "ll_max_grad_norm": c} for b in (0.02, 0.1) for c in (0.1, 1.0)
+    ],
     "homlora": [{"ul_lr": u} for u in ADAMW_GRID],
     "hetlora": [{"ul_lr": u} for u in ADAMW_GRID],
     "perfedavg": [{"ul_lr": u} for u in ADAMW_GRID[1:]],  # 4x the cost of a HOMLoRA step
@@ -88,7 +94,9 @@ GRID_NOTE = (
     "the best value was at the upper edge, so every algorithm's AdamW grid became "
     "(3e-3, 1e-2, 3e-2) (Per-FedAvg: 1e-2, 3e-2) and the run resumed with the 4 finished runs kept. PF2LoRA's best "
     "ll_lr (0.1, at ul_lr 1e-2) was then at the lower edge of (0.1, 0.5): one more run at "
-    "ll_lr 0.02, ul_lr 1e-2 was added."
+    "ll_lr 0.02, ul_lr 1e-2 was added. After the 3-seed table, the variant pf2lora-llclip "
+    "(lower-level gradient clipped to ll_max_grad_norm) was added with its own grid at the "
+    "best ul_lr, tuned by the same procedure."
 )
 
 
@@ -128,6 +136,7 @@ def make_config(
         hypergrad=hypergrad,  # type: ignore[arg-type]
         ul_lr=hp["ul_lr"],
         ll_lr=hp.get("ll_lr", TrainConfig.ll_lr),
+        ll_max_grad_norm=hp.get("ll_max_grad_norm"),
     )
     algo = AlgorithmConfig(name=name, train=train, perfedavg_alpha=hp.get("perfedavg_alpha", 0.05))
     return SimulationConfig(

@@ -90,6 +90,9 @@ class TrainConfig:
     neumann_scale: float = 0.01
     reset_ul_optimizer: bool = False  # the UL AdamW state stays on the silo between rounds
     max_grad_norm: float | None = 1.0  # clip the UL gradient; None, 0 or false: no clipping
+    # Clip the LL (private adapter) gradient before its SGD step; the unrolled hypergradient
+    # differentiates through the clip. None (default), 0 or false: no clipping.
+    ll_max_grad_norm: float | None = None
     progress: bool = False  # a progress bar over local steps
 
     def __post_init__(self) -> None:
@@ -101,10 +104,12 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         _check(self.hypergrad in HYPERGRADS, "hypergrad", self.hypergrad, f"use one of {HYPERGRADS}")
         _check(self.neumann_terms >= 0, "neumann_terms", self.neumann_terms, "must be >= 0")
-        if self.max_grad_norm is not None and not self.max_grad_norm:
-            object.__setattr__(self, "max_grad_norm", None)  # TOML has no null: 0/false = off
-        if self.max_grad_norm is not None:
-            _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0 or None")
+        for name in ("max_grad_norm", "ll_max_grad_norm"):
+            v = getattr(self, name)
+            if v is not None and not v:
+                object.__setattr__(self, name, None)  # TOML has no null: 0/false = off
+            elif v is not None:
+                _check(math.isfinite(v) and v > 0, name, v, "must be a finite number > 0, or None")
 
 
 T = TypeVar("T")

@@ -42,22 +42,34 @@ def _dot(a: Params, b: Params) -> Tensor:
     return sum((a[n] * b[n]).sum() for n in a)  # type: ignore[return-value]
 
 
+def clip_named(grads: Named, max_norm: float | None) -> Named:
+    """grads * min(1, max_norm / ||grads||) over all tensors together (differentiable)."""
+    if max_norm is None or not grads:
+        return grads
+    norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))  # type: ignore[arg-type]
+    factor = torch.clamp(max_norm / (norm + 1e-12), max=1.0)
+    return {n: g * factor for n, g in grads.items()}
+
+
 def lower_level_step(
-    loss_fn: LossFn, y: Params, batch_ll: Mapping[str, Tensor], beta: float, *, create_graph: bool
+    loss_fn: LossFn, y: Params, batch_ll: Mapping[str, Tensor], beta: float, *, create_graph: bool,
+    max_norm: float | None = None,
 ) -> tuple[Named, float]:
-    """y_hat = y - beta * grad_y g(x, y; xi); with create_graph, y_hat stays a function of x."""
+    """y_hat = y - beta * clip(grad_y g(x, y; xi)); with create_graph, y_hat stays a function
+    of x (the clip factor included). `max_norm` None: no clipping."""
     loss = loss_fn({}, batch_ll)
-    g_y = grad_named(loss, y, create_graph=create_graph)
+    g_y = clip_named(grad_named(loss, y, create_graph=create_graph), max_norm)
     y_hat = {n: y[n] - beta * g_y[n] for n in y}  # same shapes as y
     return y_hat, float(loss.detach())
 
 
 def unroll(
     loss_fn: LossFn, x: Params, y: Params, batch_ll: Mapping[str, Tensor],
-    batch_ul: Mapping[str, Tensor], beta: float,
+    batch_ul: Mapping[str, Tensor], beta: float, *, ll_max_norm: float | None = None,
 ) -> HyperStep:
     """h = d/dx f(x, y_hat(x); zeta), differentiating through the SGD step (one HVP)."""
-    y_hat, ll_loss = lower_level_step(loss_fn, y, batch_ll, beta, create_graph=True)
+    y_hat, ll_loss = lower_level_step(
+        loss_fn, y, batch_ll, beta, create_graph=True, max_norm=ll_max_norm)
     ul = loss_fn(y_hat, batch_ul)
     h = grad_named(ul, x)
     return HyperStep(h, {n: t.detach() for n, t in y_hat.items()}, ll_loss, float(ul.detach()))
@@ -65,10 +77,11 @@ def unroll(
 
 def first_order(
     loss_fn: LossFn, x: Params, y: Params, batch_ll: Mapping[str, Tensor],
-    batch_ul: Mapping[str, Tensor], beta: float,
+    batch_ul: Mapping[str, Tensor], beta: float, *, ll_max_norm: float | None = None,
 ) -> HyperStep:
     """h = grad_x f(x, y_hat; zeta) with y_hat treated as a constant."""
-    y_hat, ll_loss = lower_level_step(loss_fn, y, batch_ll, beta, create_graph=False)
+    y_hat, ll_loss = lower_level_step(
+        loss_fn, y, batch_ll, beta, create_graph=False, max_norm=ll_max_norm)
     y_hat = {n: t.detach() for n, t in y_hat.items()}
     ul = loss_fn(y_hat, batch_ul)
     return HyperStep(grad_named(ul, x), y_hat, ll_loss, float(ul.detach()))
@@ -77,12 +90,14 @@ def first_order(
 def implicit(
     loss_fn: LossFn, x: Params, y: Params, batch_ll: Mapping[str, Tensor],
     batch_ul: Mapping[str, Tensor], beta: float, *, terms: int = 3, scale: float = 0.01,
+    ll_max_norm: float | None = None,
 ) -> HyperStep:
     """h = grad_x f - grad2_xy g . v,  v ~ [grad2_yy g]^-1 grad_y f (Neumann series, HVPs only).
 
     v = scale * sum_{k=0..terms} (I - scale * H_yy)^k grad_y f, evaluated at (x, y_hat).
     """
-    y_hat, ll_loss = lower_level_step(loss_fn, y, batch_ll, beta, create_graph=False)
+    y_hat, ll_loss = lower_level_step(
+        loss_fn, y, batch_ll, beta, create_graph=False, max_norm=ll_max_norm)
     y_hat = {n: t.detach().requires_grad_(True) for n, t in y_hat.items()}
     ul = loss_fn(y_hat, batch_ul)
     both = {**x, **{f"\0y:{n}": t for n, t in y_hat.items()}}

@@ -132,15 +132,16 @@ class BilevelTrainer:
         ul_batch = source.batch(self.step, STREAM_UL)
         x, y = dict(self.x), dict(self.y)
         beta = cfg.ll_lr
+        clip = cfg.ll_max_grad_norm
         if cfg.hypergrad == "unroll":
-            res = hg.unroll(loss_fn, x, y, ll_batch, ul_batch, beta)
+            res = hg.unroll(loss_fn, x, y, ll_batch, ul_batch, beta, ll_max_norm=clip)
         elif cfg.hypergrad == "implicit":
             res = hg.implicit(
                 loss_fn, x, y, ll_batch, ul_batch, beta,
-                terms=cfg.neumann_terms, scale=cfg.neumann_scale,
+                terms=cfg.neumann_terms, scale=cfg.neumann_scale, ll_max_norm=clip,
             )
         else:
-            res = hg.first_order(loss_fn, x, y, ll_batch, ul_batch, beta)
+            res = hg.first_order(loss_fn, x, y, ll_batch, ul_batch, beta, ll_max_norm=clip)
         with torch.no_grad():
             for n, p in self.y.items():
                 p.copy_(res.y_new[n])  # y <- y_hat (detached)

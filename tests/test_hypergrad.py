@@ -136,3 +136,36 @@ def test_maml_hessian_free_equals_exact_meta_gradient_on_quadratic() -> None:
     grad = H @ xd - b
     exact = (torch.eye(4, dtype=torch.float64) - alpha * H) @ (H @ (xd - alpha * grad) - b)
     torch.testing.assert_close(meta["x"], exact)
+
+
+def test_clipped_lower_level_step_unroll_matches_finite_differences() -> None:
+    """With ll_max_norm active, unroll differentiates through the clip factor too."""
+    W, V, xi, zeta, loss, loss_fn, _ = _toy()
+    beta = 0.3
+    with torch.enable_grad():
+        raw = torch.autograd.grad(loss(W, V, xi), V)[0]
+    max_norm = 0.25 * float(raw.norm())  # the clip is active at W
+    assert max_norm > 0
+
+    def unrolled(w):  # type: ignore[no-untyped-def]
+        with torch.enable_grad():
+            v = V.detach().clone().requires_grad_(True)
+            gv = torch.autograd.grad(loss(w, v, xi), v)[0]
+        gv = gv * min(1.0, max_norm / float(gv.norm()))
+        return loss(w, V - beta * gv, zeta)
+
+    res = hg.unroll(loss_fn, {"w": W}, {"v": V}, xi, zeta, beta, ll_max_norm=max_norm)
+    # the LL step has exactly the clipped length
+    step = (V.detach() - res.y_new["v"]).norm() / beta
+    assert abs(float(step) - max_norm) <= 1e-9 * max_norm
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        d = torch.randn(W.shape, generator=g, dtype=torch.float64)
+        analytic = float((res.h["w"] * d).sum())
+        numeric = _fd(unrolled, W.detach(), d)
+        assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+    # a bound above the gradient's norm changes nothing
+    loose = hg.unroll(loss_fn, {"w": W}, {"v": V}, xi, zeta, beta, ll_max_norm=1e6)
+    plain = hg.unroll(loss_fn, {"w": W}, {"v": V}, xi, zeta, beta)
+    torch.testing.assert_close(loose.h["w"], plain.h["w"])
+    torch.testing.assert_close(loose.y_new["v"], plain.y_new["v"])

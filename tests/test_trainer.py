@@ -83,3 +83,40 @@ def test_bilevel_without_private_adapter_is_refused_and_config_validated() -> No
         TrainConfig(hypergrad="newton")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="ll_lr"):
         TrainConfig(ll_lr=-1.0)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, False])
+def test_lower_level_clip_off_spellings(value: object) -> None:
+    assert TrainConfig(ll_max_grad_norm=value).ll_max_grad_norm is None  # type: ignore[arg-type]
+    assert TrainConfig().ll_max_grad_norm is None  # off by default
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_lower_level_clip_bad_values_are_refused(value: float) -> None:
+    with pytest.raises(ConfigError, match="ll_max_grad_norm"):
+        TrainConfig(ll_max_grad_norm=value)
+
+
+def test_lower_level_clip_bounds_every_private_step() -> None:
+    """Each private SGD step moves y by at most ll_lr * ll_max_grad_norm; without it, more."""
+    data = regression_data(64, d=6)
+
+    def largest_step(clip: float | None) -> float:
+        m = linear_model(d=6, r=3, r_hat=2)
+        with torch.no_grad():
+            for p in m.private_parameters().values():
+                p.normal_(0, 1.0)  # far from the optimum: large lower-level gradients
+        cfg = TrainConfig(local_steps=1, batch_size=32, ll_lr=0.05, ul_lr=0.01, ll_max_grad_norm=clip)
+        tr = BilevelTrainer(m, cfg, seed=0)
+        src = source(data, 32)
+        steps = []
+        for _ in range(5):
+            y0 = torch.cat([p.detach().flatten().clone() for p in m.private_parameters().values()])
+            tr.train_round(src)
+            y1 = torch.cat([p.detach().flatten() for p in m.private_parameters().values()])
+            steps.append(float((y1 - y0).norm()))
+        return max(steps)
+
+    clip = 0.1
+    assert largest_step(clip) <= 0.05 * clip * (1 + 1e-5)
+    assert largest_step(None) > 0.05 * clip * 2
