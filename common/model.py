@@ -152,7 +152,12 @@ class TwoLevelModel(nn.Module):
         elif private_heads:
             raise ConfigError("head='private' needs private_rank > 0")
         first_name, first_cfg = configs[0]
-        self.peft: PeftModel = get_peft_model(base, first_cfg, adapter_name=first_name)
+        with warnings.catch_warnings():
+            # PEFT asks transformers 5 through a deprecated name; nothing for our users to do.
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+            )
+            self.peft: PeftModel = get_peft_model(base, first_cfg, adapter_name=first_name)
         for name, cfg in configs[1:]:
             self.peft.add_adapter(name, cfg)
         self.adapter_names = tuple(n for n, _ in configs)

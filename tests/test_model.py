@@ -31,8 +31,8 @@ def test_both_adapters_active_with_expected_ranks_and_init() -> None:
     assert len(a) == len(b) == len(c) == len(d) == 2  # query and value of one layer
     assert all(t.shape[0] == 8 for t in a) and all(t.shape[1] == 8 for t in b)
     assert all(t.shape[0] == 2 for t in c) and all(t.shape[1] == 2 for t in d)
-    assert all(float(t.abs().sum()) == 0 for t in b + d)  # B = 0, D = 0: W_k = W0 at start
-    assert all(float(t.abs().sum()) > 0 for t in a + c)
+    assert all(float(t.detach().abs().sum()) == 0 for t in b + d)  # B = 0, D = 0: W_k = W0 at start
+    assert all(float(t.detach().abs().sum()) > 0 for t in a + c)
     assert any("classifier" in n for n in shared)  # the head is shared by default
     assert not any("classifier" in n for n in private)
     trainable = {n for n, p in m.peft.named_parameters() if p.requires_grad}
