@@ -43,6 +43,11 @@ class SiloSection:
     # Refuse TRAIN tasks of runs without secure aggregation: the coordinator would see this
     # silo's (weighted) update itself. false lets this silo take part in such runs.
     require_secure_aggregation: bool = True
+    # Send per-round scalar metrics (losses, timings, accuracies) to the coordinator. They are
+    # per silo and outside secure aggregation; false keeps them here (the silo's own /metrics
+    # still has them): no training report, and the final evaluation is acknowledged with the
+    # single value metrics_withheld = 1 so the run need not wait for its evaluation deadline.
+    report_metrics: bool = True
 
     def __post_init__(self) -> None:
         validate_label("silo.id", self.id)

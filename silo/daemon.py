@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_PERMISSION_DENIED = 3
 EXIT_INVALID_ARGUMENT = 4
+# The only value a silo with report_metrics = false sends: its final evaluation is done.
+WITHHELD = "metrics_withheld"
 ERROR_PAUSE_S = 5.0  # after an unexpected error, before asking for work again
 
 
@@ -262,7 +264,8 @@ class SiloDaemon:
                     "masked " if task.secure is not None else "", receipt.manifest_digest.hex()[:16])
         metrics.update(weight=task.weight, fetch_seconds=t1 - t0, local_seconds=t2 - t1, push_seconds=t3 - t2)
         self.metrics.round_done(rnd, fetch_s=t1 - t0, local_s=t2 - t1, push_s=t3 - t2, metrics=metrics)
-        self.client.report_metrics(run_id, rnd, "train", metrics)
+        if self.cfg.silo.report_metrics:
+            self.client.report_metrics(run_id, rnd, "train", metrics)
 
     def _evaluate(self, task: EvaluateTask) -> None:
         run_id = task.run.run_id
@@ -275,4 +278,5 @@ class SiloDaemon:
         self.metrics.evaluated(metrics)
         logger.info("run %s: final evaluation %s", run_id,
                     {k: round(v, 4) for k, v in metrics.items() if k.endswith("accuracy")})
-        self.client.report_metrics(run_id, task.round, "evaluate", metrics)
+        reported = metrics if self.cfg.silo.report_metrics else {WITHHELD: 1.0}
+        self.client.report_metrics(run_id, task.round, "evaluate", reported)

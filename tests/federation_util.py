@@ -194,6 +194,8 @@ class Federation:
         ]
         if "audit_log" in extra:
             lines.append(f'audit_log = "{extra["audit_log"]}"')
+        if "report_metrics" in extra:
+            lines.append(f"report_metrics = {str(extra['report_metrics']).lower()}")
         if "require_secure_aggregation" in extra:
             lines.append(f"require_secure_aggregation = {str(extra['require_secure_aggregation']).lower()}")
         from pf2lora.common import pki

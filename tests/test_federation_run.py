@@ -45,6 +45,7 @@ pytestmark = pytest.mark.slow
 
 SILOS = ("silo-0", "silo-1", "silo-2")
 SIZES = (24, 32, 40)  # different sample counts: non-trivial FedAvg weights
+WITHHOLDS = "silo-2"  # report_metrics = false: it sends the coordinator no scalar metrics
 SILO_METHODS = {f"/pf2lora.v1.SiloApi/{m}": m for m in (
     "Join", "GetTask", "FetchGlobal", "PushUpdate", "ReportMetrics",
     "AdvertiseKeys", "ShareKeys", "ConsistencyCheck", "Unmask")}
@@ -56,7 +57,8 @@ SECAGG_REQUESTS = {"AdvertiseKeys": "AdvertiseKeysRequest", "ShareKeys": "ShareK
 def done(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     root = tmp_path_factory.mktemp("federation")
     silos = {s: write_silo_data(root / "data" / s, k, n) for k, (s, n) in enumerate(zip(SILOS, SIZES, strict=True))}
-    extra = {s: {"audit_log": str(root / f"{s}.audit")} for s in SILOS}
+    extra: dict[str, dict[str, object]] = {s: {"audit_log": str(root / f"{s}.audit")} for s in SILOS}
+    extra[WITHHOLDS]["report_metrics"] = False
     fed = Federation(root, silos, silo_extra=extra)
     proxy: RecordingProxy | None = None
     try:
@@ -86,7 +88,10 @@ def test_full_run_completes(done: SimpleNamespace) -> None:
         assert "train_loss" in h.mean_metrics
     assert sorted(e.silo_id for e in st.evaluation) == list(SILOS)
     for e in st.evaluation:
-        assert 0.0 <= e.metrics["personal_accuracy"] <= 1.0 and "shared_accuracy" in e.metrics
+        if e.silo_id == WITHHOLDS:
+            assert dict(e.metrics) == {"metrics_withheld": 1.0}
+        else:
+            assert 0.0 <= e.metrics["personal_accuracy"] <= 1.0 and "shared_accuracy" in e.metrics
     assert all(done.fed.procs.procs[s].returncode == 0 for s in SILOS)
     for h in st.history:  # every round was securely aggregated, nobody dropped
         assert h.secure_aggregation and not h.dropped
@@ -103,6 +108,27 @@ def test_full_run_completes(done: SimpleNamespace) -> None:
         assert weights == pytest.approx({s: n / sum(SIZES) for s, n in zip(SILOS, SIZES, strict=True)})
     finally:
         store.close()
+
+
+def test_a_silo_with_report_metrics_false_sends_the_coordinator_no_scalars(done: SimpleNamespace) -> None:
+    """Its update still counts (parity below covers all three), but the coordinator holds no
+    metric of it beyond the withheld marker, and nothing else left the silo in a metrics report."""
+    store = Store(done.root / "coordinator" / "state.db")
+    try:
+        rows = store.metrics(done.run_id)
+    finally:
+        store.close()
+    mine = {key: values for key, values in rows.items() if key[1] == WITHHOLDS}
+    assert mine == {(2, WITHHOLDS, "evaluate"): {"metrics_withheld": 1.0}}
+    others = {key[1] for key in rows if key[2] == "train"}
+    assert others == set(SILOS) - {WITHHOLDS}  # the other silos did report
+    reports = [silo_pb2.ReportMetricsRequest.FromString(data)
+               for method, data in read_audit_log(done.root / f"{WITHHOLDS}.audit")
+               if method.endswith("/ReportMetrics")]
+    assert [(r.kind, dict(r.metrics)) for r in reports] == [
+        (silo_pb2.METRICS_KIND_EVALUATE, {"metrics_withheld": 1.0})]
+    for h in done.status.history:
+        assert WITHHOLDS in h.reported  # its update was part of every round's sum
 
 
 def test_parity_with_the_in_process_simulation(done: SimpleNamespace) -> None:
@@ -134,6 +160,8 @@ def test_parity_with_the_in_process_simulation(done: SimpleNamespace) -> None:
     # the per-silo evaluation of the final models agrees as well
     fed_eval = {e.silo_id: dict(e.metrics) for e in done.status.evaluation}
     for k, s in enumerate(SILOS):
+        if s == WITHHOLDS:
+            continue
         assert fed_eval[s]["personal_accuracy"] == pytest.approx(sim.clients[k]["personal_accuracy"])
         assert fed_eval[s]["personal_loss"] == pytest.approx(sim.clients[k]["personal_loss"], rel=1e-4)
 
