@@ -331,7 +331,8 @@ def _tuning_doc(
     for label in VARIANTS:
         cands = [r for r in runs if r["variant"] == label]
         if cands:
-            best = max(cands, key=lambda r: r["mean_personal_accuracy"])  # first max in grid order
+            # First max in grid order; rounded so that float summation order cannot break a tie.
+            best = max(cands, key=lambda r: round(r["mean_personal_accuracy"], 9))
             chosen[label] = best["hparams"]
     commands = (prev.get("commands", [prev["command"]]) if prev else []) + [command]
     return {
