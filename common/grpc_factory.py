@@ -266,7 +266,7 @@ class _CertificateReloader:
         _check_tls_material(*material, what=f"TLS files {self._files}")
         with self._lock:
             self._current = material
-        logger.info("server certificate loaded: %s", _describe(material[1]))
+        logger.info("server certificate loaded: %s", describe_certificate(material[1]))
         return _certificate_configuration(material)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
@@ -284,7 +284,7 @@ class _CertificateReloader:
                 logger.warning("keeping the current server certificate: %s", exc)
                 return None
             self._current = material
-        logger.info("server certificate reloaded: %s", _describe(material[1]))
+        logger.info("server certificate reloaded: %s", describe_certificate(material[1]))
         return _certificate_configuration(material)
 
 
@@ -317,11 +317,12 @@ def _check_tls_material(ca_pem: bytes, cert_pem: bytes, key_pem: bytes, *, what:
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
         raise ConfigError(
-            f"{what}: private key does not match the certificate ({_describe(cert_pem)})"
+            f"{what}: private key does not match the certificate ({describe_certificate(cert_pem)})"
         )
 
 
-def _describe(cert_pem: bytes) -> str:
+def describe_certificate(cert_pem: bytes) -> str:
+    """Subject, serial and expiry of the first certificate of a PEM chain (for logs and errors)."""
     cert = x509.load_pem_x509_certificates(cert_pem)[0]
     return (
         f"subject {cert.subject.rfc4514_string()!r}, serial {cert.serial_number:x}, "

@@ -19,7 +19,7 @@ import grpc
 from torch import Tensor
 
 from pf2lora.common import grpc_factory, serde, serde_secagg
-from pf2lora.common.errors import DataError, Pf2LoraError
+from pf2lora.common.errors import ConfigError, DataError, Pf2LoraError
 from pf2lora.common.secagg.messages import (
     ConsistencySignature,
     EncryptedShare,
@@ -92,8 +92,12 @@ def task_from_proto(msg: silo_pb2.Task) -> Task:
 class Backoff:
     """Retry a call on UNAVAILABLE: delays drawn uniformly from [0, min(max, initial * 2^n)]."""
 
-    def __init__(self, initial_s: float, max_s: float, stop: threading.Event) -> None:
+    def __init__(
+        self, initial_s: float, max_s: float, stop: threading.Event,
+        before_retry: Callable[[], object] | None = None,
+    ) -> None:
         self.initial_s, self.max_s, self.stop = initial_s, max_s, stop
+        self.before_retry = before_retry  # e.g. pick up a rotated certificate
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         attempt = 0
@@ -111,6 +115,8 @@ class Backoff:
                 )
                 if self.stop.wait(delay):
                     raise Stopped(f"stopped while retrying {what}") from None
+                if self.before_retry is not None:
+                    self.before_retry()
 
 
 class CoordinatorClient:
@@ -125,18 +131,47 @@ class CoordinatorClient:
         self.silo_id = cfg.silo.id
         c = cfg.coordinator
         self.audit = AuditLog(cfg.silo.audit_log) if cfg.silo.audit_log else None
-        chain = tuple(interceptors) + ((AuditInterceptor(self.audit),) if self.audit else ())
-        self.channel = grpc_factory.create_channel(
-            c.address, self._credentials(), server_name_override=c.server_name, interceptors=chain
-        )
-        self.stub = silo_pb2_grpc.SiloApiStub(self.channel)
-        self.retry = Backoff(c.retry_initial_s, c.retry_max_s, stop)
+        self._chain = tuple(interceptors) + ((AuditInterceptor(self.audit),) if self.audit else ())
+        self._tls = None if c.insecure else cfg.tls.files().read()
+        self.channel, self.stub = self._connect(self._tls)
+        # A handshake refused for an expired certificate is UNAVAILABLE too: each retry first
+        # looks for rotated files.
+        self.retry = Backoff(c.retry_initial_s, c.retry_max_s, stop, self.reload_tls_if_changed)
 
-    def _credentials(self) -> grpc.ChannelCredentials | None:
+    def _connect(
+        self, material: tuple[bytes, bytes, bytes] | None
+    ) -> tuple[grpc.Channel, silo_pb2_grpc.SiloApiStub]:
+        """A channel presenting `material` (ca, cert, key); ConfigError if they do not fit."""
+        creds = None if material is None else grpc_factory.channel_credentials(*material)
+        c = self.cfg.coordinator
+        channel = grpc_factory.create_channel(
+            c.address, creds, server_name_override=c.server_name, interceptors=self._chain
+        )
+        return channel, silo_pb2_grpc.SiloApiStub(channel)
+
+    def reload_tls_if_changed(self) -> bool:
+        """Re-read the [tls] files; when they changed and fit together, later calls use a new
+        channel that presents the new certificate (rotation without a restart). Files that are
+        unreadable or do not match (a rotation half written) keep the current channel."""
         if self.cfg.coordinator.insecure:
-            return None
-        ca, cert, key = self.cfg.tls.files().read()
-        return grpc_factory.channel_credentials(ca, cert, key)
+            return False
+        try:
+            material = self.cfg.tls.files().read()
+        except ConfigError as exc:
+            logger.warning("TLS files: %s; keeping the current certificate", exc)
+            return False
+        if material == self._tls:
+            return False
+        try:
+            channel, stub = self._connect(material)
+        except ConfigError as exc:
+            logger.warning("new TLS files not used: %s; keeping the current certificate", exc)
+            return False
+        old, self.channel, self.stub, self._tls = self.channel, channel, stub, material
+        old.close()
+        logger.info("TLS files changed: new calls to the coordinator present %s",
+                    grpc_factory.describe_certificate(material[1]))
+        return True
 
     def close(self) -> None:
         self.channel.close()
@@ -200,9 +235,10 @@ class CoordinatorClient:
         return PushReceipt(reply.manifest_digest, reply.received, reply.participants, sent)
 
     # ------------------------------------------------------ secure aggregation
-    def _stage_call(self, what: str, call: Callable[..., silo_pb2.SecAggAck], request: object) -> tuple[int, int]:
+    def _stage_call(self, method: str, request: object) -> tuple[int, int]:
         timeout = self.cfg.coordinator.call_timeout_s
-        reply = self.retry.call(what, lambda: call(request, timeout=timeout))
+        # The stub is looked up on every try: a retry may run on a channel with a rotated certificate.
+        reply = self.retry.call(method, lambda: getattr(self.stub, method)(request, timeout=timeout))
         return reply.received, reply.expected
 
     def _header(self, run_id: str, round_: int, attempt: int) -> silo_pb2.SecAggHeader:
@@ -211,27 +247,27 @@ class CoordinatorClient:
     def advertise_keys(self, run_id: str, round_: int, attempt: int, keys: SignedKeys) -> int:
         req = silo_pb2.AdvertiseKeysRequest(
             header=self._header(run_id, round_, attempt), keys=serde_secagg.keys_to_proto(keys))
-        self._stage_call("AdvertiseKeys", self.stub.AdvertiseKeys, req)
+        self._stage_call("AdvertiseKeys", req)
         return req.ByteSize()
 
     def share_keys(self, run_id: str, round_: int, attempt: int, shares: list[EncryptedShare]) -> int:
         req = silo_pb2.ShareKeysRequest(
             header=self._header(run_id, round_, attempt),
             shares=[serde_secagg.share_to_proto(s) for s in shares])
-        self._stage_call("ShareKeys", self.stub.ShareKeys, req)
+        self._stage_call("ShareKeys", req)
         return req.ByteSize()
 
     def consistency_check(self, run_id: str, round_: int, attempt: int, signature: ConsistencySignature) -> int:
         req = silo_pb2.ConsistencyCheckRequest(
             header=self._header(run_id, round_, attempt),
             signature=serde_secagg.signature_to_proto(signature))
-        self._stage_call("ConsistencyCheck", self.stub.ConsistencyCheck, req)
+        self._stage_call("ConsistencyCheck", req)
         return req.ByteSize()
 
     def unmask(self, run_id: str, round_: int, attempt: int, response: UnmaskResponse) -> int:
         req = silo_pb2.UnmaskRequest(
             header=self._header(run_id, round_, attempt), response=serde_secagg.response_to_proto(response))
-        self._stage_call("Unmask", self.stub.Unmask, req)
+        self._stage_call("Unmask", req)
         return req.ByteSize()
 
     def report_metrics(self, run_id: str, round_: int, kind: str, metrics: Mapping[str, float]) -> None:

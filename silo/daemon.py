@@ -155,6 +155,7 @@ class SiloDaemon:
     def _step(self, num_samples: int) -> bool:
         """One task; True when the daemon should exit."""
         t0 = time.monotonic()
+        self.client.reload_tls_if_changed()  # a rotated certificate, between tasks
         task, self._pending = self._pending or self.client.get_task(self.current_run), None
         if isinstance(task, IdleTask):
             logger.debug("idle: %s", task.reason)
