@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
 
 import pf2lora.common.simulation as sim
 from pf2lora.common.algorithms.base import AlgorithmConfig
@@ -210,12 +211,7 @@ def run_one(
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     import peft
     import transformers
 

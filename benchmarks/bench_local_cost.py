@@ -24,7 +24,6 @@ Writes benchmarks/results/local_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime as dt
 import gc
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -169,12 +169,7 @@ def measure_memory(args: argparse.Namespace, labels: list[str]) -> dict[str, Any
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     return {
         "cpu": cpu,
         "cpus_usable": len(os.sched_getaffinity(0)),

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import cryptography
 import numpy as np
+from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
 
 from pf2lora.common import pki
 from pf2lora.common.secagg.config import SecAggConfig
@@ -170,18 +171,10 @@ def _median(values: list[float]) -> float:
 
 
 def _machine() -> dict:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model or platform.processor(),
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,

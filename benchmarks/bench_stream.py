@@ -31,6 +31,7 @@ import cryptography
 import google.protobuf
 import grpc
 import torch
+from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
 
 from pf2lora.common import grpc_factory, pki, serde
 from pf2lora.v1 import tensors_pb2 as pb
@@ -138,18 +139,10 @@ def _uploader(channel: grpc.Channel, chunk_size: int):
 
 
 def _machine() -> dict:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model or platform.processor(),
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.config import AdapterConfig, ModelConfig, TrainConfig
@@ -141,14 +142,7 @@ def run_case(label: str, algorithm: str, **kw: Any) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "cpu": cpu,
         "cpus_usable": len(os.sched_getaffinity(0)),
