@@ -264,6 +264,23 @@ class Federation:
         return self.status(run_id)
 
 
+def pump(src: socket.socket, dst: socket.socket, on_data: Callable[[bytes], None] | None = None) -> None:
+    """Copy src to dst until either side closes, then shut both down (one direction of a TCP relay)."""
+    try:
+        while data := src.recv(1 << 16):
+            if on_data is not None:
+                on_data(data)
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 class RecordingProxy:
     """A TCP forwarder that keeps every byte the client sends (the silo's whole transmission)."""
 
@@ -294,23 +311,11 @@ class RecordingProxy:
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                if record:
-                    with self._lock:
-                        self.sent += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        def keep(data: bytes) -> None:
+            with self._lock:
+                self.sent += data
+
+        pump(src, dst, keep if record else None)
 
     def close(self) -> None:
         self._stopped = True

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from federation_util import pump
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tlsutil import make_pki
 
@@ -64,21 +65,7 @@ class ConnectProxy:
         if rest:
             upstream.sendall(rest)
         for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            threading.Thread(target=pump, args=(a, b), daemon=True).start()
 
     def close(self) -> None:
         self.sock.close()
