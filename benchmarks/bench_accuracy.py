@@ -49,9 +49,9 @@ from _machine import cpu_model  # benchmarks/_machine.py (scripts run from bench
 
 import pf2lora.common.simulation as sim
 from pf2lora.common.algorithms.base import AlgorithmConfig
-from pf2lora.common.batching import EncodedData
-from pf2lora.common.config import AdapterConfig, ModelConfig, TrainConfig
-from pf2lora.common.partition import train_test_split_indices
+from pf2lora.common.data.partition import train_test_split_indices
+from pf2lora.common.learning.batching import EncodedData
+from pf2lora.common.learning.config import AdapterConfig, ModelConfig, TrainConfig
 from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
 
 RESULTS = Path(__file__).resolve().parent / "results"

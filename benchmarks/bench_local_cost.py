@@ -64,9 +64,9 @@ def _status_kib(field: str) -> int:
 def setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(model config, base model, train data, test data) of one client."""
     from pf2lora.common.client_runtime import encode_dataset, load_tokenizer
-    from pf2lora.common.config import AdapterConfig, ModelConfig
-    from pf2lora.common.data import build_client_data
-    from pf2lora.common.model import load_base_model
+    from pf2lora.common.data.loaders import build_client_data
+    from pf2lora.common.learning.config import AdapterConfig, ModelConfig
+    from pf2lora.common.learning.model import load_base_model
 
     data = build_client_data(
         "vader", "natural", 8, 0, max_train_per_client=250, max_test_per_client=50
@@ -90,7 +90,7 @@ def make_runtime(
     from pf2lora.common.algorithms.base import AlgorithmConfig
     from pf2lora.common.algorithms.registry import make_algorithm
     from pf2lora.common.client_runtime import ClientRuntime, initial_global_state
-    from pf2lora.common.config import TrainConfig
+    from pf2lora.common.learning.config import TrainConfig
 
     name, hypergrad = VARIANTS[label]
     cfg = AlgorithmConfig(

@@ -34,11 +34,11 @@ import cryptography
 import numpy as np
 from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
 
-from pf2lora.common import pki
 from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.keys import PeerVerifier
 from pf2lora.common.secagg.server import SecAggServer
 from pf2lora.common.secagg.silo import SecAggSilo
+from pf2lora.common.transport import pki
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FEDERATION = "bench"

@@ -33,7 +33,8 @@ import grpc
 import torch
 from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
 
-from pf2lora.common import grpc_factory, pki, serde
+from pf2lora.common.transport import grpc_factory, pki
+from pf2lora.common.wire import streams as serde
 from pf2lora.v1 import tensors_pb2 as pb
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
     result = {
-        "benchmark": "tensor stream throughput (pf2lora.common.serde over grpc_factory)",
+        "benchmark": "tensor stream throughput (pf2lora.common.wire.streams over grpc_factory)",
         "command": command,
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "chunk_size": args.chunk_size,

@@ -38,7 +38,7 @@ import torch
 from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
-from pf2lora.common.config import AdapterConfig, ModelConfig, TrainConfig
+from pf2lora.common.learning.config import AdapterConfig, ModelConfig, TrainConfig
 from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
 
 RESULTS = Path(__file__).resolve().parent / "results"

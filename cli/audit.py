@@ -28,7 +28,7 @@ from typing import Any
 from pf2lora.cli import control
 from pf2lora.common.algorithms.aggregate import is_weight_key
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.wire_manifest import MASKED_TENSOR, Finding, layout_from_list
+from pf2lora.common.wire.manifest_json import MASKED_TENSOR, Finding, layout_from_list
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def _tensor(t: Any) -> dict[str, Any]:
     """A TensorSpec (protobuf) in the silo record's JSON form."""
     import torch
 
-    from pf2lora.common.serde import dtype_from_proto
-    from pf2lora.common.wire_manifest import dtype_name
+    from pf2lora.common.wire.manifest_json import dtype_name
+    from pf2lora.common.wire.streams import dtype_from_proto
 
     dtype: torch.dtype = dtype_from_proto(t.dtype)
     return {"name": t.name, "dtype": dtype_name(dtype), "shape": list(t.shape), "nbytes": t.nbytes,
@@ -147,7 +147,7 @@ def _prod(shape: Iterable[int]) -> int:
 
 def audit_log_streams(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(manifest digest hex, header as JSON-like dict) of every PushUpdate stream in an audit log."""
-    from pf2lora.common import serde
+    from pf2lora.common.wire import streams as serde
     from pf2lora.silo.audit import read_audit_log
     from pf2lora.v1 import tensors_pb2 as tpb
 

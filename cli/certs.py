@@ -11,9 +11,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from pf2lora.common import pki
 from pf2lora.common.errors import ConfigError, InvalidArgument
-from pf2lora.common.identity import identity_from_cert
+from pf2lora.common.transport import pki
+from pf2lora.common.transport.identity import identity_from_cert
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from pf2lora.common import grpc_factory
 from pf2lora.common.errors import ConfigError, Pf2LoraError
+from pf2lora.common.transport import grpc_factory
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc
 

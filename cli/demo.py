@@ -86,7 +86,7 @@ def _toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 def _write_data(work: Path, args: argparse.Namespace) -> dict[str, tuple[Path, Path, int]]:
-    from pf2lora.common.data import build_client_data
+    from pf2lora.common.data.loaders import build_client_data
 
     clients = build_client_data(
         "vader", "natural", 4, args.seed, max_train_per_client=args.max_train,
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from pf2lora.cli import control
     from pf2lora.cli.run import follow
     from pf2lora.common.algorithms.base import AlgorithmConfig
-    from pf2lora.common.config import ModelConfig, TrainConfig
+    from pf2lora.common.learning.config import ModelConfig, TrainConfig
     from pf2lora.common.runspec import RunConfig, to_json
     from pf2lora.v1 import control_pb2 as cpb
 
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     silos = sorted(data)
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(silos))
     silo_port, control_port = _free_port(), _free_port()
-    from pf2lora.common import pki
+    from pf2lora.common.transport import pki
 
     # Certificates for the demo: the transport's (mutual TLS) and the silos' signing keys for
     # secure aggregation (needed with --insecure too).

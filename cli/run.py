@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def build_run_config(args: argparse.Namespace) -> Any:
-    from pf2lora.common.config import from_mapping
+    from pf2lora.common.learning.config import from_mapping
     from pf2lora.common.runspec import RunConfig, load_toml, set_path
 
     tree: dict[str, Any] = load_toml(args.run_file) if args.run_file else {}

@@ -79,7 +79,7 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    from pf2lora.common.config import from_mapping
+    from pf2lora.common.learning.config import from_mapping
     from pf2lora.common.simulation import SimulationConfig
 
     tree: dict[str, Any] = {}

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from pf2lora.common.algorithms.base import Algorithm, ClientAlgorithm
-from pf2lora.common.batching import BatchSource, EncodedData, derive_seed, encode_texts
-from pf2lora.common.config import ModelConfig
-from pf2lora.common.model import TwoLevelModel, build_two_level_model, resolve_model_path
+from pf2lora.common.learning.batching import BatchSource, EncodedData, derive_seed, encode_texts
+from pf2lora.common.learning.config import ModelConfig
+from pf2lora.common.learning.model import TwoLevelModel, build_two_level_model, resolve_model_path
 
 logger = logging.getLogger(__name__)
 

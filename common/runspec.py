@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
-from pf2lora.common.config import ModelConfig, from_mapping
 from pf2lora.common.errors import ConfigError
+from pf2lora.common.learning.config import ModelConfig, from_mapping
 from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.fixedpoint import check_no_overflow, choose_frac_bits
 

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from pf2lora.common.algorithms.aggregate import sum_payloads
 from pf2lora.common.algorithms.base import Algorithm, AlgorithmConfig
 from pf2lora.common.algorithms.registry import make_algorithm
-from pf2lora.common.batching import EncodedData, resolve_device
 from pf2lora.common.client_runtime import (
     ClientRuntime,
     client_seed,
@@ -25,9 +24,10 @@ from pf2lora.common.client_runtime import (
     initial_global_state,
     load_tokenizer,
 )
-from pf2lora.common.config import ModelConfig
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.model import load_base_model
+from pf2lora.common.learning.batching import EncodedData, resolve_device
+from pf2lora.common.learning.config import ModelConfig
+from pf2lora.common.learning.model import load_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class LinearMap(nn.Module):
 def _prepare(cfg: SimulationConfig) -> tuple[ModelConfig, nn.Module, list[ClientSpec]]:
     d = cfg.data
     if d.source == "synthetic-rank":
-        from pf2lora.common.synthetic import SyntheticRankConfig, make_synthetic_rank_problem
+        from pf2lora.common.data.synthetic import SyntheticRankConfig, make_synthetic_rank_problem
 
         syn = SyntheticRankConfig(
             num_clients=len(d.synthetic_true_ranks),
@@ -147,7 +147,7 @@ def _prepare(cfg: SimulationConfig) -> tuple[ModelConfig, nn.Module, list[Client
         ]
         return model_cfg, LinearMap(problem.base_weight), clients
 
-    from pf2lora.common.data import build_client_data, client_data_from_files
+    from pf2lora.common.data.loaders import build_client_data, client_data_from_files
 
     if d.source == "files":
         data = client_data_from_files(
@@ -250,7 +250,7 @@ def _attach_rank_analysis(
     """For the synthetic experiment: learned rank and spectrum of each client's update."""
     if cfg.data.source != "synthetic-rank":
         return
-    from pf2lora.common.synthetic import learned_rank, singular_values
+    from pf2lora.common.data.synthetic import learned_rank, singular_values
 
     for entry, rt in zip(clients, runtimes, strict=True):
         deltas = rt.model.delta_weights()

@@ -35,7 +35,6 @@ from torch import Tensor
 from pf2lora.common.algorithms.aggregate import sum_payloads
 from pf2lora.common.algorithms.base import Algorithm
 from pf2lora.common.algorithms.registry import make_algorithm
-from pf2lora.common.config import ModelConfig
 from pf2lora.common.errors import (
     ConfigError,
     DataError,
@@ -44,12 +43,13 @@ from pf2lora.common.errors import (
     NotFound,
     PermissionDenied,
 )
-from pf2lora.common.identity import LABEL_RE
+from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.runspec import RunConfig, from_json, to_dict, to_json
-from pf2lora.common.serde import TensorInfo
 from pf2lora.common.simulation import client_weights
-from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
-from pf2lora.common.wire_manifest import tensors_to_json
+from pf2lora.common.transport.identity import LABEL_RE
+from pf2lora.common.wire.manifest_json import tensors_to_json
+from pf2lora.common.wire.streams import TensorInfo
+from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore, canonical
 from pf2lora.coordinator.metrics import CoordinatorMetrics
 from pf2lora.coordinator.secure_round import Outcome, SecureRound

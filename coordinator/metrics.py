@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from pf2lora.common.metrics_http import MetricsServer, start_metrics_server
+from pf2lora.common.transport.metrics_http import MetricsServer, start_metrics_server
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ from pf2lora.common.secagg.messages import (
     UnmaskResponse,
 )
 from pf2lora.common.secagg.server import SecAggServer
-from pf2lora.common.tasks import (
+from pf2lora.common.wire.manifest_json import MASKED_TENSOR, Spec, payload_layout
+from pf2lora.common.wire.tasks import (
     ConsistencyCheckTask,
     MaskedInputTask,
     SecureAggregation,
@@ -48,7 +49,6 @@ from pf2lora.common.tasks import (
     StageTask,
     UnmaskTask,
 )
-from pf2lora.common.wire_manifest import MASKED_TENSOR, Spec, payload_layout
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from pf2lora.common import grpc_factory
-from pf2lora.common.identity import admin_only_interceptor
-from pf2lora.common.metrics_http import MetricsServer
 from pf2lora.common.state_io import atomic_write_bytes
+from pf2lora.common.transport import grpc_factory
+from pf2lora.common.transport.identity import admin_only_interceptor
+from pf2lora.common.transport.metrics_http import MetricsServer
 from pf2lora.common.version import software_version
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.config import CoordinatorConfig

@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from pf2lora.common import serde, serde_secagg
 from pf2lora.common.errors import InvalidArgument
-from pf2lora.common.identity import require_silo
-from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
-from pf2lora.common.wire_manifest import MASKED_TENSOR
+from pf2lora.common.transport.identity import require_silo
+from pf2lora.common.wire import streams as serde
+from pf2lora.common.wire import task_proto as serde_secagg
+from pf2lora.common.wire.manifest_json import MASKED_TENSOR
+from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.grpc_errors import map_errors
 from pf2lora.coordinator.secure_round import SecureRound

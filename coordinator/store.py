@@ -138,7 +138,7 @@ class ParticipantRow:
     num_samples: int
     reported_ms: int | None
     manifest_digest: str | None
-    update_manifest: str | None = None  # JSON (common/wire_manifest.py): kind and tensors
+    update_manifest: str | None = None  # JSON (common/wire/manifest_json.py): kind and tensors
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from typing import TypeVar
 import grpc
 from torch import Tensor
 
-from pf2lora.common import grpc_factory, serde, serde_secagg
 from pf2lora.common.errors import ConfigError, DataError, Pf2LoraError
 from pf2lora.common.secagg.messages import (
     ConsistencySignature,
@@ -26,7 +25,10 @@ from pf2lora.common.secagg.messages import (
     SignedKeys,
     UnmaskResponse,
 )
-from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
+from pf2lora.common.transport import grpc_factory
+from pf2lora.common.wire import streams as serde
+from pf2lora.common.wire import task_proto as serde_secagg
+from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
 from pf2lora.silo.audit import AuditInterceptor, AuditLog
 from pf2lora.silo.config import SiloConfig
 from pf2lora.v1 import silo_pb2, silo_pb2_grpc

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pf2lora.common.config import from_mapping
-from pf2lora.common.daemon_config import TlsSection, is_address
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.identity import validate_label
+from pf2lora.common.learning.config import from_mapping
 from pf2lora.common.runspec import apply_overrides, load_toml
+from pf2lora.common.transport.daemon_config import TlsSection, is_address
+from pf2lora.common.transport.identity import validate_label
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Any
 import grpc
 import torch
 
-from pf2lora.common import grpc_factory
-from pf2lora.common.batching import resolve_device
 from pf2lora.common.errors import DataError
-from pf2lora.common.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
+from pf2lora.common.learning.batching import resolve_device
+from pf2lora.common.transport import grpc_factory
 from pf2lora.common.version import software_version
+from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
 from pf2lora.silo.client import CoordinatorClient, Stopped
 from pf2lora.silo.config import SiloConfig
 from pf2lora.silo.metrics import SiloMetrics

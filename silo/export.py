@@ -24,10 +24,10 @@ import torch
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.errors import ConfigError, DataError
-from pf2lora.common.model import PRIVATE, SHARED, TwoLevelModel, build_two_level_model
+from pf2lora.common.learning.model import PRIVATE, SHARED, TwoLevelModel, build_two_level_model
 from pf2lora.common.runspec import from_json
 from pf2lora.common.state_io import atomic_write_bytes
-from pf2lora.common.tasks import RunInfo
+from pf2lora.common.wire.tasks import RunInfo
 from pf2lora.silo.config import SiloConfig
 from pf2lora.silo.runtime import model_config_for_silo
 from pf2lora.silo.state import SiloState, private_tensors_of_file

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from pf2lora.common.metrics_http import MetricsServer, start_metrics_server
+from pf2lora.common.transport.metrics_http import MetricsServer, start_metrics_server
 
 logger = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from typing import Any
 
 from pf2lora.common.algorithms.base import Algorithm, AlgorithmConfig
 from pf2lora.common.algorithms.registry import make_algorithm
-from pf2lora.common.batching import resolve_device
 from pf2lora.common.client_runtime import ClientRuntime, client_seed, encode_dataset, load_tokenizer
-from pf2lora.common.config import ModelConfig
 from pf2lora.common.errors import DataError
+from pf2lora.common.learning.batching import resolve_device
+from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.runspec import from_json
-from pf2lora.common.tasks import RunInfo
+from pf2lora.common.wire.tasks import RunInfo
 from pf2lora.silo.config import DataSection, SiloConfig
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 def _load_files(files: tuple[str, ...], data: DataSection, labels: list[str] | None) -> Any:
     from datasets import concatenate_datasets
 
-    from pf2lora.common.data import load_local
+    from pf2lora.common.data.loaders import load_local
 
     parts = [load_local(f, data.text_column, data.label_column, labels) for f in files]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)

@@ -35,7 +35,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from torch import Tensor
 
-from pf2lora.common import serde
 from pf2lora.common.algorithms.aggregate import is_weight_key
 from pf2lora.common.errors import (
     ConfigError,
@@ -48,7 +47,9 @@ from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.keys import PeerVerifier
 from pf2lora.common.secagg.layout import flatten
 from pf2lora.common.secagg.silo import SecAggSilo
-from pf2lora.common.tasks import (
+from pf2lora.common.wire import streams as serde
+from pf2lora.common.wire.manifest_json import MASKED_TENSOR
+from pf2lora.common.wire.tasks import (
     ConsistencyCheckTask,
     IdleTask,
     MaskedInputTask,
@@ -58,7 +59,6 @@ from pf2lora.common.tasks import (
     TrainTask,
     UnmaskTask,
 )
-from pf2lora.common.wire_manifest import MASKED_TENSOR
 from pf2lora.silo.client import CoordinatorClient, PushReceipt, Stopped
 from pf2lora.silo.config import SiloConfig
 from pf2lora.silo.state import SiloState

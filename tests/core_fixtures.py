@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from pf2lora.common.batching import BatchSource, EncodedData, encode_texts
-from pf2lora.common.config import AdapterConfig, ModelConfig
-from pf2lora.common.model import TwoLevelModel, build_two_level_model, resolve_model_path
+from pf2lora.common.learning.batching import BatchSource, EncodedData, encode_texts
+from pf2lora.common.learning.config import AdapterConfig, ModelConfig
+from pf2lora.common.learning.model import TwoLevelModel, build_two_level_model, resolve_model_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

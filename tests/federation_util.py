@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
-from pf2lora.common.config import ModelConfig, TrainConfig
+from pf2lora.common.learning.config import ModelConfig, TrainConfig
 from pf2lora.common.runspec import RunConfig, to_json
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc
@@ -137,7 +137,7 @@ class Federation:
     def __init__(self, root: Path, silos: dict[str, tuple[Path, Path]], *, federation: str = "pf2lora",
                  silo_extra: dict[str, dict[str, Any]] | None = None,
                  coordinator_args: list[str] | None = None, tls: bool = False) -> None:
-        from pf2lora.common import pki
+        from pf2lora.common.transport import pki
 
         self.root = root
         self.tls = tls
@@ -160,7 +160,7 @@ class Federation:
         return [str(role_dir / name) for name in ("ca.crt", "tls.crt", "tls.key")]
 
     def start_coordinator(self) -> None:
-        from pf2lora.common import grpc_factory, pki
+        from pf2lora.common.transport import grpc_factory, pki
 
         if self.tls:
             ca, cert, key = self._tls_files(pki.coordinator_dir(self.pki))
@@ -198,7 +198,7 @@ class Federation:
             lines.append(f"report_metrics = {str(extra['report_metrics']).lower()}")
         if "require_secure_aggregation" in extra:
             lines.append(f"require_secure_aggregation = {str(extra['require_secure_aggregation']).lower()}")
-        from pf2lora.common import pki
+        from pf2lora.common.transport import pki
 
         ca, cert, key = self._tls_files(pki.silo_dir(self.pki, silo_id))
         lines += [

@@ -18,8 +18,8 @@ from pf2lora.common.algorithms.aggregate import (
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.algorithms.registry import ALGORITHMS, make_algorithm
 from pf2lora.common.client_runtime import ClientRuntime, initial_global_state
-from pf2lora.common.config import AdapterConfig, TrainConfig
 from pf2lora.common.errors import ConfigError
+from pf2lora.common.learning.config import AdapterConfig, TrainConfig
 
 
 def test_weighted_mean_is_recovered_from_the_sum_alone() -> None:

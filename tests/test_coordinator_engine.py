@@ -10,7 +10,6 @@ import torch
 
 from pf2lora.common.algorithms.aggregate import weighted_payload
 from pf2lora.common.algorithms.base import AlgorithmConfig
-from pf2lora.common.config import ModelConfig
 from pf2lora.common.errors import (
     ConfigError,
     DataError,
@@ -19,8 +18,9 @@ from pf2lora.common.errors import (
     NotFound,
     PermissionDenied,
 )
+from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.runspec import RunConfig, from_json, to_json
-from pf2lora.common.tasks import EvaluateTask, IdleTask, StopTask, TrainTask
+from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, StopTask, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore, state_digest
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.status import list_silos, round_manifest, run_status

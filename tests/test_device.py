@@ -8,10 +8,10 @@ from core_fixtures import MINI, text_data
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.algorithms.registry import make_algorithm
-from pf2lora.common.batching import resolve_device
 from pf2lora.common.client_runtime import ClientRuntime, initial_global_state
-from pf2lora.common.config import TrainConfig
 from pf2lora.common.errors import DataError
+from pf2lora.common.learning.batching import resolve_device
+from pf2lora.common.learning.config import TrainConfig
 
 
 def test_resolve_device() -> None:

@@ -1,5 +1,5 @@
 """The coordinator's gRPC services driven directly: every bad input refused with its status and no
-state change (under mutual TLS with certificates from common/pki.py), and a 200 MB adapter through
+state change (under mutual TLS with certificates from common/transport/pki.py), and a 200 MB adapter through
 the real FetchGlobal/PushUpdate path.
 
 The coordinator runs in this process (Coordinator from coordinator/server.py, real gRPC servers on
@@ -20,11 +20,12 @@ import grpc
 import pytest
 import torch
 
-from pf2lora.common import grpc_factory, pki, serde
 from pf2lora.common.algorithms.aggregate import weighted_payload
-from pf2lora.common.config import ModelConfig
-from pf2lora.common.daemon_config import TlsSection
+from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.runspec import RunConfig, to_json
+from pf2lora.common.transport import grpc_factory, pki
+from pf2lora.common.transport.daemon_config import TlsSection
+from pf2lora.common.wire import streams as serde
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.config import (
     CoordinatorConfig,

@@ -26,12 +26,12 @@ from federation_util import (
 )
 from scipy import stats
 
-from pf2lora.common import serde
 from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.secagg import fixedpoint
 from pf2lora.common.secagg.layout import flatten
 from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
-from pf2lora.common.wire_manifest import payload_layout
+from pf2lora.common.wire import streams as serde
+from pf2lora.common.wire.manifest_json import payload_layout
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.store import Store
 from pf2lora.silo.audit import read_audit_log
@@ -276,7 +276,7 @@ def test_audit_of_every_silo_finds_nothing(done: SimpleNamespace, capsys: pytest
 def test_export_loads_with_plain_peft(done: SimpleNamespace, tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from pf2lora.common.model import load_base_model
+    from pf2lora.common.learning.model import load_base_model
     from pf2lora.silo.export import export, personalised_model
 
     cfg = load_silo_config(done.root / "silo-1.toml")

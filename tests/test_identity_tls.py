@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pf2lora.common import grpc_factory, pki
 from pf2lora.common.errors import ConfigError, InvalidArgument
-from pf2lora.common.identity import (
+from pf2lora.common.transport import grpc_factory, pki
+from pf2lora.common.transport.identity import (
     Identity,
     PermissionInterceptor,
     abort_on_permission_denied,

@@ -15,11 +15,11 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from pf2lora.common.algorithms.aggregate import weighted_payload
-from pf2lora.common.config import ModelConfig
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.metrics_http import split_listen, start_metrics_server
+from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.runspec import RunConfig
-from pf2lora.common.tasks import TrainTask
+from pf2lora.common.transport.metrics_http import split_listen, start_metrics_server
+from pf2lora.common.wire.tasks import TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.metrics import SECAGG_STAGES, CoordinatorMetrics

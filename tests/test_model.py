@@ -6,9 +6,9 @@ import pytest
 import torch
 from core_fixtures import linear_model, mini_model, regression_data, text_data
 
-from pf2lora.common.config import AdapterConfig
 from pf2lora.common.errors import ConfigError, InvalidArgument
-from pf2lora.common.model import PRIVATE, SHARED
+from pf2lora.common.learning.config import AdapterConfig
+from pf2lora.common.learning.model import PRIVATE, SHARED
 
 
 def _fill_private_with_sentinel(model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -131,11 +131,11 @@ def test_causal_lm_path_targets_q_v_and_trains(tmp_path) -> None:  # type: ignor
     from core_fixtures import TEXTS, tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pf2lora.common.batching import encode_texts
-    from pf2lora.common.config import ModelConfig, TrainConfig
-    from pf2lora.common.evaluation import evaluate
-    from pf2lora.common.model import build_two_level_model
-    from pf2lora.common.trainer import BilevelTrainer
+    from pf2lora.common.learning.batching import encode_texts
+    from pf2lora.common.learning.config import ModelConfig, TrainConfig
+    from pf2lora.common.learning.evaluation import evaluate
+    from pf2lora.common.learning.model import build_two_level_model
+    from pf2lora.common.learning.trainer import BilevelTrainer
 
     tok = tokenizer()
     cfg = LlamaConfig(

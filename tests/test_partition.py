@@ -7,8 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from pf2lora.common.errors import ConfigError
-from pf2lora.common.partition import (
+from pf2lora.common.data.partition import (
     partition_dirichlet,
     partition_iid,
     partition_natural,
@@ -16,6 +15,7 @@ from pf2lora.common.partition import (
     stratified_subsample,
     train_test_split_indices,
 )
+from pf2lora.common.errors import ConfigError
 
 RNG = np.random.default_rng(1234)
 LABELS_2 = np.repeat([0, 1], 200)  # balanced, 2 labels

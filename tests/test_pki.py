@@ -24,9 +24,9 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from pf2lora.common import pki
 from pf2lora.common.errors import ConfigError, Pf2LoraError
-from pf2lora.common.identity import Identity, identity_from_cert
+from pf2lora.common.transport import pki
+from pf2lora.common.transport.identity import Identity, identity_from_cert
 
 FED = "acme"
 SILOS = ("hospital-a", "hospital-b")

@@ -16,7 +16,7 @@ from federation_util import pump
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tlsutil import make_pki
 
-from pf2lora.common import grpc_factory
+from pf2lora.common.transport import grpc_factory
 
 PROXY_VARS = ("grpc_proxy", "https_proxy", "http_proxy", "no_grpc_proxy", "no_proxy",
               "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY", "NO_GRPC_PROXY", "NO_PROXY")

@@ -11,7 +11,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from pf2lora.common import pki
 from pf2lora.common.errors import InvalidArgument, PermissionDenied
 from pf2lora.common.secagg.keys import (
     PeerVerifier,
@@ -32,6 +31,7 @@ from pf2lora.common.secagg.messages import (
     unmask_payload,
 )
 from pf2lora.common.secagg.prg import MaskExpander
+from pf2lora.common.transport import pki
 
 FED = "secagg-test"
 RUN = "run-1"

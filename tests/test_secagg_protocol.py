@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
-from pf2lora.common import pki
 from pf2lora.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from pf2lora.common.secagg import fixedpoint, shamir
 from pf2lora.common.secagg.config import SecAggConfig
@@ -35,6 +34,7 @@ from pf2lora.common.secagg.messages import (
 from pf2lora.common.secagg.prg import MaskExpander
 from pf2lora.common.secagg.server import SecAggServer
 from pf2lora.common.secagg.silo import SecAggSilo, SiloStage
+from pf2lora.common.transport import pki
 
 FED = "secagg-test"
 RUN = "run-1"

@@ -22,17 +22,19 @@ import pytest
 import torch
 
 from pf2lora.cli.audit import audit_round
-from pf2lora.common import grpc_factory, pki, serde, serde_secagg
 from pf2lora.common.algorithms.aggregate import weighted_payload
-from pf2lora.common.config import ModelConfig
-from pf2lora.common.daemon_config import TlsSection
 from pf2lora.common.errors import PermissionDenied
+from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.runspec import RunConfig, SecAggSettings, to_json
 from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.messages import SignedKeys, UnmaskProposal
 from pf2lora.common.secagg.server import SecAggServer
 from pf2lora.common.secagg.silo import SecAggSilo
-from pf2lora.common.tasks import IdleTask, TrainTask
+from pf2lora.common.transport import grpc_factory, pki
+from pf2lora.common.transport.daemon_config import TlsSection
+from pf2lora.common.wire import streams as serde
+from pf2lora.common.wire import task_proto as serde_secagg
+from pf2lora.common.wire.tasks import IdleTask, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.config import (
     CoordinatorConfig,

@@ -7,9 +7,9 @@ import hashlib
 import pytest
 import torch
 
-from pf2lora.common import serde
 from pf2lora.common.errors import FailedPrecondition, InvalidArgument
-from pf2lora.common.grpc_factory import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from pf2lora.common.transport.grpc_factory import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from pf2lora.common.wire import streams as serde
 from pf2lora.v1 import tensors_pb2 as pb
 
 ALL_DTYPES = [

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from federation_util import Federation, run_config, write_silo_data
 
-from pf2lora.common import pki
+from pf2lora.common.transport import pki
 from pf2lora.v1 import control_pb2 as cpb
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 
 from pf2lora.cli.main import main
 from pf2lora.common.algorithms.base import AlgorithmConfig
-from pf2lora.common.config import AdapterConfig, ModelConfig, TrainConfig
+from pf2lora.common.learning.config import AdapterConfig, ModelConfig, TrainConfig
 from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
 
 

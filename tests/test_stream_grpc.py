@@ -13,8 +13,9 @@ import torch
 from cryptography.x509 import DNSName, verification
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pf2lora.common import grpc_factory, serde
 from pf2lora.common.errors import ConfigError, InvalidArgument
+from pf2lora.common.transport import grpc_factory
+from pf2lora.common.wire import streams as serde
 from pf2lora.v1 import tensors_pb2 as pb
 
 SERVICE = "pf2lora.test.TensorEcho"

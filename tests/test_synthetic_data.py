@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pf2lora.common.errors import ConfigError
-from pf2lora.common.synthetic import (
+from pf2lora.common.data.synthetic import (
     SyntheticProblem,
     SyntheticRankConfig,
     learned_rank,
     make_synthetic_rank_problem,
     singular_values,
 )
+from pf2lora.common.errors import ConfigError
 
 SMALL = SyntheticRankConfig(train_samples=256, test_samples=64)
 

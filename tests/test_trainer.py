@@ -6,9 +6,9 @@ import pytest
 import torch
 from core_fixtures import linear_model, mini_model, regression_data, source, text_data
 
-from pf2lora.common.config import TrainConfig
 from pf2lora.common.errors import ConfigError, DataError
-from pf2lora.common.trainer import BilevelTrainer
+from pf2lora.common.learning.config import TrainConfig
+from pf2lora.common.learning.trainer import BilevelTrainer
 
 
 @pytest.mark.parametrize("hypergrad", ["unroll", "implicit", "first-order", "joint"])
@@ -74,7 +74,7 @@ def test_state_file_mismatch_and_damage_are_clear_errors(tmp_path) -> None:  # t
 
 
 def test_bilevel_without_private_adapter_is_refused_and_config_validated() -> None:
-    from pf2lora.common.config import AdapterConfig
+    from pf2lora.common.learning.config import AdapterConfig
 
     hom = mini_model(AdapterConfig(private_rank=0))
     with pytest.raises(DataError, match="private"):

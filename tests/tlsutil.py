@@ -1,4 +1,4 @@
-"""Test PKI on top of the project's own `pf2lora.common.pki` (no keys committed, none duplicated)."""
+"""Test PKI on top of the project's own `pf2lora.common.transport.pki` (no keys committed, none duplicated)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pf2lora.common import pki
+from pf2lora.common.transport import pki
 
 
 @dataclass(frozen=True)

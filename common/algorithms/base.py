@@ -22,12 +22,12 @@ from pf2lora.common.algorithms.aggregate import (
     payload_spec,
     weighted_payload,
 )
-from pf2lora.common.batching import BatchSource, EncodedData
-from pf2lora.common.config import AdapterConfig, TrainConfig
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.evaluation import evaluate
-from pf2lora.common.model import TwoLevelModel
-from pf2lora.common.trainer import BilevelTrainer, Objective
+from pf2lora.common.learning.batching import BatchSource, EncodedData
+from pf2lora.common.learning.config import AdapterConfig, TrainConfig
+from pf2lora.common.learning.evaluation import evaluate
+from pf2lora.common.learning.model import TwoLevelModel
+from pf2lora.common.learning.trainer import BilevelTrainer, Objective
 
 logger = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from torch import Tensor
 
 from pf2lora.common.algorithms.aggregate import WEIGHT_KEY, WEIGHT_PREFIX, weighted_payload
 from pf2lora.common.algorithms.base import Algorithm, AlgorithmConfig, ClientAlgorithm
-from pf2lora.common.batching import BatchSource
-from pf2lora.common.config import AdapterConfig
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.model import TwoLevelModel
-from pf2lora.common.trainer import BilevelTrainer, Objective
+from pf2lora.common.learning.batching import BatchSource
+from pf2lora.common.learning.config import AdapterConfig
+from pf2lora.common.learning.model import TwoLevelModel
+from pf2lora.common.learning.trainer import BilevelTrainer, Objective
 
 logger = logging.getLogger(__name__)
 

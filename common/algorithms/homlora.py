@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from pf2lora.common.algorithms.base import Algorithm, ClientAlgorithm
-from pf2lora.common.config import AdapterConfig
+from pf2lora.common.learning.config import AdapterConfig
 
 
 class HOMLoRA(Algorithm):

@@ -10,11 +10,11 @@ from typing import ClassVar
 import torch
 
 from pf2lora.common.algorithms.base import Algorithm, ClientAlgorithm
-from pf2lora.common.batching import STREAM_AUX, BatchSource, derive_seed
-from pf2lora.common.config import AdapterConfig
-from pf2lora.common.hypergrad import grad_named
-from pf2lora.common.model import TwoLevelModel
-from pf2lora.common.trainer import BilevelTrainer, Objective
+from pf2lora.common.learning.batching import STREAM_AUX, BatchSource, derive_seed
+from pf2lora.common.learning.config import AdapterConfig
+from pf2lora.common.learning.hypergrad import grad_named
+from pf2lora.common.learning.model import TwoLevelModel
+from pf2lora.common.learning.trainer import BilevelTrainer, Objective
 
 # Personalisation batches use step indices below zero: never drawn by training.
 _PERSONALISE_STEP = -1

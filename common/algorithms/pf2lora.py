@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from pf2lora.common.algorithms.base import Algorithm, ClientAlgorithm
-from pf2lora.common.trainer import Objective
+from pf2lora.common.learning.trainer import Objective
 
 
 class PF2LoRAClient(ClientAlgorithm):

@@ -8,8 +8,8 @@ from pf2lora.common.algorithms.homlora import HOMLoRA
 from pf2lora.common.algorithms.local import LocalOnly
 from pf2lora.common.algorithms.perfedavg import PerFedAvg
 from pf2lora.common.algorithms.pf2lora import PF2LoRA
-from pf2lora.common.config import AdapterConfig
 from pf2lora.common.errors import ConfigError
+from pf2lora.common.learning.config import AdapterConfig
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (PF2LoRA, HOMLoRA, HETLoRA, PerFedAvg, LocalOnly)

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 PUBLIC_KEY_BYTES = 32  # X25519 raw public key
 SILO_ID_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-"""Silo ids are one lower-case DNS label, as in pf2lora.common.identity (not imported here: that
+"""Silo ids are one lower-case DNS label, as in pf2lora.common.transport.identity (not imported here: that
 module pulls in grpc and this package stays transport-free)."""
 
 _MAX_SIGNATURE_BYTES = 80  # ECDSA P-256 DER signatures are at most 72 bytes

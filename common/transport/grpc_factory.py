@@ -19,7 +19,7 @@ from pf2lora.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Tensor streams (pf2lora.common.serde) cut tensors into chunks instead of raising gRPC's
+# Tensor streams (pf2lora.common.wire.streams) cut tensors into chunks instead of raising gRPC's
 # message limits: 1 MiB keeps per-message memory small and pipelines well; 4 MiB is the most
 # a chunk may carry (SECURITY.md: 1-4 MiB chunks).
 DEFAULT_CHUNK_SIZE = 1 << 20

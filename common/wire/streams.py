@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pf2lora.common.errors import InvalidArgument
-from pf2lora.common.grpc_factory import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from pf2lora.common.transport.grpc_factory import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from pf2lora.v1 import tensors_pb2 as pb
 
 # Limits on what a receiver accepts; servicers may pass tighter ones.

@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from pf2lora.common.batching import EncodedData, iter_batches
-from pf2lora.common.model import TwoLevelModel
+from pf2lora.common.learning.batching import EncodedData, iter_batches
+from pf2lora.common.learning.model import TwoLevelModel
 
 logger = logging.getLogger(__name__)
 

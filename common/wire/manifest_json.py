@@ -18,7 +18,7 @@ import torch
 
 from pf2lora.common.errors import DataError
 from pf2lora.common.secagg.layout import LayoutEntry, VectorLayout
-from pf2lora.common.serde import TensorInfo
+from pf2lora.common.wire.streams import TensorInfo
 
 Spec = Mapping[str, tuple[Sequence[int], torch.dtype]]
 MASKED_TENSOR = "masked"  # the one tensor of a MASKED_UPDATE stream: uint32 (L,)

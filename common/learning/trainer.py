@@ -17,11 +17,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pf2lora.common import hypergrad as hg
-from pf2lora.common.batching import STREAM_AUX, STREAM_LL, STREAM_UL, BatchSource, derive_seed
-from pf2lora.common.config import TrainConfig
 from pf2lora.common.errors import DataError
-from pf2lora.common.model import TwoLevelModel
+from pf2lora.common.learning import hypergrad as hg
+from pf2lora.common.learning.batching import (
+    STREAM_AUX,
+    STREAM_LL,
+    STREAM_UL,
+    BatchSource,
+    derive_seed,
+)
+from pf2lora.common.learning.config import TrainConfig
+from pf2lora.common.learning.model import TwoLevelModel
 from pf2lora.common.state_io import load_state, save_state
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.grpc_factory import TlsFiles
+from pf2lora.common.transport.grpc_factory import TlsFiles
 
 
 @dataclass(frozen=True)

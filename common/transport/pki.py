@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.identity import Identity, Role, validate_label
+from pf2lora.common.transport.identity import Identity, Role, validate_label
 
 logger = logging.getLogger(__name__)
 
