@@ -86,7 +86,8 @@ def majority_reference(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     personalised model gets from the label prior alone (same split as `pf2lora simulate`)."""
     import numpy as np
 
-    from pf2lora.common.data.loaders import build_client_data, labels_of
+    from pf2lora.common.data.dataset import labels_of
+    from pf2lora.common.data.splits import build_client_data
 
     data = build_client_data(
         "vader", "similarity", args.clients, seed, similarity=args.similarity,

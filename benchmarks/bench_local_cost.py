@@ -63,10 +63,10 @@ def _status_kib(field: str) -> int:
 
 def setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(model config, base model, train data, test data) of one client."""
-    from pf2lora.common.client_runtime import encode_dataset, load_tokenizer
-    from pf2lora.common.data.loaders import build_client_data
+    from pf2lora.common.client_runtime import encode_dataset
+    from pf2lora.common.data.splits import build_client_data
+    from pf2lora.common.learning.base_model import load_base_model, load_tokenizer
     from pf2lora.common.learning.config import AdapterConfig, ModelConfig
-    from pf2lora.common.learning.model import load_base_model
 
     data = build_client_data(
         "vader", "natural", 8, 0, max_train_per_client=250, max_test_per_client=50

@@ -34,7 +34,7 @@ import torch
 from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
 
 from pf2lora.common.transport import grpc_factory, pki
-from pf2lora.common.wire import streams as serde
+from pf2lora.common.wire import streams
 from pf2lora.v1 import tensors_pb2 as pb
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,7 +71,7 @@ def _upload(request_iterator, context):
     from pf2lora.common.errors import InvalidArgument
 
     try:
-        info, _ = serde.stream_to_tensors(request_iterator)
+        info, _ = streams.stream_to_tensors(request_iterator)
     except InvalidArgument as exc:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     return pb.StreamMessage(
@@ -115,11 +115,11 @@ def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
 def _serialise(tensors, chunk_size: int) -> None:
     wire = [
         m.SerializeToString()
-        for m in serde.tensors_to_stream(
+        for m in streams.tensors_to_stream(
             tensors, run_id="bench", round=1, kind="UPDATE", chunk_size=chunk_size
         )
     ]
-    serde.stream_to_tensors(pb.StreamMessage.FromString(b) for b in wire)
+    streams.stream_to_tensors(pb.StreamMessage.FromString(b) for b in wire)
 
 
 def _uploader(channel: grpc.Channel, chunk_size: int):
@@ -130,7 +130,7 @@ def _uploader(channel: grpc.Channel, chunk_size: int):
     )
 
     def upload(tensors):
-        stream = serde.tensors_to_stream(
+        stream = streams.tensors_to_stream(
             tensors, run_id="bench", round=1, kind="UPDATE", chunk_size=chunk_size
         )
         reply = call(stream, timeout=600)

@@ -22,17 +22,31 @@ import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pf2lora.cli import control
 from pf2lora.common.algorithms.aggregate import is_weight_key
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.wire.manifest_json import MASKED_TENSOR, Finding, layout_from_list
+from pf2lora.common.wire.manifest import MASKED_TENSOR, layout_from_list
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {1: "float32", 7: "uint32"}  # pf2lora.v1.DType values an update may carry
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One discrepancy an audit found (printed one per line; any finding fails the audit)."""
+
+    round: int
+    attempt: int
+    what: str
+
+    def __str__(self) -> str:
+        where = f"round {self.round}" + (f" attempt {self.attempt}" if self.attempt else "")
+        return f"{where}: {self.what}"
 
 
 def register_audit(rsub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -61,8 +75,7 @@ def _tensor(t: Any) -> dict[str, Any]:
     """A TensorSpec (protobuf) in the silo record's JSON form."""
     import torch
 
-    from pf2lora.common.wire.manifest_json import dtype_name
-    from pf2lora.common.wire.streams import dtype_from_proto
+    from pf2lora.common.wire.manifest import dtype_from_proto, dtype_name
 
     dtype: torch.dtype = dtype_from_proto(t.dtype)
     return {"name": t.name, "dtype": dtype_name(dtype), "shape": list(t.shape), "nbytes": t.nbytes,
@@ -147,7 +160,7 @@ def _prod(shape: Iterable[int]) -> int:
 
 def audit_log_streams(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(manifest digest hex, header as JSON-like dict) of every PushUpdate stream in an audit log."""
-    from pf2lora.common.wire import streams as serde
+    from pf2lora.common.wire import streams
     from pf2lora.silo.audit import read_audit_log
     from pf2lora.v1 import tensors_pb2 as tpb
 
@@ -156,7 +169,7 @@ def audit_log_streams(path: Path) -> list[tuple[str, dict[str, Any]]]:
         if method.endswith("/PushUpdate"):
             msg = tpb.StreamMessage.FromString(data)
             if msg.WhichOneof("body") == "header":
-                info = serde.header_from_proto(msg.header)
+                info = streams.header_from_proto(msg.header)
                 out.append((info.manifest_digest.hex(), {"round": info.round, "kind": str(info.kind),
                                                          "tensors": [t.name for t in info.tensors]}))
     return out

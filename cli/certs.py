@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from pf2lora.common.errors import ConfigError, InvalidArgument
-from pf2lora.common.transport import pki
+from pf2lora.common.transport import pki, pki_files
 from pf2lora.common.transport.identity import identity_from_cert
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def _init(args: argparse.Namespace) -> int:
     names = args.server_name or ["localhost"]
-    ca = pki.provision_federation(
+    ca = pki_files.provision_federation(
         args.dir,
         args.federation,
         names,
@@ -207,30 +207,30 @@ def _init(args: argparse.Namespace) -> int:
     print(f"created CA for federation {ca.federation!r} in {args.dir}")
     print(f"coordinator: {', '.join(names + args.ip)}")
     for s in args.silo:
-        print(f"silo {s}: {pki.silo_dir(args.dir, s)}")
+        print(f"silo {s}: {pki_files.silo_dir(args.dir, s)}")
     for a in args.admin:
-        print(f"admin {a}: {pki.admin_dir(args.dir, a)}")
+        print(f"admin {a}: {pki_files.admin_dir(args.dir, a)}")
     return 0
 
 
 def _issue_silo(args: argparse.Namespace) -> int:
-    ca = pki.load_ca(args.dir)
+    ca = pki_files.load_ca(args.dir)
     silos = [s for s in dict.fromkeys(args.silo)]
-    dirs = [pki.silo_dir(args.dir, s) for s in silos]  # validates every id before writing
-    pki.refuse_existing_keys([d / pki.TLS_KEY for d in dirs], args.force)
+    dirs = [pki_files.silo_dir(args.dir, s) for s in silos]  # validates every id before writing
+    pki_files.refuse_existing_keys([d / pki_files.TLS_KEY for d in dirs], args.force)
     for s, d in zip(silos, dirs, strict=True):
-        pki.write_role(d, pki.issue_silo_cert(ca, s, days=args.days), ca.cert, force=args.force)
+        pki_files.write_role(d, pki.issue_silo_cert(ca, s, days=args.days), ca.cert, force=args.force)
         print(f"silo {s}: {d} (spiffe://{ca.federation}/silo/{s})")
     return 0
 
 
 def _issue_admin(args: argparse.Namespace) -> int:
-    ca = pki.load_ca(args.dir)
+    ca = pki_files.load_ca(args.dir)
     admins = [a for a in dict.fromkeys(args.admin)]
-    dirs = [pki.admin_dir(args.dir, a) for a in admins]
-    pki.refuse_existing_keys([d / pki.TLS_KEY for d in dirs], args.force)
+    dirs = [pki_files.admin_dir(args.dir, a) for a in admins]
+    pki_files.refuse_existing_keys([d / pki_files.TLS_KEY for d in dirs], args.force)
     for a, d in zip(admins, dirs, strict=True):
-        pki.write_role(d, pki.issue_admin_cert(ca, a, days=args.days), ca.cert, force=args.force)
+        pki_files.write_role(d, pki.issue_admin_cert(ca, a, days=args.days), ca.cert, force=args.force)
         print(f"admin {a}: {d} (spiffe://{ca.federation}/admin/{a})")
     return 0
 
@@ -243,20 +243,20 @@ def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
 
 
 def _rotate_server(args: argparse.Namespace) -> int:
-    ca = pki.load_ca(args.dir)
-    target = pki.coordinator_dir(args.dir)
+    ca = pki_files.load_ca(args.dir)
+    target = pki_files.coordinator_dir(args.dir)
     names, ips = args.server_name, args.ip
     if names is None:
-        current = target / pki.TLS_CERT
+        current = target / pki_files.TLS_CERT
         if not current.exists():
             raise ConfigError(f"{current} does not exist: give the names with --server-name")
-        san = _san(pki.read_cert(current))
+        san = _san(pki_files.read_cert(current))
         names = san.get_values_for_type(x509.DNSName) if san else []
         if not ips and san is not None:
             ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
     server = pki.issue_server_cert(ca, names, ips, days=args.days)
     # Rotation replaces the key by definition: no --force needed.
-    pki.write_role(target, server, ca.cert, force=True)
+    pki_files.write_role(target, server, ca.cert, force=True)
     print(
         f"rotated coordinator certificate in {target}: {', '.join(list(names) + list(ips))}, "
         f"valid until {server.cert.not_valid_after_utc:%Y-%m-%d}"
@@ -294,7 +294,7 @@ def _problems(
         notes, fatal = notes + ["NOT SIGNED BY ca.crt"], True
     if role_dir is not None:
         try:
-            pki.load_tls_material(role_dir)
+            pki_files.load_tls_material(role_dir)
         except ConfigError as exc:
             notes, fatal = notes + [f"BAD KEY ({exc})"], True
     return notes, fatal
@@ -302,15 +302,15 @@ def _problems(
 
 def _show(args: argparse.Namespace) -> int:
     d: Path = args.dir
-    ca = pki.read_cert(d / pki.CA_CERT)
+    ca = pki_files.read_cert(d / pki_files.CA_CERT)
     now = dt.datetime.now(dt.UTC)
     rows: list[tuple[str, str, str, str]] = []
     bad = 0
 
     def add(label: str, role_dir: Path | None, expected_uri: str | None = None) -> None:
         nonlocal bad
-        path = d / pki.CA_CERT if role_dir is None else role_dir / pki.TLS_CERT
-        cert = pki.read_cert(path)
+        path = d / pki_files.CA_CERT if role_dir is None else role_dir / pki_files.TLS_CERT
+        cert = pki_files.read_cert(path)
         notes, fatal = _problems(cert, ca, role_dir, now)
         described = _describe(cert)
         if expected_uri is not None and described != expected_uri:
@@ -321,11 +321,11 @@ def _show(args: argparse.Namespace) -> int:
         )
 
     add("ca", None)
-    federation = pki.ca_federation(ca, d / pki.CA_CERT)
-    if (pki.coordinator_dir(d) / pki.TLS_CERT).exists():
-        add("coordinator", pki.coordinator_dir(d))
+    federation = pki_files.ca_federation(ca, d / pki_files.CA_CERT)
+    if (pki_files.coordinator_dir(d) / pki_files.TLS_CERT).exists():
+        add("coordinator", pki_files.coordinator_dir(d))
     for group, role in (("silos", "silo"), ("admins", "admin")):
-        for cert_path in sorted((d / group).glob(f"*/{pki.TLS_CERT}")):
+        for cert_path in sorted((d / group).glob(f"*/{pki_files.TLS_CERT}")):
             name = cert_path.parent.name
             add(f"{role} {name}", cert_path.parent, f"spiffe://{federation}/{role}/{name}")
 

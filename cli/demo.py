@@ -86,7 +86,7 @@ def _toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 def _write_data(work: Path, args: argparse.Namespace) -> dict[str, tuple[Path, Path, int]]:
-    from pf2lora.common.data.loaders import build_client_data
+    from pf2lora.common.data.splits import build_client_data
 
     clients = build_client_data(
         "vader", "natural", 4, args.seed, max_train_per_client=args.max_train,
@@ -174,18 +174,18 @@ def run(args: argparse.Namespace) -> int:
     silos = sorted(data)
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(silos))
     silo_port, control_port = _free_port(), _free_port()
-    from pf2lora.common.transport import pki
+    from pf2lora.common.transport import pki_files
 
     # Certificates for the demo: the transport's (mutual TLS) and the silos' signing keys for
     # secure aggregation (needed with --insecure too).
-    pki.provision_federation(work / "pki", FEDERATION, ("localhost",), silos=silos, admins=("demo",))
+    pki_files.provision_federation(work / "pki", FEDERATION, ("localhost",), silos=silos, admins=("demo",))
 
     def tls_of(d: Path) -> dict[str, Any]:
         return {"tls": {"ca_file": str(d / "ca.crt"), "cert_file": str(d / "tls.crt"), "key_file": str(d / "tls.key")}}
 
-    tls: dict[str, dict[str, Any]] = {s: tls_of(pki.silo_dir(work / "pki", s)) for s in silos}
+    tls: dict[str, dict[str, Any]] = {s: tls_of(pki_files.silo_dir(work / "pki", s)) for s in silos}
     if not args.insecure:
-        tls["coordinator"] = tls_of(pki.coordinator_dir(work / "pki"))
+        tls["coordinator"] = tls_of(pki_files.coordinator_dir(work / "pki"))
     coord_toml = work / "coordinator.toml"
     coord_toml.write_text(_toml({
         "federation": {"name": FEDERATION, "allowed_silos": silos},

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from pf2lora.common.algorithms.base import Algorithm, ClientAlgorithm
 from pf2lora.common.learning.batching import BatchSource, EncodedData, derive_seed, encode_texts
 from pf2lora.common.learning.config import ModelConfig
-from pf2lora.common.learning.model import TwoLevelModel, build_two_level_model, resolve_model_path
+from pf2lora.common.learning.model import TwoLevelModel, build_two_level_model
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +31,6 @@ class RoundResult:
 def client_seed(run_seed: int, client_index: int) -> int:
     """The seed a client of a simulation uses; a silo daemon takes the same value from its config."""
     return derive_seed(run_seed, "client", client_index)
-
-
-def load_tokenizer(cfg: ModelConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.path))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def encode_dataset(ds: Any, tokenizer: Any, cfg: ModelConfig) -> EncodedData:

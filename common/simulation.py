@@ -7,14 +7,14 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pf2lora.common.algorithms.aggregate import sum_payloads
+from pf2lora.common.algorithms.aggregate import client_weights, sum_payloads
 from pf2lora.common.algorithms.base import Algorithm, AlgorithmConfig
 from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.client_runtime import (
@@ -22,12 +22,11 @@ from pf2lora.common.client_runtime import (
     client_seed,
     encode_dataset,
     initial_global_state,
-    load_tokenizer,
 )
 from pf2lora.common.errors import ConfigError
+from pf2lora.common.learning.base_model import load_base_model, load_tokenizer
 from pf2lora.common.learning.batching import EncodedData, resolve_device
 from pf2lora.common.learning.config import ModelConfig
-from pf2lora.common.learning.model import load_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +146,7 @@ def _prepare(cfg: SimulationConfig) -> tuple[ModelConfig, nn.Module, list[Client
         ]
         return model_cfg, LinearMap(problem.base_weight), clients
 
-    from pf2lora.common.data.loaders import build_client_data, client_data_from_files
+    from pf2lora.common.data.splits import build_client_data, client_data_from_files
 
     if d.source == "files":
         data = client_data_from_files(
@@ -169,14 +168,6 @@ def _prepare(cfg: SimulationConfig) -> tuple[ModelConfig, nn.Module, list[Client
         for c in data
     ]
     return model_cfg, load_base_model(model_cfg), clients
-
-
-def client_weights(num_samples: Sequence[int], weighting: str) -> list[float]:
-    """Public FedAvg weights p_k, normalised over the round's participants."""
-    if weighting == "equal":
-        return [1.0 / len(num_samples)] * len(num_samples)
-    total = float(sum(num_samples))
-    return [n / total for n in num_samples]
 
 
 def run_simulation(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,17 +24,26 @@ _META_KEY = "pf2lora"
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Make a rename or a new entry in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-    """Write `data` so that `path` holds either the old or the new content, never a mix."""
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes, mode: int = 0o644, *, dir_mode: int = 0o777
+) -> None:
+    """Write `data` so that `path` holds either the old or the new content, never a mix.
+
+    A temp file beside the target (mkstemp: 0600, O_EXCL) gets its final `mode` before any
+    byte is written, so a key is never readable by others, not even for a moment; then fsync,
+    rename, fsync of the directory. Missing parent directories are created with `dir_mode`
+    (less the umask).
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=dir_mode, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)
@@ -42,19 +52,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        fsync_dir(target.parent)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
+    fsync_dir(target.parent)
 
 
 def save_state(

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pf2lora.common.errors import DataError
 from pf2lora.common.state_io import load_state, save_state
-from pf2lora.common.wire.streams import manifest_digest, tensor_spec
+from pf2lora.common.wire.manifest import manifest_digest, tensor_spec
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import grpc
 import torch
 
 from pf2lora.common.runspec import RunConfig, from_json
-from pf2lora.common.wire.streams import dtype_to_proto, spec_to_proto
+from pf2lora.common.wire.manifest import dtype_to_proto, spec_to_proto
 from pf2lora.coordinator import status
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.grpc_errors import map_errors

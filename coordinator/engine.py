@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from pf2lora.common.algorithms.aggregate import sum_payloads
+from pf2lora.common.algorithms.aggregate import client_weights, sum_payloads
 from pf2lora.common.algorithms.base import Algorithm
 from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.errors import (
@@ -44,11 +44,9 @@ from pf2lora.common.errors import (
     PermissionDenied,
 )
 from pf2lora.common.learning.config import ModelConfig
+from pf2lora.common.names import is_label
 from pf2lora.common.runspec import RunConfig, from_json, to_dict, to_json
-from pf2lora.common.simulation import client_weights
-from pf2lora.common.transport.identity import LABEL_RE
-from pf2lora.common.wire.manifest_json import tensors_to_json
-from pf2lora.common.wire.streams import TensorInfo
+from pf2lora.common.wire.manifest import TensorInfo, tensors_to_json
 from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore, canonical
 from pf2lora.coordinator.metrics import CoordinatorMetrics
@@ -665,7 +663,7 @@ class Engine:
     # ------------------------------------------------------------------ control
     def start_run(self, cfg: RunConfig, run_id: str = "") -> str:
         """Create a run: the initial shared state (from the run's seed) is checkpointed as round 0."""
-        if run_id and LABEL_RE.fullmatch(run_id) is None:
+        if run_id and not is_label(run_id):
             raise InvalidArgument(f"run_id={run_id!r}: use a lower-case DNS label")
         if self.allowed is not None and cfg.min_silos > len(self.allowed):
             raise InvalidArgument(

@@ -40,7 +40,7 @@ from pf2lora.common.secagg.messages import (
     UnmaskResponse,
 )
 from pf2lora.common.secagg.server import SecAggServer
-from pf2lora.common.wire.manifest_json import MASKED_TENSOR, Spec, payload_layout
+from pf2lora.common.wire.manifest import MASKED_TENSOR, Spec, payload_layout
 from pf2lora.common.wire.tasks import (
     ConsistencyCheckTask,
     MaskedInputTask,

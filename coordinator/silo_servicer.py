@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Callable, Iterator
 
 import grpc
 
 from pf2lora.common.errors import InvalidArgument
 from pf2lora.common.transport.identity import require_silo
-from pf2lora.common.wire import streams as serde
-from pf2lora.common.wire import task_proto as serde_secagg
-from pf2lora.common.wire.manifest_json import MASKED_TENSOR
-from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
+from pf2lora.common.wire import streams, task_proto
+from pf2lora.common.wire.manifest import MASKED_TENSOR
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.grpc_errors import map_errors
 from pf2lora.coordinator.secure_round import SecureRound
@@ -26,60 +23,6 @@ from pf2lora.v1 import silo_pb2, silo_pb2_grpc
 from pf2lora.v1 import tensors_pb2 as tpb
 
 logger = logging.getLogger(__name__)
-
-ATTEMPT_SCALAR = "attempt"
-_KINDS = {silo_pb2.METRICS_KIND_TRAIN: "train", silo_pb2.METRICS_KIND_EVALUATE: "evaluate"}
-
-
-def run_info_to_proto(info: RunInfo) -> silo_pb2.RunSpec:
-    return silo_pb2.RunSpec(
-        run_id=info.run_id, algorithm_json=info.algorithm_json, model_json=info.model_json,
-        seed=info.seed, rounds=info.rounds,
-    )
-
-
-def task_to_proto(task: Task) -> silo_pb2.Task:
-    if isinstance(task, IdleTask):
-        return silo_pb2.Task(
-            idle=silo_pb2.IdleTask(retry_after_ms=int(task.retry_after_s * 1000), reason=task.reason)
-        )
-    if isinstance(task, StopTask):
-        return silo_pb2.Task(
-            run_id=task.run_id, stop=silo_pb2.StopTask(state=task.state, reason=task.reason)
-        )
-    if isinstance(task, TrainTask):
-        return silo_pb2.Task(
-            run_id=task.run.run_id,
-            round=task.round,
-            train=silo_pb2.TrainTask(
-                run=run_info_to_proto(task.run), attempt=task.attempt,
-                client_index=task.client_index, weight=task.weight,
-                deadline_unix_ms=task.deadline_unix_ms,
-                global_manifest_digest=bytes.fromhex(task.global_digest),
-                secure_aggregation=serde_secagg.params_to_proto(task.secure),
-            ),
-        )
-    if not isinstance(task, EvaluateTask):
-        return serde_secagg.stage_task_to_proto(task)
-    return silo_pb2.Task(
-        run_id=task.run.run_id,
-        round=task.round,
-        evaluate=silo_pb2.EvaluateTask(
-            run=run_info_to_proto(task.run), client_index=task.client_index,
-            global_manifest_digest=bytes.fromhex(task.global_digest),
-            deadline_unix_ms=task.deadline_unix_ms,
-        ),
-    )
-
-
-def attempt_of(header: tpb.StreamHeader) -> int:
-    value = header.scalars.get(ATTEMPT_SCALAR)
-    if value is None or not math.isfinite(value) or value != int(value) or not 1 <= value < 2**31:
-        raise InvalidArgument(
-            f"update header needs the scalar {ATTEMPT_SCALAR!r} (the task's attempt), got {value!r}"
-        )
-    return int(value)
-
 
 class SiloServicer(silo_pb2_grpc.SiloApiServicer):
     def __init__(
@@ -115,7 +58,7 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
     def GetTask(self, request: silo_pb2.GetTaskRequest, context: grpc.ServicerContext) -> silo_pb2.Task:
         silo = self._silo(context, request.silo_id)
         wait = min(request.wait_ms / 1000 if request.wait_ms else self.long_poll_s, self.long_poll_s)
-        return task_to_proto(self.engine.wait_task(silo, request.current_run_id, wait))
+        return task_proto.task_to_proto(self.engine.wait_task(silo, request.current_run_id, wait))
 
     @map_errors
     def FetchGlobal(
@@ -123,8 +66,8 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
     ) -> Iterator[tpb.StreamMessage]:
         silo = self._silo(context, request.silo_id)
         tensors, _ = self.engine.global_state(silo, request.run_id, request.round)
-        yield from self.engine.metrics.count_sent(serde.tensors_to_stream(
-            tensors, run_id=request.run_id, round=request.round, kind=serde.StreamKind.GLOBAL_MODEL
+        yield from self.engine.metrics.count_sent(streams.tensors_to_stream(
+            tensors, run_id=request.run_id, round=request.round, kind=streams.StreamKind.GLOBAL_MODEL
         ))
 
     @map_errors
@@ -137,13 +80,13 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
             raise InvalidArgument("an update stream must start with its header")
         header = first.header
         silo = self._silo(context, header.silo_id)
-        attempt = attempt_of(header)
+        attempt = task_proto.attempt_of(header)
         if header.kind == tpb.STREAM_KIND_MASKED_UPDATE:
             return self._push_masked(silo, attempt, itertools.chain([first], messages))
         # Checked before any tensor byte is buffered: run, round, attempt, participant, duplicate.
         expected = self.engine.expected_update(silo, header.run_id, header.round, attempt)
-        info, tensors = serde.stream_to_tensors(
-            itertools.chain([first], messages), expected, kinds=(serde.StreamKind.UPDATE,)
+        info, tensors = streams.stream_to_tensors(
+            itertools.chain([first], messages), expected, kinds=(streams.StreamKind.UPDATE,)
         )
         receipt = self.engine.accept_update(
             silo, info.run_id, info.round, attempt, tensors, info.manifest_digest, info.tensors
@@ -163,8 +106,8 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         expected = self.engine.secure_step(
             silo, header.run_id, header.round, attempt, lambda r: r.masked_spec(silo)
         )
-        info, tensors = serde.stream_to_tensors(
-            itertools.chain([first], messages), expected, kinds=(serde.StreamKind.MASKED_UPDATE,)
+        info, tensors = streams.stream_to_tensors(
+            itertools.chain([first], messages), expected, kinds=(streams.StreamKind.MASKED_UPDATE,)
         )
         received, waiting_for = self.engine.accept_masked(
             silo, info.run_id, info.round, attempt, tensors[MASKED_TENSOR].numpy(),
@@ -186,7 +129,7 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         self, request: silo_pb2.AdvertiseKeysRequest, context: grpc.ServicerContext
     ) -> silo_pb2.SecAggAck:
         silo = self._silo(context, request.header.silo_id)  # identity first, then the message
-        keys = serde_secagg.keys_from_proto(request.keys)
+        keys = task_proto.keys_from_proto(request.keys)
         return self._stage(silo, request.header, lambda r: r.receive_keys(silo, keys))
 
     @map_errors
@@ -194,7 +137,7 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         self, request: silo_pb2.ShareKeysRequest, context: grpc.ServicerContext
     ) -> silo_pb2.SecAggAck:
         silo = self._silo(context, request.header.silo_id)
-        shares = [serde_secagg.share_from_proto(s) for s in request.shares]
+        shares = [task_proto.share_from_proto(s) for s in request.shares]
         return self._stage(silo, request.header, lambda r: r.receive_shares(silo, shares))
 
     @map_errors
@@ -202,13 +145,13 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         self, request: silo_pb2.ConsistencyCheckRequest, context: grpc.ServicerContext
     ) -> silo_pb2.SecAggAck:
         silo = self._silo(context, request.header.silo_id)
-        signature = serde_secagg.signature_from_proto(request.signature)
+        signature = task_proto.signature_from_proto(request.signature)
         return self._stage(silo, request.header, lambda r: r.receive_consistency(silo, signature))
 
     @map_errors
     def Unmask(self, request: silo_pb2.UnmaskRequest, context: grpc.ServicerContext) -> silo_pb2.SecAggAck:
         silo = self._silo(context, request.header.silo_id)
-        response = serde_secagg.response_from_proto(request.response)
+        response = task_proto.response_from_proto(request.response)
         return self._stage(silo, request.header, lambda r: r.receive_unmask(silo, response))
 
     @map_errors
@@ -216,8 +159,6 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         self, request: silo_pb2.ReportMetricsRequest, context: grpc.ServicerContext
     ) -> silo_pb2.ReportMetricsReply:
         silo = self._silo(context, request.silo_id)
-        kind = _KINDS.get(request.kind)
-        if kind is None:
-            raise InvalidArgument(f"metrics kind {request.kind}: use TRAIN or EVALUATE")
+        kind = task_proto.metrics_kind_from_proto(request.kind)
         self.engine.report_metrics(silo, request.run_id, request.round, kind, dict(request.metrics))
         return silo_pb2.ReportMetricsReply()

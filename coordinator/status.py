@@ -8,8 +8,7 @@ from statistics import fmean
 from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.errors import FailedPrecondition, NotFound
 from pf2lora.common.runspec import RunConfig, from_json
-from pf2lora.common.wire.manifest_json import payload_layout, tensors_from_json
-from pf2lora.common.wire.streams import tensor_spec
+from pf2lora.common.wire.manifest import payload_layout, tensor_spec, tensors_from_json
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.store import StageRow
 from pf2lora.coordinator.views import (

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from pf2lora.common.secagg.layout import VectorLayout
-from pf2lora.common.wire.streams import TensorInfo
+from pf2lora.common.wire.manifest import TensorInfo
 
 
 class Phase(enum.StrEnum):

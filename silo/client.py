@@ -26,9 +26,8 @@ from pf2lora.common.secagg.messages import (
     UnmaskResponse,
 )
 from pf2lora.common.transport import grpc_factory
-from pf2lora.common.wire import streams as serde
-from pf2lora.common.wire import task_proto as serde_secagg
-from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
+from pf2lora.common.wire import streams, task_proto
+from pf2lora.common.wire.tasks import Task
 from pf2lora.silo.audit import AuditInterceptor, AuditLog
 from pf2lora.silo.config import SiloConfig
 from pf2lora.v1 import silo_pb2, silo_pb2_grpc
@@ -37,8 +36,6 @@ from pf2lora.v1 import tensors_pb2 as tpb
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ATTEMPT_SCALAR = "attempt"  # the header scalar the coordinator reads the task's attempt from
-KIND_TO_PROTO = {"train": silo_pb2.METRICS_KIND_TRAIN, "evaluate": silo_pb2.METRICS_KIND_EVALUATE}
 
 
 class Stopped(Pf2LoraError):
@@ -57,38 +54,7 @@ class PushReceipt:
     manifest_digest: bytes
     received: int
     participants: int
-    sent: serde.StreamInfo | None = None  # the header of the accepted stream: what was sent
-
-
-def run_from_proto(msg: silo_pb2.RunSpec) -> RunInfo:
-    return RunInfo(msg.run_id, msg.algorithm_json, msg.model_json, msg.seed, msg.rounds)
-
-
-def task_from_proto(msg: silo_pb2.Task) -> Task:
-    body = msg.WhichOneof("body")
-    if body == "train":
-        t = msg.train
-        return TrainTask(
-            run=run_from_proto(t.run), round=msg.round, attempt=t.attempt,
-            client_index=t.client_index, weight=t.weight, deadline_unix_ms=t.deadline_unix_ms,
-            global_digest=t.global_manifest_digest.hex(),
-            secure=serde_secagg.params_from_proto(t.secure_aggregation),
-        )
-    if body == "evaluate":
-        e = msg.evaluate
-        return EvaluateTask(
-            run=run_from_proto(e.run), round=msg.round, client_index=e.client_index,
-            deadline_unix_ms=e.deadline_unix_ms, global_digest=e.global_manifest_digest.hex(),
-        )
-    if body == "stop":
-        return StopTask(msg.run_id, msg.stop.state, msg.stop.reason)
-    if body == "idle":
-        return IdleTask(msg.idle.retry_after_ms / 1000, msg.idle.reason)
-    stage = serde_secagg.stage_task_from_proto(msg)
-    if stage is not None:
-        return stage
-    # A secure-aggregation stage from a newer coordinator: this silo cannot serve it.
-    return IdleTask(5.0, f"task {body!r} is not supported by this silo version")
+    sent: streams.StreamInfo | None = None  # the header of the accepted stream: what was sent
 
 
 class Backoff:
@@ -193,16 +159,16 @@ class CoordinatorClient:
             silo_id=self.silo_id, current_run_id=current_run_id, wait_ms=int(c.long_poll_s * 1000)
         )
         timeout = c.long_poll_s + c.call_timeout_s
-        return task_from_proto(self.retry.call("GetTask", lambda: self.stub.GetTask(req, timeout=timeout)))
+        return task_proto.task_from_proto(self.retry.call("GetTask", lambda: self.stub.GetTask(req, timeout=timeout)))
 
     def fetch_global(self, run_id: str, round_: int, expected_digest: str) -> dict[str, Tensor]:
         """The global state after round_, checked against the digest the task announced."""
         req = silo_pb2.FetchGlobalRequest(silo_id=self.silo_id, run_id=run_id, round=round_)
         timeout = self.cfg.coordinator.transfer_timeout_s
 
-        def fetch() -> tuple[serde.StreamInfo, dict[str, Tensor]]:
-            return serde.stream_to_tensors(
-                self.stub.FetchGlobal(req, timeout=timeout), kinds=(serde.StreamKind.GLOBAL_MODEL,)
+        def fetch() -> tuple[streams.StreamInfo, dict[str, Tensor]]:
+            return streams.stream_to_tensors(
+                self.stub.FetchGlobal(req, timeout=timeout), kinds=(streams.StreamKind.GLOBAL_MODEL,)
             )
 
         info, tensors = self.retry.call("FetchGlobal", fetch)
@@ -217,23 +183,23 @@ class CoordinatorClient:
 
     def push_update(
         self, run_id: str, round_: int, attempt: int, payload: Mapping[str, Tensor],
-        kind: serde.StreamKind = serde.StreamKind.UPDATE,
+        kind: streams.StreamKind = streams.StreamKind.UPDATE,
     ) -> PushReceipt:
         """Stream a payload (UPDATE) or a masked vector (MASKED_UPDATE, one uint32 tensor)."""
         timeout = self.cfg.coordinator.transfer_timeout_s
         headers: list[tpb.StreamMessage] = []
 
         def messages() -> Iterator[tpb.StreamMessage]:
-            stream = serde.tensors_to_stream(
+            stream = streams.tensors_to_stream(
                 payload, run_id=run_id, round=round_, kind=kind,
-                silo_id=self.silo_id, scalars={ATTEMPT_SCALAR: attempt},
+                silo_id=self.silo_id, scalars={task_proto.ATTEMPT_SCALAR: attempt},
             )
             headers.append(header := next(stream))
             yield header
             yield from stream
 
         reply = self.retry.call("PushUpdate", lambda: self.stub.PushUpdate(messages(), timeout=timeout))
-        sent = serde.header_from_proto(headers[-1].header) if headers else None
+        sent = streams.header_from_proto(headers[-1].header) if headers else None
         return PushReceipt(reply.manifest_digest, reply.received, reply.participants, sent)
 
     # ------------------------------------------------------ secure aggregation
@@ -244,37 +210,37 @@ class CoordinatorClient:
         return reply.received, reply.expected
 
     def _header(self, run_id: str, round_: int, attempt: int) -> silo_pb2.SecAggHeader:
-        return serde_secagg.header_to_proto(self.silo_id, run_id, round_, attempt)
+        return task_proto.secagg_header_to_proto(self.silo_id, run_id, round_, attempt)
 
     def advertise_keys(self, run_id: str, round_: int, attempt: int, keys: SignedKeys) -> int:
         req = silo_pb2.AdvertiseKeysRequest(
-            header=self._header(run_id, round_, attempt), keys=serde_secagg.keys_to_proto(keys))
+            header=self._header(run_id, round_, attempt), keys=task_proto.keys_to_proto(keys))
         self._stage_call("AdvertiseKeys", req)
         return req.ByteSize()
 
     def share_keys(self, run_id: str, round_: int, attempt: int, shares: list[EncryptedShare]) -> int:
         req = silo_pb2.ShareKeysRequest(
             header=self._header(run_id, round_, attempt),
-            shares=[serde_secagg.share_to_proto(s) for s in shares])
+            shares=[task_proto.share_to_proto(s) for s in shares])
         self._stage_call("ShareKeys", req)
         return req.ByteSize()
 
     def consistency_check(self, run_id: str, round_: int, attempt: int, signature: ConsistencySignature) -> int:
         req = silo_pb2.ConsistencyCheckRequest(
             header=self._header(run_id, round_, attempt),
-            signature=serde_secagg.signature_to_proto(signature))
+            signature=task_proto.signature_to_proto(signature))
         self._stage_call("ConsistencyCheck", req)
         return req.ByteSize()
 
     def unmask(self, run_id: str, round_: int, attempt: int, response: UnmaskResponse) -> int:
         req = silo_pb2.UnmaskRequest(
-            header=self._header(run_id, round_, attempt), response=serde_secagg.response_to_proto(response))
+            header=self._header(run_id, round_, attempt), response=task_proto.response_to_proto(response))
         self._stage_call("Unmask", req)
         return req.ByteSize()
 
     def report_metrics(self, run_id: str, round_: int, kind: str, metrics: Mapping[str, float]) -> None:
         req = silo_pb2.ReportMetricsRequest(
-            silo_id=self.silo_id, run_id=run_id, round=round_, kind=KIND_TO_PROTO[kind],
+            silo_id=self.silo_id, run_id=run_id, round=round_, kind=task_proto.METRICS_KIND_TO_PROTO[kind],
             metrics={k: float(v) for k, v in metrics.items()},
         )
         timeout = self.cfg.coordinator.call_timeout_s

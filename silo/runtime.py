@@ -9,8 +9,9 @@ from typing import Any
 
 from pf2lora.common.algorithms.base import Algorithm, AlgorithmConfig
 from pf2lora.common.algorithms.registry import make_algorithm
-from pf2lora.common.client_runtime import ClientRuntime, client_seed, encode_dataset, load_tokenizer
+from pf2lora.common.client_runtime import ClientRuntime, client_seed, encode_dataset
 from pf2lora.common.errors import DataError
+from pf2lora.common.learning.base_model import load_tokenizer
 from pf2lora.common.learning.batching import resolve_device
 from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.runspec import from_json
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 def _load_files(files: tuple[str, ...], data: DataSection, labels: list[str] | None) -> Any:
     from datasets import concatenate_datasets
 
-    from pf2lora.common.data.loaders import load_local
+    from pf2lora.common.data.files import load_local
 
     parts = [load_local(f, data.text_column, data.label_column, labels) for f in files]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)

@@ -47,8 +47,8 @@ from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.keys import PeerVerifier
 from pf2lora.common.secagg.layout import flatten
 from pf2lora.common.secagg.silo import SecAggSilo
-from pf2lora.common.wire import streams as serde
-from pf2lora.common.wire.manifest_json import MASKED_TENSOR
+from pf2lora.common.wire import streams
+from pf2lora.common.wire.manifest import MASKED_TENSOR
 from pf2lora.common.wire.tasks import (
     ConsistencyCheckTask,
     IdleTask,
@@ -194,7 +194,7 @@ class SecureRoundDriver:
         sa.receive_shares(routed.shares)  # the mask floor: refuses to mask with too few peers
         masked = sa.masked_input(vector)  # uint32 (L,)
         receipt = self.client.push_update(
-            run_id, rnd, attempt, {MASKED_TENSOR: torch.from_numpy(masked)}, kind=serde.StreamKind.MASKED_UPDATE
+            run_id, rnd, attempt, {MASKED_TENSOR: torch.from_numpy(masked)}, kind=streams.StreamKind.MASKED_UPDATE
         )
         if receipt.sent is not None:
             self.record.sent_update(run_id, rnd, attempt, receipt.sent, receipt.manifest_digest, layout, params.instance_id)

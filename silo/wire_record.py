@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pf2lora.common.secagg.layout import VectorLayout
-from pf2lora.common.wire.manifest_json import layout_to_list, tensor_info_to_dict
+from pf2lora.common.wire.manifest import layout_to_list, tensor_info_to_dict
 from pf2lora.common.wire.streams import StreamInfo
 
 logger = logging.getLogger(__name__)

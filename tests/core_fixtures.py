@@ -7,9 +7,10 @@ import os
 
 import torch
 
+from pf2lora.common.learning.base_model import resolve_model_path
 from pf2lora.common.learning.batching import BatchSource, EncodedData, encode_texts
 from pf2lora.common.learning.config import AdapterConfig, ModelConfig
-from pf2lora.common.learning.model import TwoLevelModel, build_two_level_model, resolve_model_path
+from pf2lora.common.learning.model import TwoLevelModel, build_two_level_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -20,6 +20,7 @@ import grpc
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.learning.config import ModelConfig, TrainConfig
 from pf2lora.common.runspec import RunConfig, to_json
+from pf2lora.common.transport import grpc_factory, pki_files
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc
 
@@ -137,13 +138,11 @@ class Federation:
     def __init__(self, root: Path, silos: dict[str, tuple[Path, Path]], *, federation: str = "pf2lora",
                  silo_extra: dict[str, dict[str, Any]] | None = None,
                  coordinator_args: list[str] | None = None, tls: bool = False) -> None:
-        from pf2lora.common.transport import pki
-
         self.root = root
         self.tls = tls
         self.pki = root / "pki"
         if not (self.pki / "ca.crt").exists():
-            pki.provision_federation(self.pki, federation, ("localhost",), silos=sorted(silos), admins=("ops",))
+            pki_files.provision_federation(self.pki, federation, ("localhost",), silos=sorted(silos), admins=("ops",))
         self.silos = silos
         self.federation = federation
         self.procs = Procs(root)
@@ -160,10 +159,8 @@ class Federation:
         return [str(role_dir / name) for name in ("ca.crt", "tls.crt", "tls.key")]
 
     def start_coordinator(self) -> None:
-        from pf2lora.common.transport import grpc_factory, pki
-
         if self.tls:
-            ca, cert, key = self._tls_files(pki.coordinator_dir(self.pki))
+            ca, cert, key = self._tls_files(pki_files.coordinator_dir(self.pki))
             transport = ["--ca-file", ca, "--cert-file", cert, "--key-file", key]
         else:
             transport = ["--insecure"]
@@ -176,7 +173,7 @@ class Federation:
         ])
         if self._channel is None:
             if self.tls:
-                creds = grpc_factory.channel_credentials(*grpc_factory.TlsFiles.in_dir(pki.admin_dir(self.pki, "ops")).read())
+                creds = grpc_factory.channel_credentials(*grpc_factory.TlsFiles.in_dir(pki_files.admin_dir(self.pki, "ops")).read())
                 self._channel = grpc_factory.create_channel(
                     f"127.0.0.1:{self.control_port}", creds, server_name_override="localhost")
             else:
@@ -198,9 +195,7 @@ class Federation:
             lines.append(f"report_metrics = {str(extra['report_metrics']).lower()}")
         if "require_secure_aggregation" in extra:
             lines.append(f"require_secure_aggregation = {str(extra['require_secure_aggregation']).lower()}")
-        from pf2lora.common.transport import pki
-
-        ca, cert, key = self._tls_files(pki.silo_dir(self.pki, silo_id))
+        ca, cert, key = self._tls_files(pki_files.silo_dir(self.pki, silo_id))
         lines += [
             "[coordinator]", f'address = "{address}"', f"insecure = {str(not self.tls).lower()}",
             'server_name = "localhost"', "retry_initial_s = 0.2", "retry_max_s = 2.0", "long_poll_s = 2.0",

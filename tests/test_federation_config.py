@@ -10,7 +10,7 @@ from federation_util import free_port
 
 from pf2lora.cli.main import main
 from pf2lora.cli.run import build_run_config
-from pf2lora.common.data.loaders import LOCAL_FORMATS
+from pf2lora.common.data.files import LOCAL_FORMATS
 from pf2lora.common.errors import ConfigError
 from pf2lora.coordinator.config import load_coordinator_config
 from pf2lora.silo.config import load_silo_config

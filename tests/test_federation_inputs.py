@@ -23,9 +23,10 @@ import torch
 from pf2lora.common.algorithms.aggregate import weighted_payload
 from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.runspec import RunConfig, to_json
-from pf2lora.common.transport import grpc_factory, pki
+from pf2lora.common.transport import grpc_factory, pki, pki_files
 from pf2lora.common.transport.daemon_config import TlsSection
-from pf2lora.common.wire import streams as serde
+from pf2lora.common.wire import streams
+from pf2lora.common.wire.task_proto import task_from_proto
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.config import (
     CoordinatorConfig,
@@ -34,7 +35,7 @@ from pf2lora.coordinator.config import (
     StorageSection,
 )
 from pf2lora.coordinator.server import Coordinator
-from pf2lora.silo.client import CoordinatorClient, task_from_proto
+from pf2lora.silo.client import CoordinatorClient
 from pf2lora.silo.config import CoordinatorSection, SiloConfig, SiloSection
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc, silo_pb2, silo_pb2_grpc
@@ -73,16 +74,16 @@ def _channel(port: int, role_dir: Path) -> grpc.Channel:
 @pytest.fixture
 def tls_federation(tmp_path: Path) -> Iterator[SimpleNamespace]:
     pki_dir = tmp_path / "pki"
-    pki.provision_federation(pki_dir, FED, ("localhost",), silos=(*SILOS, "mallory"), admins=("ops",))
+    pki_files.provision_federation(pki_dir, FED, ("localhost",), silos=(*SILOS, "mallory"), admins=("ops",))
     state = tmp_path / "coordinator"
     coord = Coordinator(
-        _server_cfg(state, _tls(pki.coordinator_dir(pki_dir)), SILOS),
+        _server_cfg(state, _tls(pki_files.coordinator_dir(pki_dir)), SILOS),
         initial_state=lambda algorithm, model, seed: {k: v.clone() for k, v in INITIAL.items()},
     )
     coord.start()
-    channels = {s: _channel(coord.ports["silo_api"], pki.silo_dir(pki_dir, s)) for s in (*SILOS, "mallory")}
-    admin = _channel(coord.ports["control_api"], pki.admin_dir(pki_dir, "ops"))
-    silo_on_control = _channel(coord.ports["control_api"], pki.silo_dir(pki_dir, "silo-a"))
+    channels = {s: _channel(coord.ports["silo_api"], pki_files.silo_dir(pki_dir, s)) for s in (*SILOS, "mallory")}
+    admin = _channel(coord.ports["control_api"], pki_files.admin_dir(pki_dir, "ops"))
+    silo_on_control = _channel(coord.ports["control_api"], pki_files.silo_dir(pki_dir, "silo-a"))
     try:
         yield SimpleNamespace(
             coord=coord, state=state, pki=pki_dir,
@@ -110,10 +111,10 @@ def _payload(task: silo_pb2.Task, value: float = 1.0) -> dict[str, torch.Tensor]
 
 
 def _stream(task: silo_pb2.Task, silo: str, tensors: dict[str, torch.Tensor], **kw: object) -> list[tpb.StreamMessage]:
-    args: dict[str, object] = dict(run_id=task.run_id, round=task.round, kind=serde.StreamKind.UPDATE,
+    args: dict[str, object] = dict(run_id=task.run_id, round=task.round, kind=streams.StreamKind.UPDATE,
                                    silo_id=silo, scalars={"attempt": task.train.attempt})
     args.update(kw)
-    return list(serde.tensors_to_stream(tensors, **args))  # type: ignore[arg-type]
+    return list(streams.tensors_to_stream(tensors, **args))  # type: ignore[arg-type]
 
 
 def _code_of(fn: Callable[[], object]) -> grpc.StatusCode:
@@ -173,7 +174,7 @@ def test_every_bad_input_is_refused_with_its_status_and_changes_nothing(tls_fede
         ("inf", push("silo-a", _stream(ta, "silo-a", inf)), Code.INVALID_ARGUMENT),
         ("truncated (no trailer)", push("silo-a", _stream(ta, "silo-a", good)[:-1]), Code.INVALID_ARGUMENT),
         ("chunk before header", push("silo-a", _stream(ta, "silo-a", good)[1:]), Code.INVALID_ARGUMENT),
-        ("wrong stream kind", push("silo-a", _stream(ta, "silo-a", good, kind=serde.StreamKind.GLOBAL_MODEL)), Code.INVALID_ARGUMENT),
+        ("wrong stream kind", push("silo-a", _stream(ta, "silo-a", good, kind=streams.StreamKind.GLOBAL_MODEL)), Code.INVALID_ARGUMENT),
         ("no attempt", push("silo-a", _stream(ta, "silo-a", good, scalars={})), Code.INVALID_ARGUMENT),
         ("future round", push("silo-a", _stream(ta, "silo-a", good, round=2)), Code.FAILED_PRECONDITION),
         ("stale round", push("silo-a", _stream(ta, "silo-a", good, round=0)), Code.FAILED_PRECONDITION),
@@ -302,7 +303,7 @@ def test_tls_and_identity_refusals_against_the_real_coordinator_change_nothing(t
         env.silo[s].Join(silo_pb2.JoinRequest(silo_id=s, num_samples=10), timeout=10)
     port = env.coord.ports["silo_api"]
     ca_pem = (env.pki / "ca.crt").read_bytes()
-    ca = pki.load_ca(env.pki)
+    ca = pki_files.load_ca(env.pki)
     now = dt.datetime.now(dt.UTC)
     expired = pki.issue_silo_cert(ca, "silo-a", not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1))
     stranger = pki.issue_silo_cert(pki.create_ca(FED), "silo-a")  # same federation name and id, another CA

@@ -30,8 +30,8 @@ from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.secagg import fixedpoint
 from pf2lora.common.secagg.layout import flatten
 from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
-from pf2lora.common.wire import streams as serde
-from pf2lora.common.wire.manifest_json import payload_layout
+from pf2lora.common.wire.manifest import payload_layout
+from pf2lora.common.wire.streams import StreamKind, stream_to_tensors
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.store import Store
 from pf2lora.silo.audit import read_audit_log
@@ -225,7 +225,7 @@ def test_privacy_only_masked_shared_tensors_leave_a_silo(done: SimpleNamespace) 
         assert len(streams) == cfg.rounds  # one update per round, nothing else carried tensors
         sent: list[torch.Tensor] = []
         for msgs in streams:
-            info, tensors = serde.stream_to_tensors(msgs, masked_spec, kinds=(serde.StreamKind.MASKED_UPDATE,))
+            info, tensors = stream_to_tensors(msgs, masked_spec, kinds=(StreamKind.MASKED_UPDATE,))
             assert info.silo_id == silo and list(tensors) == ["masked"]
             vector = tensors["masked"].numpy()
             assert _p_uniform(vector) > 1e-4, "a masked vector from the wire is not uniform"
@@ -276,7 +276,7 @@ def test_audit_of_every_silo_finds_nothing(done: SimpleNamespace, capsys: pytest
 def test_export_loads_with_plain_peft(done: SimpleNamespace, tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from pf2lora.common.learning.model import load_base_model
+    from pf2lora.common.learning.base_model import load_base_model
     from pf2lora.silo.export import export, personalised_model
 
     cfg = load_silo_config(done.root / "silo-1.toml")

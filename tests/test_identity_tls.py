@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pf2lora.common.errors import ConfigError, InvalidArgument
-from pf2lora.common.transport import grpc_factory, pki
+from pf2lora.common.transport import grpc_factory, pki, pki_files
 from pf2lora.common.transport.identity import (
     Identity,
     PermissionInterceptor,
@@ -93,11 +93,11 @@ class Federation:
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     d = tmp_path_factory.mktemp("tls") / "federation"
-    pki.provision_federation(
+    pki_files.provision_federation(
         d, FED, ["localhost"], silos=["hospital-a", "hospital-b", "hospital-c"], admins=["ops"]
     )
-    ca = pki.load_ca(d)
-    creds = grpc_factory.server_credentials(*pki.load_tls_material(pki.coordinator_dir(d)))
+    ca = pki_files.load_ca(d)
+    creds = grpc_factory.server_credentials(*pki_files.load_tls_material(pki_files.coordinator_dir(d)))
     servers = []
     ports = []
     for interceptors, tls in (
@@ -148,7 +148,7 @@ def _role(fed: Federation, role_dir: str) -> pki.IssuedCertificate:
 
 
 def _role_in(directory: Path, role_dir: str) -> pki.IssuedCertificate:
-    m = pki.load_tls_material(directory / role_dir)
+    m = pki_files.load_tls_material(directory / role_dir)
     key = load_pem_private_key(m.key, None)
     return pki.IssuedCertificate(x509.load_pem_x509_certificate(m.cert), key)  # type: ignore[arg-type]
 
@@ -324,11 +324,11 @@ def test_rotated_server_certificate_reaches_new_connections(tmp_path: Path) -> N
     # pf2lora certs rotate-server writes the coordinator directory in place; the coordinator's
     # rotating credentials serve the new certificate on new connections, with the same CA.
     d = tmp_path / "federation"
-    pki.provision_federation(d, FED, ["localhost"], silos=["hospital-a"])
-    ca = pki.load_ca(d)
+    pki_files.provision_federation(d, FED, ["localhost"], silos=["hospital-a"])
+    ca = pki_files.load_ca(d)
     server = grpc_factory.create_server(2, interceptors=[PermissionInterceptor()])
     server.add_generic_rpc_handlers([_handlers()])
-    creds = grpc_factory.rotating_server_credentials(pki.coordinator_dir(d))
+    creds = grpc_factory.rotating_server_credentials(pki_files.coordinator_dir(d))
     port = grpc_factory.add_port(server, "127.0.0.1:0", creds)
     server.start()
     try:
@@ -338,7 +338,7 @@ def test_rotated_server_certificate_reaches_new_connections(tmp_path: Path) -> N
         code, _ = _code(_call, port, "WhoAmI", b"", server_name="coord.acme.svc", **kw)
         assert code == grpc.StatusCode.UNAVAILABLE  # not a name of the current certificate
         rotated = pki.issue_server_cert(ca, ["coord.acme.svc"])
-        pki.write_role(pki.coordinator_dir(d), rotated, ca.cert, force=True)
+        pki_files.write_role(pki_files.coordinator_dir(d), rotated, ca.cert, force=True)
         assert _call(port, "WhoAmI", b"", server_name="coord.acme.svc", **kw) == (
             b"spiffe://acme/silo/hospital-a"
         )

@@ -25,7 +25,7 @@ from cryptography.x509.verification import (
 )
 
 from pf2lora.common.errors import ConfigError, Pf2LoraError
-from pf2lora.common.transport import pki
+from pf2lora.common.transport import pki, pki_files
 from pf2lora.common.transport.identity import Identity, identity_from_cert
 
 FED = "acme"
@@ -35,7 +35,7 @@ SILOS = ("hospital-a", "hospital-b")
 @pytest.fixture(scope="module")
 def fed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki") / "federation"
-    pki.provision_federation(
+    pki_files.provision_federation(
         d, FED, ["localhost", "coord.acme.svc"], server_ips=["127.0.0.1"], silos=SILOS,
         admins=["ops"],
     )  # fmt: skip
@@ -129,7 +129,7 @@ def test_client_certs_pass_rfc5280_client_verification(
 def test_role_dirs_carry_the_ca_and_a_matching_key(fed_dir: Path) -> None:
     ca_pem = (fed_dir / "ca.crt").read_bytes()
     for role in ("coordinator", "silos/hospital-a", "admins/ops"):
-        material = pki.load_tls_material(fed_dir / role)
+        material = pki_files.load_tls_material(fed_dir / role)
         assert material.ca == ca_pem
         ca, cert, key = material  # unpacks in gRPC's argument order
         assert cert == (fed_dir / role / "tls.crt").read_bytes()
@@ -253,7 +253,7 @@ def _mode(path: Path) -> int:
 def test_key_files_are_0600_even_with_a_permissive_umask(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
-        pki.provision_federation(tmp_path / "f", FED, silos=["hospital-a"], admins=["ops"])
+        pki_files.provision_federation(tmp_path / "f", FED, silos=["hospital-a"], admins=["ops"])
     finally:
         os.umask(old)
     keys = sorted((tmp_path / "f").rglob("*.key"))
@@ -276,21 +276,21 @@ def _snapshot(d: Path) -> dict[str, bytes]:
 
 def test_existing_keys_are_not_overwritten_without_force(tmp_path: Path) -> None:
     d = tmp_path / "f"
-    pki.provision_federation(d, FED, silos=["hospital-a"])
+    pki_files.provision_federation(d, FED, silos=["hospital-a"])
     before = _snapshot(d)
     with pytest.raises(ConfigError, match="--force") as exc:
-        pki.provision_federation(d, FED, silos=["hospital-a", "hospital-b"])
+        pki_files.provision_federation(d, FED, silos=["hospital-a", "hospital-b"])
     assert str(d / "ca.key") in str(exc.value)
     assert _snapshot(d) == before  # refused before anything was written
-    ca = pki.load_ca(d)
+    ca = pki_files.load_ca(d)
     with pytest.raises(ConfigError, match="--force"):
-        pki.write_role(pki.silo_dir(d, "hospital-a"), pki.issue_silo_cert(ca, "hospital-a"),
+        pki_files.write_role(pki_files.silo_dir(d, "hospital-a"), pki.issue_silo_cert(ca, "hospital-a"),
                        ca.cert)  # fmt: skip
     with pytest.raises(ConfigError, match="--force"):
-        pki.write_ca(d, pki.create_ca(FED))
+        pki_files.write_ca(d, pki.create_ca(FED))
     assert _snapshot(d) == before
-    pki.write_role(
-        pki.silo_dir(d, "hospital-a"), pki.issue_silo_cert(ca, "hospital-a"), ca.cert, force=True
+    pki_files.write_role(
+        pki_files.silo_dir(d, "hospital-a"), pki.issue_silo_cert(ca, "hospital-a"), ca.cert, force=True
     )
     after = _snapshot(d)
     assert after["silos/hospital-a/tls.key"] != before["silos/hospital-a/tls.key"]
@@ -299,12 +299,12 @@ def test_existing_keys_are_not_overwritten_without_force(tmp_path: Path) -> None
 
 def test_ca_loaded_from_disk_issues_more_leaves(tmp_path: Path) -> None:
     d = tmp_path / "f"
-    pki.provision_federation(d, FED, silos=["hospital-a"])
+    pki_files.provision_federation(d, FED, silos=["hospital-a"])
     ca_pem = (d / "ca.crt").read_bytes()
-    ca = pki.load_ca(d)
+    ca = pki_files.load_ca(d)
     assert ca.federation == FED and ca.cert_pem() == ca_pem
-    pki.write_role(pki.silo_dir(d, "hospital-c"), pki.issue_silo_cert(ca, "hospital-c"), ca.cert)
-    pki.write_role(pki.coordinator_dir(d), pki.issue_server_cert(ca), ca.cert, force=True)
+    pki_files.write_role(pki_files.silo_dir(d, "hospital-c"), pki.issue_silo_cert(ca, "hospital-c"), ca.cert)
+    pki_files.write_role(pki_files.coordinator_dir(d), pki.issue_server_cert(ca), ca.cert, force=True)
     assert (d / "ca.crt").read_bytes() == ca_pem
     trusted = _cert(d / "ca.crt")
     silo_c = _cert(d / "silos/hospital-c/tls.crt")
@@ -316,16 +316,16 @@ def test_ca_loaded_from_disk_issues_more_leaves(tmp_path: Path) -> None:
 
 def test_loading_rejects_mismatched_or_missing_files(tmp_path: Path) -> None:
     d = tmp_path / "f"
-    pki.provision_federation(d, FED, silos=["hospital-a", "hospital-b"])
-    a, b = pki.silo_dir(d, "hospital-a"), pki.silo_dir(d, "hospital-b")
+    pki_files.provision_federation(d, FED, silos=["hospital-a", "hospital-b"])
+    a, b = pki_files.silo_dir(d, "hospital-a"), pki_files.silo_dir(d, "hospital-b")
     (a / "tls.key").write_bytes((b / "tls.key").read_bytes())
     with pytest.raises(ConfigError, match="key does not match"):
-        pki.load_tls_material(a)
+        pki_files.load_tls_material(a)
     with pytest.raises(ConfigError, match="no such file"):
-        pki.load_tls_material(tmp_path / "nowhere")
+        pki_files.load_tls_material(tmp_path / "nowhere")
     (d / "ca.key").write_bytes(b"not a key")
     with pytest.raises(ConfigError, match="not an unencrypted PEM private key"):
-        pki.load_ca(d)
+        pki_files.load_ca(d)
 
 
 # --- CLI -----------------------------------------------------------------------------------------

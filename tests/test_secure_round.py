@@ -30,10 +30,9 @@ from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.messages import SignedKeys, UnmaskProposal
 from pf2lora.common.secagg.server import SecAggServer
 from pf2lora.common.secagg.silo import SecAggSilo
-from pf2lora.common.transport import grpc_factory, pki
+from pf2lora.common.transport import grpc_factory, pki_files
 from pf2lora.common.transport.daemon_config import TlsSection
-from pf2lora.common.wire import streams as serde
-from pf2lora.common.wire import task_proto as serde_secagg
+from pf2lora.common.wire import streams, task_proto
 from pf2lora.common.wire.tasks import IdleTask, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.config import (
@@ -77,12 +76,12 @@ class Env(SimpleNamespace):
 def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     silos = tuple(getattr(request, "param", ("silo-a", "silo-b", "silo-c")))
     pki_dir = tmp_path / "pki"
-    pki.provision_federation(pki_dir, FED, ("localhost",), silos=silos, admins=("ops",))
+    pki_files.provision_federation(pki_dir, FED, ("localhost",), silos=silos, admins=("ops",))
     cfg = CoordinatorConfig(
         federation=FederationSection(name=FED, allowed_silos=silos),
         server=ServerSection(silo_api_listen="127.0.0.1:0", control_api_listen="127.0.0.1:0",
                              health_listen="", metrics_listen="", long_poll_s=0.5),
-        tls=_tls(pki.coordinator_dir(pki_dir)),
+        tls=_tls(pki_files.coordinator_dir(pki_dir)),
         storage=StorageSection(state_dir=str(tmp_path / "coordinator")),
     )
     coord = Coordinator(cfg, initial_state=lambda a, m, s: {k: v.clone() for k, v in INITIAL.items()})
@@ -99,7 +98,7 @@ def _silo_cfg(env: Env, silo: str) -> SiloConfig:
         coordinator=CoordinatorSection(
             address=f"127.0.0.1:{env.coord.ports['silo_api']}", server_name="localhost", long_poll_s=0.5,
             call_timeout_s=10.0, retry_initial_s=0.1, retry_max_s=0.5),
-        tls=_tls(pki.silo_dir(env.pki, silo)),
+        tls=_tls(pki_files.silo_dir(env.pki, silo)),
     )
 
 
@@ -142,7 +141,7 @@ class PayloadSilo:
 
 
 def _admin(env: Env) -> control_pb2_grpc.ControlApiStub:
-    ca, cert, key = grpc_factory.TlsFiles.in_dir(pki.admin_dir(env.pki, "ops")).read()
+    ca, cert, key = grpc_factory.TlsFiles.in_dir(pki_files.admin_dir(env.pki, "ops")).read()
     ch = grpc_factory.create_channel(f"127.0.0.1:{env.coord.ports['control_api']}",
                                      grpc_factory.channel_credentials(ca, cert, key), server_name_override="localhost")
     return control_pb2_grpc.ControlApiStub(ch)
@@ -253,18 +252,18 @@ def test_bad_secure_aggregation_messages_are_refused_and_change_nothing(env: Env
         keys = proto_silo.advertise_keys()
 
         def advertise(stub: str, header_silo: str, k: SignedKeys, attempt: int = ta.attempt, rnd: int = 1) -> Callable[[], object]:
-            req = silo_pb2.AdvertiseKeysRequest(header=serde_secagg.header_to_proto(header_silo, run_id, rnd, attempt),
-                                                keys=serde_secagg.keys_to_proto(k))
+            req = silo_pb2.AdvertiseKeysRequest(header=task_proto.secagg_header_to_proto(header_silo, run_id, rnd, attempt),
+                                                keys=task_proto.keys_to_proto(k))
             return lambda: stubs[stub].AdvertiseKeys(req, timeout=10)
 
         good = dict(weighted_payload({k: torch.ones_like(v) for k, v in INITIAL.items()}, ta.weight))
-        plain = list(serde.tensors_to_stream(good, run_id=run_id, round=1, kind=serde.StreamKind.UPDATE,
+        plain = list(streams.tensors_to_stream(good, run_id=run_id, round=1, kind=streams.StreamKind.UPDATE,
                                              silo_id="silo-a", scalars={"attempt": ta.attempt}))
-        masked = list(serde.tensors_to_stream({"masked": torch.zeros(sp.vector_length, dtype=torch.uint32)},
-                                              run_id=run_id, round=1, kind=serde.StreamKind.MASKED_UPDATE,
+        masked = list(streams.tensors_to_stream({"masked": torch.zeros(sp.vector_length, dtype=torch.uint32)},
+                                              run_id=run_id, round=1, kind=streams.StreamKind.MASKED_UPDATE,
                                               silo_id="silo-a", scalars={"attempt": ta.attempt}))
         other_keys = SignedKeys(**{**keys.__dict__, "silo_id": "silo-b"})
-        shares = silo_pb2.ShareKeysRequest(header=serde_secagg.header_to_proto("silo-a", run_id, 1, ta.attempt))
+        shares = silo_pb2.ShareKeysRequest(header=task_proto.secagg_header_to_proto("silo-a", run_id, 1, ta.attempt))
         cases = [
             ("keys claiming another silo's id in the header", advertise("silo-a", "silo-b", keys), Code.PERMISSION_DENIED),
             ("keys naming another silo inside", advertise("silo-a", "silo-a", other_keys), Code.PERMISSION_DENIED),
@@ -274,7 +273,7 @@ def test_bad_secure_aggregation_messages_are_refused_and_change_nothing(env: Env
             ("a plain update in a secure round", lambda: stubs["silo-a"].PushUpdate(iter(plain), timeout=10), Code.INVALID_ARGUMENT),
             ("a masked update before its stage", lambda: stubs["silo-a"].PushUpdate(iter(masked), timeout=10), Code.FAILED_PRECONDITION),
             ("malformed keys", lambda: stubs["silo-a"].AdvertiseKeys(silo_pb2.AdvertiseKeysRequest(
-                header=serde_secagg.header_to_proto("silo-a", run_id, 1, ta.attempt)), timeout=10), Code.INVALID_ARGUMENT),
+                header=task_proto.secagg_header_to_proto("silo-a", run_id, 1, ta.attempt)), timeout=10), Code.INVALID_ARGUMENT),
         ]
         before = _snapshot(env)
         for name, fn, expected in cases:

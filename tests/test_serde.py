@@ -9,7 +9,17 @@ import torch
 
 from pf2lora.common.errors import FailedPrecondition, InvalidArgument
 from pf2lora.common.transport.grpc_factory import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
-from pf2lora.common.wire import streams as serde
+from pf2lora.common.wire import streams
+from pf2lora.common.wire.manifest import (
+    TensorInfo,
+    dtype_from_proto,
+    dtype_to_proto,
+    expected_manifest,
+    manifest_digest,
+    spec_from_proto,
+    spec_to_proto,
+    tensor_spec,
+)
 from pf2lora.v1 import tensors_pb2 as pb
 
 ALL_DTYPES = [
@@ -51,14 +61,14 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _stream(tensors, chunk_size: int = 16, **kw) -> list[pb.StreamMessage]:
-    kw.setdefault("kind", serde.StreamKind.UPDATE)
+    kw.setdefault("kind", streams.StreamKind.UPDATE)
     return list(
-        serde.tensors_to_stream(tensors, run_id="run-1", round=7, chunk_size=chunk_size, **kw)
+        streams.tensors_to_stream(tensors, run_id="run-1", round=7, chunk_size=chunk_size, **kw)
     )
 
 
 def _roundtrip(tensors, chunk_size: int = 16, **kw):
-    return serde.stream_to_tensors(_stream(tensors, chunk_size), **kw)
+    return streams.stream_to_tensors(_stream(tensors, chunk_size), **kw)
 
 
 # -- round trips -----------------------------------------------------------------------------
@@ -68,7 +78,7 @@ def _roundtrip(tensors, chunk_size: int = 16, **kw):
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (1,), (5, 7), (2, 3, 11)], ids=str)
 def test_round_trip_every_dtype_and_shape(dtype, shape):
     tensors = {"t": _make(dtype, shape), "other": _make(dtype, (4,), seed=1)}
-    info, out = _roundtrip(tensors, chunk_size=5, expected=serde.expected_manifest(tensors))
+    info, out = _roundtrip(tensors, chunk_size=5, expected=expected_manifest(tensors))
     assert list(out) == ["t", "other"]
     for name, tensor in tensors.items():
         assert _same(tensor, out[name]), name
@@ -77,7 +87,7 @@ def test_round_trip_every_dtype_and_shape(dtype, shape):
 
 def test_round_trip_header_fields_and_scalars():
     tensors = {"a": torch.ones(3)}
-    messages = serde.tensors_to_stream(
+    messages = streams.tensors_to_stream(
         tensors,
         run_id="run-9",
         round=2**32 - 1,
@@ -85,9 +95,9 @@ def test_round_trip_header_fields_and_scalars():
         kind="MASKED_UPDATE",
         scalars={"num_samples": 120, "train_loss": 0.25},
     )
-    info, _ = serde.stream_to_tensors(messages)
+    info, _ = streams.stream_to_tensors(messages)
     assert (info.run_id, info.round, info.silo_id) == ("run-9", 2**32 - 1, "silo-a")
-    assert info.kind is serde.StreamKind.MASKED_UPDATE
+    assert info.kind is streams.StreamKind.MASKED_UPDATE
     assert info.scalars == {"num_samples": 120.0, "train_loss": 0.25}
     assert info.chunk_size == DEFAULT_CHUNK_SIZE
 
@@ -126,7 +136,7 @@ def test_non_contiguous_and_grad_tensors_are_sent_as_their_values():
 def test_uint32_masked_values_are_not_checked_for_finiteness():
     # 0x7fc00000 and 0x7f800000 are NaN/inf as float32 bits, but plain numbers as uint32.
     bits = torch.tensor([0x7FC00000, 0x7F800000, 2**32 - 1], dtype=torch.int64).to(torch.uint32)
-    _, out = _roundtrip({"masked": bits}, kinds={serde.StreamKind.UPDATE})
+    _, out = _roundtrip({"masked": bits}, kinds={streams.StreamKind.UPDATE})
     assert _same(bits, out["masked"])
 
 
@@ -134,7 +144,7 @@ def test_multi_chunk_large_tensor_default_chunk_size():
     tensors = {"w": torch.randn(3 * DEFAULT_CHUNK_SIZE // 4 + 5)}
     messages = _stream(tensors, chunk_size=DEFAULT_CHUNK_SIZE)
     assert sum(m.WhichOneof("body") == "chunk" for m in messages) == 4
-    _, out = serde.stream_to_tensors(messages)
+    _, out = streams.stream_to_tensors(messages)
     assert _same(tensors["w"], out["w"])
 
 
@@ -142,11 +152,11 @@ def test_chunks_are_cut_lazily_from_the_tensor_bytes():
     """Chunks are read from the tensor when produced, not copied up front: a tensor modified
     after the header (which the caller must not do) is caught by the per-tensor digest."""
     tensor = torch.zeros(64)
-    stream = serde.tensors_to_stream({"w": tensor}, run_id="r", round=1, kind="UPDATE")
+    stream = streams.tensors_to_stream({"w": tensor}, run_id="r", round=1, kind="UPDATE")
     header = next(stream)
     tensor += 1
     with pytest.raises(InvalidArgument, match="'w': SHA-256"):
-        serde.stream_to_tensors([header, *stream])
+        streams.stream_to_tensors([header, *stream])
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -154,48 +164,48 @@ def test_chunks_are_cut_lazily_from_the_tensor_bytes():
 
 def test_dtype_conversions_cover_every_proto_value():
     for dtype in ALL_DTYPES:
-        assert serde.dtype_from_proto(serde.dtype_to_proto(dtype)) == dtype
+        assert dtype_from_proto(dtype_to_proto(dtype)) == dtype
     values = {v.number for v in pb.DType.DESCRIPTOR.values if v.number != pb.DTYPE_UNSPECIFIED}
-    assert values == {serde.dtype_to_proto(d) for d in ALL_DTYPES}
+    assert values == {dtype_to_proto(d) for d in ALL_DTYPES}
     with pytest.raises(InvalidArgument, match="complex64"):
-        serde.dtype_to_proto(torch.complex64)
+        dtype_to_proto(torch.complex64)
     with pytest.raises(InvalidArgument, match="unspecified"):
-        serde.dtype_from_proto(pb.DTYPE_UNSPECIFIED)
-    for kind in serde.StreamKind:
-        assert serde.kind_from_proto(serde.kind_to_proto(kind)) is kind
+        dtype_from_proto(pb.DTYPE_UNSPECIFIED)
+    for kind in streams.StreamKind:
+        assert streams.kind_from_proto(streams.kind_to_proto(kind)) is kind
 
 
 def test_tensor_spec_and_manifest_digest():
     t = torch.arange(6, dtype=torch.int32).reshape(2, 3)
-    spec = serde.tensor_spec("w", t)
-    assert spec == serde.TensorInfo(
+    spec = tensor_spec("w", t)
+    assert spec == TensorInfo(
         "w", torch.int32, (2, 3), 24, hashlib.sha256(t.numpy().tobytes()).digest()
     )
-    assert serde.spec_from_proto(serde.spec_to_proto(spec)) == spec
-    digest = serde.manifest_digest([spec])
-    assert digest == serde.manifest_digest([serde.tensor_spec("w", t.clone())])
+    assert spec_from_proto(spec_to_proto(spec)) == spec
+    digest = manifest_digest([spec])
+    assert digest == manifest_digest([tensor_spec("w", t.clone())])
     # Any field of any entry changes it, and so does the order of entries.
-    other = serde.tensor_spec("v", t)
+    other = tensor_spec("v", t)
     variants = [
-        [serde.tensor_spec("w2", t)],
-        [serde.tensor_spec("w", t.reshape(3, 2))],
-        [serde.tensor_spec("w", t.to(torch.uint32))],
-        [serde.tensor_spec("w", t + 1)],
+        [tensor_spec("w2", t)],
+        [tensor_spec("w", t.reshape(3, 2))],
+        [tensor_spec("w", t.to(torch.uint32))],
+        [tensor_spec("w", t + 1)],
         [spec, other],
         [other, spec],
         [],
     ]
-    digests = {serde.manifest_digest(v) for v in variants}
+    digests = {manifest_digest(v) for v in variants}
     assert len(digests) == len(variants) and digest not in digests
 
 
 def test_header_records_the_manifest_digest():
     tensors = {"a": torch.randn(3), "b": torch.randn(2, 2)}
     messages = _stream(tensors)
-    info, _ = serde.stream_to_tensors(messages)
-    specs = [serde.tensor_spec(n, t) for n, t in tensors.items()]
+    info, _ = streams.stream_to_tensors(messages)
+    specs = [tensor_spec(n, t) for n, t in tensors.items()]
     assert (
-        info.manifest_digest == serde.manifest_digest(specs) == messages[-1].trailer.manifest_digest
+        info.manifest_digest == manifest_digest(specs) == messages[-1].trailer.manifest_digest
     )
 
 
@@ -345,13 +355,13 @@ def test_mutated_stream_is_refused(case):
     mutate, needle = MUTATIONS[case]
     messages = mutate(_msgs())
     with pytest.raises(InvalidArgument) as err:
-        serde.stream_to_tensors(messages)
+        streams.stream_to_tensors(messages)
     assert needle in str(err.value)
 
 
 def test_unmutated_reference_stream_is_accepted():
     """The refusals above come from the mutation, not from the reference stream."""
-    _, out = serde.stream_to_tensors(_msgs(), serde.expected_manifest(TENSORS))
+    _, out = streams.stream_to_tensors(_msgs(), expected_manifest(TENSORS))
     assert all(_same(TENSORS[k], out[k]) for k in TENSORS)
 
 
@@ -360,7 +370,7 @@ def test_unmutated_reference_stream_is_accepted():
     [
         ({A: ((4, 5), torch.float32)}, f"tensor '{B}' is not in the expected manifest"),
         (
-            {**serde.expected_manifest(TENSORS), "layer.1.lora_A": ((4, 5), torch.float32)},
+            {**expected_manifest(TENSORS), "layer.1.lora_A": ((4, 5), torch.float32)},
             "stream lacks expected tensors ['layer.1.lora_A']",
         ),
         (
@@ -376,13 +386,13 @@ def test_unmutated_reference_stream_is_accepted():
 )
 def test_stream_not_matching_expected_manifest_is_refused(expected, needle):
     with pytest.raises(InvalidArgument) as err:
-        serde.stream_to_tensors(_msgs(), expected)
+        streams.stream_to_tensors(_msgs(), expected)
     assert needle in str(err.value)
 
 
 def test_partial_stream_allowed_when_not_all_expected_required():
-    expected = {**serde.expected_manifest(TENSORS), "extra": ((1,), torch.float32)}
-    _, out = serde.stream_to_tensors(_msgs(), expected, require_all=False)
+    expected = {**expected_manifest(TENSORS), "extra": ((1,), torch.float32)}
+    _, out = streams.stream_to_tensors(_msgs(), expected, require_all=False)
     assert set(out) == set(TENSORS)
 
 
@@ -394,8 +404,8 @@ def test_non_finite_floats_refused_unless_allowed(bad, dtype, size, where):
     t[where] = bad
     messages = _stream({"w": t}, chunk_size=DEFAULT_CHUNK_SIZE)
     with pytest.raises(InvalidArgument, match="'w' contains NaN or infinite values"):
-        serde.stream_to_tensors(messages)
-    _, out = serde.stream_to_tensors(messages, allow_nonfinite=True)
+        streams.stream_to_tensors(messages)
+    _, out = streams.stream_to_tensors(messages, allow_nonfinite=True)
     assert _same(t, out["w"])
 
 
@@ -413,22 +423,22 @@ def test_bool_bytes_other_than_0_or_1_refused():
     messages = _stream({"mask": torch.tensor([True, False, True])})
     _chunks(messages)[0].chunk.data = b"\x01\x02\x01"
     _header(messages).tensors[0].sha256 = hashlib.sha256(b"\x01\x02\x01").digest()
-    messages[-1].trailer.manifest_digest = serde.manifest_digest(
-        [serde.spec_from_proto(_header(messages).tensors[0])]
+    messages[-1].trailer.manifest_digest = manifest_digest(
+        [spec_from_proto(_header(messages).tensors[0])]
     )
     with pytest.raises(InvalidArgument, match="bool bytes must be 0 or 1"):
-        serde.stream_to_tensors(messages)
+        streams.stream_to_tensors(messages)
 
 
 def test_limits_on_total_bytes_tensor_count_and_kind():
     with pytest.raises(
         InvalidArgument, match="declares 116 bytes of tensors, more than the limit 100"
     ):
-        serde.stream_to_tensors(_msgs(), max_total_bytes=100)
+        streams.stream_to_tensors(_msgs(), max_total_bytes=100)
     with pytest.raises(InvalidArgument, match="lists 2 tensors, more than 1"):
-        serde.stream_to_tensors(_msgs(), max_tensors=1)
+        streams.stream_to_tensors(_msgs(), max_tensors=1)
     with pytest.raises(InvalidArgument, match="stream kind UPDATE not accepted here"):
-        serde.stream_to_tensors(_msgs(), kinds={serde.StreamKind.GLOBAL_MODEL})
+        streams.stream_to_tensors(_msgs(), kinds={streams.StreamKind.GLOBAL_MODEL})
 
 
 def test_limit_is_checked_before_any_data_is_read():
@@ -440,7 +450,7 @@ def test_limit_is_checked_before_any_data_is_read():
             yield m
 
     with pytest.raises(InvalidArgument, match="more than the limit"):
-        serde.stream_to_tensors(messages(), max_total_bytes=10)
+        streams.stream_to_tensors(messages(), max_total_bytes=10)
     assert consumed == ["header"]
 
 
@@ -452,17 +462,17 @@ def test_on_header_can_stop_the_stream_early():
             consumed.append(m.WhichOneof("body"))
             yield m
 
-    def check(info: serde.StreamInfo) -> None:
+    def check(info: streams.StreamInfo) -> None:
         if info.round != 8:
             raise FailedPrecondition(f"round {info.round} is not the current round 8")
 
     with pytest.raises(FailedPrecondition, match="round 7"):
-        serde.stream_to_tensors(messages(), on_header=check)
+        streams.stream_to_tensors(messages(), on_header=check)
     assert consumed == ["header"]
 
 
 def test_assembler_exposes_header_before_data():
-    assembler = serde.StreamAssembler()
+    assembler = streams.StreamAssembler()
     messages = _msgs(silo_id="silo-b")
     assembler.add(messages[0])
     assert assembler.info is not None and assembler.info.silo_id == "silo-b"
@@ -505,5 +515,5 @@ def test_assembler_exposes_header_before_data():
 def test_sender_refuses_bad_input_before_streaming(tensors, kw, needle):
     args = {"run_id": "r", "round": 1, "kind": "UPDATE", **kw}
     with pytest.raises(InvalidArgument) as err:
-        serde.tensors_to_stream(tensors, **args)  # raises at the call, not at iteration
+        streams.tensors_to_stream(tensors, **args)  # raises at the call, not at iteration
     assert needle in str(err.value)

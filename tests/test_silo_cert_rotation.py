@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from federation_util import Federation, run_config, write_silo_data
 
-from pf2lora.common.transport import pki
+from pf2lora.common.transport import pki, pki_files
 from pf2lora.v1 import control_pb2 as cpb
 
 pytestmark = pytest.mark.slow
@@ -27,18 +27,18 @@ def test_rotated_silo_certificate_is_used_without_a_restart(tmp_path: Path) -> N
     # two silos: a secure round needs more than one; only silo-0's certificate rotates
     silos = {s: write_silo_data(tmp_path / "data" / s, k, 24) for k, s in enumerate(("silo-0", "silo-1"))}
     fed = Federation(tmp_path, silos, tls=True)
-    ca = pki.load_ca(fed.pki)
+    ca = pki_files.load_ca(fed.pki)
     now = dt.datetime.now(dt.UTC)
     expires = now + dt.timedelta(seconds=SHORT_S)
     short = pki.issue_silo_cert(ca, "silo-0", not_before=now - dt.timedelta(minutes=5), not_after=expires)
-    pki.write_role(pki.silo_dir(fed.pki, "silo-0"), short, ca.cert, force=True)
+    pki_files.write_role(pki_files.silo_dir(fed.pki, "silo-0"), short, ca.cert, force=True)
     try:
         fed.start_coordinator()
         fed.start_silo("silo-0")
         fed.start_silo("silo-1")
         fed.wait_for_silos(timeout=SHORT_S - 10)
         # rotate: a new key and a long-lived certificate for the same identity
-        pki.write_role(pki.silo_dir(fed.pki, "silo-0"), pki.issue_silo_cert(ca, "silo-0"), ca.cert, force=True)
+        pki_files.write_role(pki_files.silo_dir(fed.pki, "silo-0"), pki.issue_silo_cert(ca, "silo-0"), ca.cert, force=True)
         fed.wait(lambda: "TLS files changed" in fed.procs.tail("silo-0", 200), 30, "the silo to load the new files")
         # let the first certificate expire, then force a new handshake
         time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 2.0)

@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pf2lora.common.errors import ConfigError, InvalidArgument
 from pf2lora.common.transport import grpc_factory
-from pf2lora.common.wire import streams as serde
+from pf2lora.common.wire import streams
+from pf2lora.common.wire.manifest import manifest_digest, tensor_spec
 from pf2lora.v1 import tensors_pb2 as pb
 
 SERVICE = "pf2lora.test.TensorEcho"
@@ -27,14 +28,14 @@ class EchoService:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
-        self.info: serde.StreamInfo | None = None
+        self.info: streams.StreamInfo | None = None
         self.peer_sans: list[bytes] = []
         self._lock = threading.Lock()
 
     def upload(self, request_iterator: Iterator[pb.StreamMessage], context: grpc.ServicerContext):
         self.peer_sans = list(context.auth_context().get("x509_subject_alternative_name", []))
         try:
-            info, tensors = serde.stream_to_tensors(request_iterator)
+            info, tensors = streams.stream_to_tensors(request_iterator)
         except InvalidArgument as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with self._lock:
@@ -48,11 +49,11 @@ class EchoService:
     def download(self, request: pb.StreamMessage, context: grpc.ServicerContext):
         with self._lock:
             tensors = self.tensors
-        yield from serde.tensors_to_stream(
+        yield from streams.tensors_to_stream(
             tensors,
             run_id=request.header.run_id,
             round=request.header.round,
-            kind=serde.StreamKind.GLOBAL_MODEL,
+            kind=streams.StreamKind.GLOBAL_MODEL,
             chunk_size=request.header.chunk_size or grpc_factory.DEFAULT_CHUNK_SIZE,
         )
 
@@ -89,14 +90,14 @@ class Client:
         )
 
     def push(self, tensors, **kw) -> pb.StreamMessage:
-        stream = serde.tensors_to_stream(tensors, run_id="run-1", round=3, kind="UPDATE", **kw)
+        stream = streams.tensors_to_stream(tensors, run_id="run-1", round=3, kind="UPDATE", **kw)
         return self.upload(stream, timeout=TIMEOUT_S)
 
-    def fetch(self, chunk_size: int = 0) -> tuple[serde.StreamInfo, dict[str, torch.Tensor]]:
+    def fetch(self, chunk_size: int = 0) -> tuple[streams.StreamInfo, dict[str, torch.Tensor]]:
         request = pb.StreamMessage(
             header=pb.StreamHeader(run_id="run-1", round=4, chunk_size=chunk_size)
         )
-        return serde.stream_to_tensors(self.download(request, timeout=TIMEOUT_S))
+        return streams.stream_to_tensors(self.download(request, timeout=TIMEOUT_S))
 
 
 def _serve(credentials: grpc.ServerCredentials | None) -> tuple[grpc.Server, EchoService, int]:
@@ -143,15 +144,15 @@ def test_200mb_round_trip_bit_identical(insecure_server):
         started = time.perf_counter()
         ack = client.push(big, scalars={"num_samples": 128.0})
         up = time.perf_counter() - started
-        assert ack.trailer.manifest_digest == serde.manifest_digest(
-            [serde.tensor_spec(n, t) for n, t in big.items()]
+        assert ack.trailer.manifest_digest == manifest_digest(
+            [tensor_spec(n, t) for n, t in big.items()]
         )
         assert service.info is not None and service.info.scalars == {"num_samples": 128.0}
         started = time.perf_counter()
         info, back = client.fetch()
         down = time.perf_counter() - started
     print(f"200 MB up {up:.2f} s, down {down:.2f} s")
-    assert info.kind is serde.StreamKind.GLOBAL_MODEL and info.round == 4
+    assert info.kind is streams.StreamKind.GLOBAL_MODEL and info.round == 4
     assert list(back) == list(big)
     for name, tensor in big.items():
         assert _same(tensor, back[name]), name
@@ -198,7 +199,7 @@ def _corrupt_chunk(messages: list[pb.StreamMessage]) -> list[pb.StreamMessage]:
 def test_bad_stream_refused_with_invalid_argument(insecure_server, mutate, needle):
     _, port = insecure_server
     tensors = {"adapter.lora_A": torch.randn(64, 1024)}
-    messages = mutate(list(serde.tensors_to_stream(tensors, run_id="r", round=1, kind="UPDATE")))
+    messages = mutate(list(streams.tensors_to_stream(tensors, run_id="r", round=1, kind="UPDATE")))
     with grpc_factory.create_channel(f"127.0.0.1:{port}", None) as channel:
         with pytest.raises(grpc.RpcError) as err:
             Client(channel).upload(iter(messages), timeout=TIMEOUT_S)

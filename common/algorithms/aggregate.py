@@ -8,7 +8,7 @@ computable from what secure aggregation reveals and from nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -94,3 +94,11 @@ def payload_spec(
     for name in global_spec:
         spec[weight_key(name)] = ((), torch.float32)
     return spec
+
+
+def client_weights(num_samples: Sequence[int], weighting: str) -> list[float]:
+    """Public FedAvg weights p_k, normalised over the round's participants."""
+    if weighting == "equal":
+        return [1.0 / len(num_samples)] * len(num_samples)
+    total = float(sum(num_samples))
+    return [n / total for n in num_samples]

@@ -17,12 +17,6 @@ Hypergrad = Literal["unroll", "implicit", "first-order", "joint"]
 TASK_TYPES: tuple[str, ...] = get_args(TaskType)
 HYPERGRADS: tuple[str, ...] = get_args(Hypergrad)
 
-# Attention query/value projections per architecture family (ALGORITHM.md §1).
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "value"),
-    "llama": ("q_proj", "v_proj"),
-}
-
 
 def _check(cond: bool, name: str, value: object, why: str) -> None:
     if not cond:

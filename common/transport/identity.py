@@ -14,22 +14,19 @@ import grpc
 from cryptography import x509
 
 from pf2lora.common.errors import ConfigError, InvalidArgument, PermissionDenied
+from pf2lora.common.names import LABEL_PATTERN, LABEL_RULE, is_label
 
 logger = logging.getLogger(__name__)
 
 Role = Literal["silo", "admin"]
 ROLES: tuple[str, ...] = get_args(Role)
 
-# Federation names, silo ids and admin names: one lower-case DNS label (RFC 1123), so they are
-# safe in a SPIFFE URI, a Kubernetes object name and a directory name alike.
-LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 SPIFFE_SCHEME = "spiffe://"
 # The whole URI, nothing optional: no port, user info, query, fragment, percent-encoding,
 # trailing slash or upper case. An identity has exactly one spelling.
 _SPIFFE_RE = re.compile(
-    r"spiffe://(?P<federation>[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)"
-    r"/(?P<role>silo|admin)/(?P<name>[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)"
+    rf"spiffe://(?P<federation>{LABEL_PATTERN})/(?P<role>silo|admin)/(?P<name>{LABEL_PATTERN})"
 )
 
 # The auth-context property gRPC fills with every subjectAltName entry (DNS, URI, e-mail, IP).
@@ -38,11 +35,8 @@ SAN_PROPERTY = "x509_subject_alternative_name"
 
 def validate_label(field: str, value: object) -> str:
     """Return `value` if it is one lower-case DNS label, else raise ConfigError naming `field`."""
-    if not isinstance(value, str) or LABEL_RE.fullmatch(value) is None:
-        raise ConfigError(
-            f"{field}={value!r}: use 1-63 characters of a-z, 0-9 and '-', starting and "
-            "ending with a letter or digit (a lower-case DNS label)"
-        )
+    if not is_label(value):
+        raise ConfigError(f"{field}={value!r}: {LABEL_RULE}")
     return value
 
 

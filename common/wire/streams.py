@@ -14,9 +14,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-import struct
-import sys
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,30 +22,25 @@ import torch
 
 from pf2lora.common.errors import InvalidArgument
 from pf2lora.common.transport.grpc_factory import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from pf2lora.common.wire.manifest import (
+    DTYPE_TO_PROTO,
+    MAX_NAME_LENGTH,
+    SWAP_BYTES,
+    Spec,
+    TensorInfo,
+    manifest_digest,
+    spec_from_proto,
+    spec_of,
+    spec_to_proto,
+    wire_bytes,
+)
 from pf2lora.v1 import tensors_pb2 as pb
 
 # Limits on what a receiver accepts; servicers may pass tighter ones.
 DEFAULT_MAX_TOTAL_BYTES = 1 << 30  # 1 GiB: a rank-16 adapter of a 7B model is 16-160 MB
-DEFAULT_MAX_TENSORS = 65_536
-MAX_NAME_LENGTH = 1024
-MAX_NDIM = 16
 
-_DTYPE_TO_PROTO: dict[torch.dtype, pb.DType] = {
-    torch.float32: pb.DTYPE_FLOAT32,
-    torch.float16: pb.DTYPE_FLOAT16,
-    torch.bfloat16: pb.DTYPE_BFLOAT16,
-    torch.float64: pb.DTYPE_FLOAT64,
-    torch.int64: pb.DTYPE_INT64,
-    torch.int32: pb.DTYPE_INT32,
-    torch.uint32: pb.DTYPE_UINT32,
-    torch.uint8: pb.DTYPE_UINT8,
-    torch.int8: pb.DTYPE_INT8,
-    torch.int16: pb.DTYPE_INT16,
-    torch.bool: pb.DTYPE_BOOL,
-}
-_DTYPE_FROM_PROTO: dict[int, torch.dtype] = {v: k for k, v in _DTYPE_TO_PROTO.items()}
-# Wire bytes are little-endian; only a big-endian host has to swap.
-_SWAP_BYTES = sys.byteorder != "little"
+DEFAULT_MAX_TENSORS = 65_536
+
 # Float dtype -> (same-width unsigned type, mask clearing the sign bit, bits of +inf).
 _FLOAT_BITS: dict[torch.dtype, tuple[type, int, int]] = {
     torch.float16: (np.uint16, 0x7FFF, 0x7C00),
@@ -55,7 +48,8 @@ _FLOAT_BITS: dict[torch.dtype, tuple[type, int, int]] = {
     torch.float32: (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
     torch.float64: (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
 }
-assert set(_FLOAT_BITS) == {d for d in _DTYPE_TO_PROTO if d.is_floating_point}
+
+assert set(_FLOAT_BITS) == {d for d in DTYPE_TO_PROTO if d.is_floating_point}
 _FINITE_BLOCK = 1 << 16  # elements per block of the finiteness check (<= 512 KiB, cache-hot)
 
 
@@ -65,25 +59,6 @@ class StreamKind(enum.StrEnum):
     GLOBAL_MODEL = "GLOBAL_MODEL"
     UPDATE = "UPDATE"
     MASKED_UPDATE = "MASKED_UPDATE"
-
-
-def dtype_to_proto(dtype: torch.dtype) -> pb.DType:
-    """torch dtype -> pf2lora.v1.DType value."""
-    try:
-        return _DTYPE_TO_PROTO[dtype]
-    except KeyError:
-        supported = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_TO_PROTO)
-        raise InvalidArgument(
-            f"dtype {dtype} cannot be streamed (supported: {supported})"
-        ) from None
-
-
-def dtype_from_proto(value: int) -> torch.dtype:
-    """pf2lora.v1.DType value -> torch dtype."""
-    try:
-        return _DTYPE_FROM_PROTO[value]
-    except KeyError:
-        raise InvalidArgument(f"unknown or unspecified DType value {value}") from None
 
 
 def kind_to_proto(kind: StreamKind | str) -> pb.StreamKind:
@@ -107,73 +82,8 @@ _KIND_TO_PROTO: dict[StreamKind, pb.StreamKind] = {
     StreamKind.UPDATE: pb.STREAM_KIND_UPDATE,
     StreamKind.MASKED_UPDATE: pb.STREAM_KIND_MASKED_UPDATE,
 }
+
 _KIND_FROM_PROTO: dict[int, StreamKind] = {v: k for k, v in _KIND_TO_PROTO.items()}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One manifest entry (pf2lora.v1.TensorSpec) as plain Python values."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-    sha256: bytes
-
-
-def tensor_spec(name: str, tensor: torch.Tensor) -> TensorInfo:
-    """The manifest entry of one tensor: dtype, shape, byte count and SHA-256 of its wire bytes."""
-    return _spec_of(name, _wire_bytes(name, tensor), tensor)
-
-
-def spec_to_proto(spec: TensorInfo) -> pb.TensorSpec:
-    return pb.TensorSpec(
-        name=spec.name,
-        dtype=dtype_to_proto(spec.dtype),
-        shape=list(spec.shape),
-        nbytes=spec.nbytes,
-        sha256=spec.sha256,
-    )
-
-
-def spec_from_proto(msg: pb.TensorSpec) -> TensorInfo:
-    """Validated TensorInfo; InvalidArgument naming the tensor if the entry is inconsistent."""
-    name = msg.name
-    if not name or len(name) > MAX_NAME_LENGTH:
-        raise InvalidArgument(f"tensor name {name[:64]!r}: must be 1-{MAX_NAME_LENGTH} characters")
-    try:
-        dtype = dtype_from_proto(msg.dtype)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"tensor {name!r}: {exc}") from None
-    shape = tuple(msg.shape)
-    if len(shape) > MAX_NDIM or any(d < 0 for d in shape):
-        raise InvalidArgument(f"tensor {name!r}: invalid shape {list(shape)}")
-    expected_nbytes = math.prod(shape) * dtype.itemsize
-    if msg.nbytes != expected_nbytes:
-        raise InvalidArgument(
-            f"tensor {name!r}: nbytes {msg.nbytes} is inconsistent with shape {list(shape)} "
-            f"and dtype {dtype} ({expected_nbytes} bytes)"
-        )
-    if len(msg.sha256) != 32:
-        raise InvalidArgument(f"tensor {name!r}: sha256 must be 32 bytes, got {len(msg.sha256)}")
-    return TensorInfo(name, dtype, shape, msg.nbytes, bytes(msg.sha256))
-
-
-def manifest_digest(specs: Sequence[TensorInfo]) -> bytes:
-    """SHA-256 over a canonical encoding of the manifest (independent of protobuf encoding).
-
-    Per entry, in order: name length (u32) and UTF-8 name, DType value (u32), ndim (u32), each
-    dimension (i64), nbytes (u64), per-tensor SHA-256; all little-endian.
-    """
-    h = hashlib.sha256(b"pf2lora.v1.manifest\x00")
-    h.update(struct.pack("<Q", len(specs)))
-    for spec in specs:
-        name = spec.name.encode()
-        h.update(struct.pack("<I", len(name)) + name)
-        h.update(struct.pack("<II", dtype_to_proto(spec.dtype), len(spec.shape)))
-        h.update(struct.pack(f"<{len(spec.shape)}q", *spec.shape))
-        h.update(struct.pack("<Q", spec.nbytes) + spec.sha256)
-    return h.digest()
 
 
 @dataclass(frozen=True)
@@ -265,9 +175,9 @@ def tensors_to_stream(
             raise InvalidArgument(
                 f"tensor name {name!r}: must be a 1-{MAX_NAME_LENGTH} character str"
             )
-        view = _wire_bytes(name, tensor)
+        view = wire_bytes(name, tensor)
         views.append(view)
-        specs.append(_spec_of(name, view, tensor))
+        specs.append(spec_of(name, view, tensor))
     info = StreamInfo(run_id, round, silo_id, StreamKind(kind), tuple(specs), scalars, chunk_size)
     header = pb.StreamMessage(header=header_to_proto(info))
     return _stream(header, views, info)
@@ -293,16 +203,6 @@ def _stream(
     )
 
 
-Expected = Mapping[str, tuple[Sequence[int], torch.dtype]]
-
-
-def expected_manifest(
-    tensors: Mapping[str, torch.Tensor],
-) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The `expected` argument of stream_to_tensors that matches these (template) tensors."""
-    return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
-
-
 class StreamAssembler:
     """Validates and assembles one stream, fed message by message with add().
 
@@ -313,7 +213,7 @@ class StreamAssembler:
 
     def __init__(
         self,
-        expected: Expected | None = None,
+        expected: Spec | None = None,
         *,
         require_all: bool = True,
         kinds: Collection[StreamKind] | None = None,
@@ -502,7 +402,7 @@ class StreamAssembler:
             tensor = torch.empty(spec.shape, dtype=spec.dtype)
         else:
             raw = self._buffer  # (nbytes,) uint8, native byte order below
-            if _SWAP_BYTES and spec.dtype.itemsize > 1:
+            if SWAP_BYTES and spec.dtype.itemsize > 1:
                 raw = raw.view(-1, spec.dtype.itemsize).flip(1).reshape(-1)
             if spec.dtype in _FLOAT_BITS and not self._allow_nonfinite:
                 if not _all_finite(raw, spec.dtype):
@@ -520,7 +420,7 @@ class StreamAssembler:
 
 def stream_to_tensors(
     messages: Iterable[pb.StreamMessage],
-    expected: Expected | None = None,
+    expected: Spec | None = None,
     *,
     on_header: Callable[[StreamInfo], None] | None = None,
     require_all: bool = True,
@@ -545,34 +445,6 @@ def stream_to_tensors(
         if on_header is not None and not had_header and assembler.info is not None:
             on_header(assembler.info)
     return assembler.result()
-
-
-# -- helpers ------------------------------------------------------------------------------
-
-
-def _wire_bytes(name: str, tensor: torch.Tensor) -> memoryview:
-    """The tensor's little-endian C-contiguous bytes, without a copy for contiguous CPU tensors."""
-    if not isinstance(tensor, torch.Tensor):
-        raise InvalidArgument(
-            f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}"
-        )
-    if tensor.layout != torch.strided or tensor.device.type == "meta":
-        raise InvalidArgument(f"tensor {name!r}: only dense tensors with data can be streamed")
-    try:
-        dtype_to_proto(tensor.dtype)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"tensor {name!r}: {exc}") from None
-    t = tensor.detach().cpu().contiguous()
-    raw = t.reshape(-1).view(torch.uint8)  # (numel * itemsize,)
-    if _SWAP_BYTES and t.element_size() > 1:
-        raw = raw.view(-1, t.element_size()).flip(1).reshape(-1)
-    return raw.numpy().data
-
-
-def _spec_of(name: str, view: memoryview, tensor: torch.Tensor) -> TensorInfo:
-    return TensorInfo(
-        name, tensor.dtype, tuple(tensor.shape), view.nbytes, hashlib.sha256(view).digest()
-    )
 
 
 def _all_finite(raw: torch.Tensor, dtype: torch.dtype) -> bool:

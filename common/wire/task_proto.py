@@ -1,11 +1,14 @@
-"""Secure-aggregation values <-> pf2lora.v1 protobuf: the library's messages, stage tasks and round parameters.
+"""Every task value <-> pf2lora.v1 protobuf conversion: tasks, run specs, metric kinds, update attempts, SecAgg messages.
 
-The coordinator's silo servicer and the silo's client are the only callers (wire at the edges).
-Every `*_from_proto` builds a validated library message (common/secagg/messages.py), so a
-malformed field surfaces as InvalidArgument before any protocol state is touched.
+The coordinator's silo servicer and the silo's client are the only callers (wire at the edges):
+both ends convert with the same functions and the same constants. Every secure-aggregation
+`*_from_proto` builds a validated library message (common/secagg/messages.py), so a malformed
+field surfaces as InvalidArgument before any protocol state is touched.
 """
 
 from __future__ import annotations
+
+import math
 
 from pf2lora.common.errors import InvalidArgument
 from pf2lora.common.secagg.messages import (
@@ -19,15 +22,119 @@ from pf2lora.common.secagg.messages import (
 )
 from pf2lora.common.wire.tasks import (
     ConsistencyCheckTask,
+    EvaluateTask,
+    IdleTask,
     MaskedInputTask,
+    RunInfo,
     SecureAggregation,
     ShareKeysTask,
     StageTask,
+    StopTask,
+    Task,
+    TrainTask,
     UnmaskTask,
 )
 from pf2lora.v1 import silo_pb2
+from pf2lora.v1 import tensors_pb2 as tpb
 
 MAX_INSTANCE_ID = 256
+# The update stream's header scalar that carries the task's attempt (PushUpdate).
+ATTEMPT_SCALAR = "attempt"
+METRICS_KIND_TO_PROTO: dict[str, silo_pb2.MetricsKind] = {
+    "train": silo_pb2.METRICS_KIND_TRAIN,
+    "evaluate": silo_pb2.METRICS_KIND_EVALUATE,
+}
+_METRICS_KIND_FROM_PROTO: dict[int, str] = {int(v): k for k, v in METRICS_KIND_TO_PROTO.items()}
+
+
+# ------------------------------------------------------------------------------- tasks
+def run_info_to_proto(info: RunInfo) -> silo_pb2.RunSpec:
+    return silo_pb2.RunSpec(
+        run_id=info.run_id, algorithm_json=info.algorithm_json, model_json=info.model_json,
+        seed=info.seed, rounds=info.rounds,
+    )
+
+
+def run_info_from_proto(msg: silo_pb2.RunSpec) -> RunInfo:
+    return RunInfo(msg.run_id, msg.algorithm_json, msg.model_json, msg.seed, msg.rounds)
+
+
+def task_to_proto(task: Task) -> silo_pb2.Task:
+    if isinstance(task, IdleTask):
+        return silo_pb2.Task(
+            idle=silo_pb2.IdleTask(retry_after_ms=int(task.retry_after_s * 1000), reason=task.reason)
+        )
+    if isinstance(task, StopTask):
+        return silo_pb2.Task(
+            run_id=task.run_id, stop=silo_pb2.StopTask(state=task.state, reason=task.reason)
+        )
+    if isinstance(task, TrainTask):
+        return silo_pb2.Task(
+            run_id=task.run.run_id,
+            round=task.round,
+            train=silo_pb2.TrainTask(
+                run=run_info_to_proto(task.run), attempt=task.attempt,
+                client_index=task.client_index, weight=task.weight,
+                deadline_unix_ms=task.deadline_unix_ms,
+                global_manifest_digest=bytes.fromhex(task.global_digest),
+                secure_aggregation=params_to_proto(task.secure),
+            ),
+        )
+    if isinstance(task, EvaluateTask):
+        return silo_pb2.Task(
+            run_id=task.run.run_id,
+            round=task.round,
+            evaluate=silo_pb2.EvaluateTask(
+                run=run_info_to_proto(task.run), client_index=task.client_index,
+                global_manifest_digest=bytes.fromhex(task.global_digest),
+                deadline_unix_ms=task.deadline_unix_ms,
+            ),
+        )
+    return stage_task_to_proto(task)
+
+
+def task_from_proto(msg: silo_pb2.Task) -> Task:
+    body = msg.WhichOneof("body")
+    if body == "train":
+        t = msg.train
+        return TrainTask(
+            run=run_info_from_proto(t.run), round=msg.round, attempt=t.attempt,
+            client_index=t.client_index, weight=t.weight, deadline_unix_ms=t.deadline_unix_ms,
+            global_digest=t.global_manifest_digest.hex(),
+            secure=params_from_proto(t.secure_aggregation),
+        )
+    if body == "evaluate":
+        e = msg.evaluate
+        return EvaluateTask(
+            run=run_info_from_proto(e.run), round=msg.round, client_index=e.client_index,
+            deadline_unix_ms=e.deadline_unix_ms, global_digest=e.global_manifest_digest.hex(),
+        )
+    if body == "stop":
+        return StopTask(msg.run_id, msg.stop.state, msg.stop.reason)
+    if body == "idle":
+        return IdleTask(msg.idle.retry_after_ms / 1000, msg.idle.reason)
+    stage = stage_task_from_proto(msg)
+    if stage is not None:
+        return stage
+    # A secure-aggregation stage from a newer coordinator: this silo cannot serve it.
+    return IdleTask(5.0, f"task {body!r} is not supported by this silo version")
+
+
+def attempt_of(header: tpb.StreamHeader) -> int:
+    """The task attempt an update stream's header carries; InvalidArgument if absent or bad."""
+    value = header.scalars.get(ATTEMPT_SCALAR)
+    if value is None or not math.isfinite(value) or value != int(value) or not 1 <= value < 2**31:
+        raise InvalidArgument(
+            f"update header needs the scalar {ATTEMPT_SCALAR!r} (the task's attempt), got {value!r}"
+        )
+    return int(value)
+
+
+def metrics_kind_from_proto(value: int) -> str:
+    kind = _METRICS_KIND_FROM_PROTO.get(value)
+    if kind is None:
+        raise InvalidArgument(f"metrics kind {value}: use TRAIN or EVALUATE")
+    return kind
 
 
 # ---------------------------------------------------------------------------- messages
@@ -169,5 +276,5 @@ def stage_task_from_proto(msg: silo_pb2.Task) -> StageTask | None:
     return None
 
 
-def header_to_proto(silo_id: str, run_id: str, round_: int, attempt: int) -> silo_pb2.SecAggHeader:
+def secagg_header_to_proto(silo_id: str, run_id: str, round_: int, attempt: int) -> silo_pb2.SecAggHeader:
     return silo_pb2.SecAggHeader(silo_id=silo_id, run_id=run_id, round=round_, attempt=attempt)
