@@ -100,9 +100,3 @@ class ClientRuntime:
         """Metrics of the personalised (and shared-only) model under the given global state."""
         self.client.receive_global(global_state)
         return self.client.evaluate(self.test, self.source)
-
-    def save(self, path: str) -> None:
-        self.client.save(path)
-
-    def load(self, path: str) -> None:
-        self.client.load(path)

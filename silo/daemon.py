@@ -211,10 +211,10 @@ class SiloDaemon:
         return ctx
 
     def _prepare(self, ctx: RunContext, round_: int) -> int:
-        loaded = self.state.prepare(ctx.runtime, ctx.run.run_id, round_)
+        loaded = self.state.prepare(ctx.runtime.client, ctx.run.run_id, round_)
         if not ctx.loaded_from_disk:
             ctx.loaded_from_disk = True
-            self.state.write_resume_record(ctx.run.run_id, loaded, ctx.runtime)
+            self.state.write_resume_record(ctx.run.run_id, loaded, ctx.runtime.client)
         return loaded
 
     def _refuse(self, task: TrainTask) -> bool:
@@ -249,7 +249,7 @@ class SiloDaemon:
         logger.info("round %d (attempt %d): training from the state after round %d, weight %.4f",
                     rnd, task.attempt, base, task.weight)
         result = ctx.runtime.run_round(global_state, task.weight)
-        self.state.save_after(ctx.runtime, run_id, rnd)
+        self.state.save_after(ctx.runtime.client, run_id, rnd)
         t2 = time.perf_counter()
         metrics = dict(result.metrics)
         if task.secure is not None:  # masked: the coordinator only ever adds it to the others

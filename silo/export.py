@@ -30,7 +30,7 @@ from pf2lora.common.state_io import atomic_write_bytes
 from pf2lora.common.wire.tasks import RunInfo
 from pf2lora.silo.config import SiloConfig
 from pf2lora.silo.runtime import model_config_for_silo
-from pf2lora.silo.state import SiloState, private_tensors_of_file
+from pf2lora.silo.state import SiloState
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def personalised_model(cfg: SiloConfig, run_id: str = "") -> tuple[TwoLevelModel
     rounds = state.rounds_saved(run_id)
     if not rounds:
         raise DataError(f"run {run_id}: no private state saved yet")
-    private = private_tensors_of_file(state.state_path(run_id, rounds[-1]))
+    private = state.private_tensors(run_id, rounds[-1])
     params = model.private_parameters()
     if set(private) != set(params):
         raise DataError(f"run {run_id}: the saved private adapter does not match the model")

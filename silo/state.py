@@ -30,15 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pf2lora.common.client_runtime import ClientRuntime
-from pf2lora.common.errors import DataError
+from pf2lora.common.algorithms.base import ClientAlgorithm
+from pf2lora.common.errors import ConfigError, DataError
+from pf2lora.common.learning.trainer import private_tensors
 from pf2lora.common.state_io import atomic_write_bytes, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
 _STATE = re.compile(r"state-(\d{5,})\.safetensors")
 _SECAGG = re.compile(r"r(\d{5,})[-.].*")
-PRIVATE_PREFIX = "private/"
 
 
 def private_digest(tensors: Mapping[str, Tensor]) -> str:
@@ -51,17 +51,10 @@ def private_digest(tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def private_tensors_of_file(path: str | Path) -> dict[str, Tensor]:
-    """The private adapter stored in a state file (trainer state keys private/<name>)."""
-    tensors, _ = load_state(path)
-    return {k[len(PRIVATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(PRIVATE_PREFIX)}
-
-
-def runtime_private(runtime: ClientRuntime) -> dict[str, Tensor]:
-    return {n: p.detach() for n, p in runtime.model.private_parameters().items()}
-
-
 class SiloState:
+    """Paths and atomic files of one silo's state directory; what is inside a state file is
+    the client's (ClientAlgorithm.state, the trainer's format)."""
+
     def __init__(self, root: str | Path, keep_rounds: int = 2) -> None:
         self.root = Path(root)
         self.keep_rounds = max(2, keep_rounds)
@@ -103,8 +96,8 @@ class SiloState:
         (self.root / "current_run").unlink(missing_ok=True)
 
     # --------------------------------------------------------- private state
-    def prepare(self, runtime: ClientRuntime, run_id: str, round_: int) -> int:
-        """Load the newest state of a round < round_ into the runtime (saving the fresh state as
+    def prepare(self, client: ClientAlgorithm, run_id: str, round_: int) -> int:
+        """Load the newest state of a round < round_ into the client (saving the fresh state as
         round 0 first if there is none); returns the round it came from."""
         before = [r for r in self.rounds_saved(run_id) if r < round_]
         if not before:
@@ -113,24 +106,39 @@ class SiloState:
                     f"run {run_id}: no state before round {round_} (pruned?); "
                     f"kept {self.rounds_saved(run_id)}"
                 )
-            self.save_after(runtime, run_id, 0)
+            self.save_after(client, run_id, 0)
             return 0
         r = before[-1]
-        runtime.load(str(self.state_path(run_id, r)))
+        path = self.state_path(run_id, r)
+        tensors, meta = load_state(path)
+        try:
+            client.restore(tensors, meta)
+        except (ConfigError, DataError) as exc:
+            raise DataError(f"state file {path}: {exc}") from exc
         return r
 
-    def save_after(self, runtime: ClientRuntime, run_id: str, round_: int) -> Path:
-        """Persist the runtime's private adapter and trainer state as of the end of round_."""
+    def save_after(self, client: ClientAlgorithm, run_id: str, round_: int) -> Path:
+        """Persist the client's private adapter and trainer state as of the end of round_."""
         path = self.state_path(run_id, round_)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        runtime.save(str(path))
+        tensors, meta = client.state()
+        save_state(path, tensors, meta)
         for old in self.rounds_saved(run_id)[: -self.keep_rounds]:
             self.state_path(run_id, old).unlink(missing_ok=True)
         return path
 
-    def write_resume_record(self, run_id: str, round_: int, runtime: ClientRuntime) -> dict[str, Any]:
-        digest = private_digest(runtime_private(runtime))
-        record: dict[str, Any] = {"run_id": run_id, "round": round_, "private_sha256": digest, "pid": os.getpid()}
+    def private_tensors(self, run_id: str, round_: int) -> dict[str, Tensor]:
+        """The private adapter stored in the state after round_."""
+        tensors, _ = load_state(self.state_path(run_id, round_))
+        return private_tensors(tensors)
+
+    def write_resume_record(
+        self, run_id: str, round_: int, client: ClientAlgorithm
+    ) -> dict[str, Any]:
+        private = {n: p.detach() for n, p in client.model.private_parameters().items()}
+        digest = private_digest(private)
+        record: dict[str, Any] = {
+            "run_id": run_id, "round": round_, "private_sha256": digest, "pid": os.getpid()
+        }
         atomic_write_bytes(self.run_dir(run_id) / "resume.json", json.dumps(record).encode())
         logger.info("run %s: resumed from the state after round %d (private adapter %s)",
                     run_id, round_, digest[:16])

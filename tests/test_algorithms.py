@@ -20,6 +20,7 @@ from pf2lora.common.algorithms.registry import ALGORITHMS, make_algorithm
 from pf2lora.common.client_runtime import ClientRuntime, initial_global_state
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.config import AdapterConfig, TrainConfig
+from pf2lora.common.state_io import load_state, save_state
 
 
 def test_weighted_mean_is_recovered_from_the_sum_alone() -> None:
@@ -141,9 +142,9 @@ def test_every_algorithm_runs_rounds_and_never_sends_private_state(name: str, tm
     assert 0.0 <= metrics["personal_accuracy"] <= 1.0
     assert ("shared_accuracy" in metrics) == algo.communicates
     # durable client state: save, load into a fresh runtime, identical private state
-    rts[0].save(str(tmp_path / "c0.safetensors"))
+    save_state(tmp_path / "c0.safetensors", *rts[0].client.state())
     fresh = ClientRuntime(algo, MINI, client_index=0, seed=10, train=data, test=data)
-    fresh.load(str(tmp_path / "c0.safetensors"))
+    fresh.client.restore(*load_state(tmp_path / "c0.safetensors"))
     for (n, p), (_, q) in zip(rts[0].model.private_parameters().items(), fresh.model.private_parameters().items(), strict=True):
         assert torch.equal(p, q), n
     if name == "hetlora":

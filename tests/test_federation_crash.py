@@ -12,7 +12,7 @@ from federation_util import Federation, run_config, secure_simulation, write_sil
 
 from pf2lora.common.simulation import DataConfig, SimulationConfig
 from pf2lora.coordinator.checkpoints import CheckpointStore
-from pf2lora.silo.state import SiloState, private_digest, private_tensors_of_file
+from pf2lora.silo.state import SiloState, private_digest
 from pf2lora.v1 import control_pb2 as cpb
 
 pytestmark = pytest.mark.slow
@@ -56,8 +56,7 @@ def test_silo_killed_mid_round_round_completes_and_it_rejoins_bit_identical(tmp_
         r = _freeze_in_training(fed, run_id, (2, 3), [target], "fetched")
         # the state this silo trains round r from, as it is on disk before the kill
         state = SiloState(tmp_path / target)
-        before_path = state.state_path(run_id, r - 1)
-        before = private_tensors_of_file(before_path)
+        before = state.private_tensors(run_id, r - 1)
         fed.procs.kill9(target)
 
         fed.wait(lambda: fed.status(run_id).completed_rounds >= r, 90, f"round {r} completes without {target}")
@@ -75,7 +74,7 @@ def test_silo_killed_mid_round_round_completes_and_it_rejoins_bit_identical(tmp_
         record = json.loads(resume.read_text())
         assert record["round"] == r - 1
         assert record["private_sha256"] == private_digest(before)  # what it loaded, in memory
-        after = private_tensors_of_file(before_path)
+        after = state.private_tensors(run_id, r - 1)
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
         final = fed.wait_run_done(run_id, 300)

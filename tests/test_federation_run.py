@@ -36,7 +36,7 @@ from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.store import Store
 from pf2lora.silo.audit import read_audit_log
 from pf2lora.silo.config import load_silo_config
-from pf2lora.silo.state import SiloState, private_tensors_of_file
+from pf2lora.silo.state import SiloState
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import silo_pb2
 from pf2lora.v1 import tensors_pb2 as tpb
@@ -241,7 +241,7 @@ def test_privacy_only_masked_shared_tensors_leave_a_silo(done: SimpleNamespace) 
         state = SiloState(done.root / silo)
         private_windows = []
         for r in state.rounds_saved(done.run_id):
-            for t in private_tensors_of_file(state.state_path(done.run_id, r)).values():
+            for t in state.private_tensors(done.run_id, r).values():
                 private_windows += _windows(t)
         assert len(private_windows) > 50
         captures = [raw_audit] + ([bytes(done.proxy.sent)] if silo == "silo-0" else [])
@@ -301,6 +301,6 @@ def test_export_loads_with_plain_peft(done: SimpleNamespace, tmp_path: Path) -> 
     fed_global = CheckpointStore(done.root / "coordinator").read(done.run_id, 2)
     assert set(fed_global) == set(ours.shared_state())
     state = SiloState(done.root / "silo-1")
-    saved = private_tensors_of_file(state.state_path(done.run_id, 2))
+    saved = state.private_tensors(done.run_id, 2)
     for name, p in ours.private_parameters().items():
         assert torch.equal(p.detach(), saved[name])

@@ -9,6 +9,7 @@ from core_fixtures import linear_model, mini_model, regression_data, source, tex
 from pf2lora.common.errors import ConfigError, DataError
 from pf2lora.common.learning.config import TrainConfig
 from pf2lora.common.learning.trainer import BilevelTrainer
+from pf2lora.common.state_io import load_state, save_state
 
 
 @pytest.mark.parametrize("hypergrad", ["unroll", "implicit", "first-order", "joint"])
@@ -47,12 +48,12 @@ def test_state_saved_mid_run_continues_bit_identically(tmp_path, hypergrad: str)
     t2 = BilevelTrainer(m2, cfg, seed=11)
     t2.train_round(source(data, 6, seed=5))
     shared_after_1 = m2.shared_state()
-    t2.save(tmp_path / "state.safetensors")
+    save_state(tmp_path / "state.safetensors", *t2.state_tensors())
     del m2, t2
     m3 = mini_model(shared_seed=99, private_seed=98)  # different init: everything must come from disk
     m3.load_shared_state(shared_after_1)  # the shared adapter comes from the coordinator
     t3 = BilevelTrainer(m3, cfg, seed=0)
-    t3.load(tmp_path / "state.safetensors")
+    t3.load_state_tensors(*load_state(tmp_path / "state.safetensors"))
     assert t3.step == 3 and t3.rounds == 1 and t3.seed == 11
     t3.train_round(source(data, 6, seed=5))
     s1, s3 = _snapshot(m1), _snapshot(m3)
@@ -64,13 +65,13 @@ def test_state_saved_mid_run_continues_bit_identically(tmp_path, hypergrad: str)
 def test_state_file_mismatch_and_damage_are_clear_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     m = linear_model()
     t = BilevelTrainer(m, TrainConfig(local_steps=1), seed=0)
-    t.save(tmp_path / "s.safetensors")
+    save_state(tmp_path / "s.safetensors", *t.state_tensors())
     plain = BilevelTrainer(linear_model(), TrainConfig(local_steps=1), seed=0, objective="plain")
     with pytest.raises(DataError, match="objective"):
-        plain.load(tmp_path / "s.safetensors")
+        plain.load_state_tensors(*load_state(tmp_path / "s.safetensors"))
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DataError, match="bad.safetensors"):
-        t.load(tmp_path / "bad.safetensors")
+        load_state(tmp_path / "bad.safetensors")
 
 
 def test_bilevel_without_private_adapter_is_refused_and_config_validated() -> None:

@@ -1,7 +1,9 @@
 """The algorithm interface: a client side (local round, payload) and a pure server side (aggregate).
 
 The coordinator, the silo daemon and the in-process simulation all call exactly these
-methods, so an algorithm behaves the same in every deployment.
+methods, so an algorithm behaves the same in every deployment. A new algorithm subclasses
+`Algorithm` (server side, registered in registry.py) and `ClientAlgorithm` (silo side) and
+overrides only the hooks listed on each class; everything else is shared.
 """
 
 from __future__ import annotations
@@ -67,7 +69,19 @@ class AlgorithmConfig:
 
 
 class ClientAlgorithm:
-    """One silo's side of an algorithm: owns the model's private state and the local trainer."""
+    """One silo's side of an algorithm: owns the model's private state and the local trainer.
+
+    Hooks a subclass may override (each has a working default):
+      objective          the trainer's objective ("plain", "bilevel" or "maml")
+      make_trainer       build the local trainer (extra loss terms, gradient masks, options)
+      receive_global     install the coordinator's shared state (e.g. truncate to a rank)
+      local_round        train for one round (e.g. prune after training)
+      make_payload       the weighted payload from the shared state (e.g. per-module weights)
+      personalised       the model as the silo uses it at evaluation (e.g. adapt it first)
+      extra_state, load_extra_state   algorithm state kept beside the trainer's
+    Not hooks: `payload` (it reads the shared state only: the privacy invariant), `evaluate`,
+    `state` and `restore`.
+    """
 
     objective: ClassVar[Objective] = "plain"
 
@@ -77,7 +91,11 @@ class ClientAlgorithm:
         self.algorithm = algorithm
         self.model = model
         self.client_index = client_index
-        self.trainer = BilevelTrainer(model, algorithm.cfg.train, seed, objective=self.objective)
+        self.trainer = self.make_trainer(seed)
+
+    def make_trainer(self, seed: int) -> BilevelTrainer:
+        """The local trainer over `self.model` with this client's objective."""
+        return BilevelTrainer(self.model, self.algorithm.cfg.train, seed, objective=self.objective)
 
     # -- round ---------------------------------------------------------------------
     def receive_global(self, global_state: Mapping[str, Tensor]) -> None:
@@ -120,21 +138,33 @@ class ClientAlgorithm:
     def load_extra_state(self, meta: Mapping[str, Any]) -> None:
         return None
 
-    def save(self, path: str) -> None:
-        self.trainer.save(path, {"algorithm": self.algorithm.name, "extra": self.extra_state()})
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Everything this client keeps between rounds: the trainer's state (private adapter,
+        optimizer, counters) and, in its metadata, the algorithm and its extra state."""
+        tensors, meta = self.trainer.state_tensors()
+        return tensors, {**meta, "algorithm": self.algorithm.name, "extra": self.extra_state()}
 
-    def load(self, path: str) -> None:
-        meta = self.trainer.load(path)
+    def restore(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Take back what `state` gave (from a file the caller read and names in errors)."""
         if meta.get("algorithm") != self.algorithm.name:
             raise ConfigError(
-                f"state file {path} belongs to algorithm {meta.get('algorithm')!r}, "
+                f"the state belongs to algorithm {meta.get('algorithm')!r}, "
                 f"not {self.algorithm.name!r}"
             )
+        self.trainer.load_state_tensors(tensors, meta)
         self.load_extra_state(meta.get("extra", {}))
 
 
 class Algorithm:
-    """Server side and metadata of one federated algorithm. Aggregation is pure."""
+    """Server side and metadata of one federated algorithm. Aggregation is pure.
+
+    Class attributes: `name` (registry key), `communicates` (False: nothing is sent),
+    `client_class` (the ClientAlgorithm subclass). Hooks a subclass may override:
+      model_adapters     the adapter layout its clients train (ranks, head placement)
+      weight_key         which weight key each payload tensor is averaged by
+      aggregate          the new global state from the SUM of payloads (pure; default: the
+                         weighted mean per weight key, see aggregate.py)
+    """
 
     name: ClassVar[str] = ""
     communicates: ClassVar[bool] = True

@@ -117,11 +117,13 @@ class HETLoRAClient(ClientAlgorithm):
         self.rank = assigned_rank(client_index, algorithm.rank_range, algorithm.rank_seed)
         self.prev_tail: float | None = None
         super().__init__(algorithm, model, client_index, seed)
-        self.trainer = BilevelTrainer(
-            model, algorithm.cfg.train, seed, objective="plain",
+        self._truncate_in_place()
+
+    def make_trainer(self, seed: int) -> BilevelTrainer:
+        return BilevelTrainer(
+            self.model, self.algorithm.cfg.train, seed, objective=self.objective,
             extra_loss=self._regulariser, grad_mask=self._mask_grads,
         )
-        self._truncate_in_place()
 
     def _pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
         params = self.model.shared_parameters()

@@ -23,11 +23,10 @@ _PERSONALISE_STEP = -1
 class PerFedAvgClient(ClientAlgorithm):
     objective: ClassVar[Objective] = "maml"
 
-    def __init__(self, algorithm: Algorithm, model: TwoLevelModel, client_index: int, seed: int) -> None:
-        super().__init__(algorithm, model, client_index, seed)
-        self.trainer = BilevelTrainer(
-            model, algorithm.cfg.train, seed, objective="maml",
-            maml_alpha=algorithm.cfg.perfedavg_alpha,
+    def make_trainer(self, seed: int) -> BilevelTrainer:
+        return BilevelTrainer(
+            self.model, self.algorithm.cfg.train, seed, objective=self.objective,
+            maml_alpha=self.algorithm.cfg.perfedavg_alpha,
         )
 
     @contextlib.contextmanager

@@ -1,14 +1,16 @@
 """The bilevel local trainer: LL SGD on the private adapter, UL AdamW on the shared one.
 
-Its state (private adapter, optimizer states, step counters) saves to and loads from a
-safetensors file, so a silo can stop between any two rounds and continue bit-identically.
-Randomness (minibatches, dropout) is derived from (seed, step), so no RNG state is needed.
+The trainer owns the format of a silo's private state: `state_tensors()` gives everything that
+stays on the silo (private adapter under `private/`, UL optimizer moments under `ul_opt/`,
+step counters in the metadata) and `load_state_tensors()` takes it back, so a silo can stop
+between any two rounds and continue bit-identically. Where the state lives on disk, and how it
+is written atomically, is the silo's (silo/state.py). Randomness (minibatches, dropout) is
+derived from (seed, step), so no RNG state is needed.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -28,12 +30,19 @@ from pf2lora.common.learning.batching import (
 )
 from pf2lora.common.learning.config import TrainConfig
 from pf2lora.common.learning.model import TwoLevelModel
-from pf2lora.common.state_io import load_state, save_state
 
 logger = logging.getLogger(__name__)
 
 Objective = Literal["bilevel", "plain", "maml"]
 STATE_VERSION = 1
+PRIVATE_PREFIX = "private/"  # state tensor names of the private adapter: private/<parameter>
+UL_OPT_PREFIX = "ul_opt/"  # the UL optimizer's state: ul_opt/<parameter>/<moment>
+
+
+def private_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The private adapter held in a state's tensors (as `state_tensors` writes them)."""
+    n = len(PRIVATE_PREFIX)
+    return {k[n:]: v for k, v in state.items() if k.startswith(PRIVATE_PREFIX)}
 
 
 class BilevelTrainer:
@@ -169,15 +178,16 @@ class BilevelTrainer:
 
     # --------------------------------------------------------------------- state
     def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Everything that stays on the silo: private adapter, optimizer state, counters."""
-        tensors: dict[str, Tensor] = {f"private/{n}": p.detach().clone() for n, p in self.y.items()}
+        """Everything that stays on the silo, as (tensors, JSON-able metadata): private adapter,
+        UL optimizer state, counters. The format of a silo's state file."""
+        tensors: dict[str, Tensor] = {f"{PRIVATE_PREFIX}{n}": p.detach().clone() for n, p in self.y.items()}
         if self.ul_opt is not None:
             params = {**self.x, **self.y}
             for n in self.ul_names:
                 st = self.ul_opt.state.get(params[n], {})
                 for key, value in st.items():
                     if isinstance(value, Tensor):
-                        tensors[f"ul_opt/{n}/{key}"] = value.detach().clone()
+                        tensors[f"{UL_OPT_PREFIX}{n}/{key}"] = value.detach().clone()
         meta = {
             "version": STATE_VERSION,
             "step": self.step,
@@ -188,18 +198,19 @@ class BilevelTrainer:
         return tensors, meta
 
     def load_state_tensors(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Take back what `state_tensors` gave; DataError if it belongs to another trainer."""
         if meta.get("version") != STATE_VERSION:
             raise DataError(f"trainer state version {meta.get('version')} != {STATE_VERSION}")
         if meta.get("objective") != self.objective:
             raise DataError(
                 f"trainer state is for objective {meta.get('objective')!r}, not {self.objective!r}"
             )
-        missing = [n for n in self.y if f"private/{n}" not in tensors]
+        missing = [n for n in self.y if f"{PRIVATE_PREFIX}{n}" not in tensors]
         if missing:
             raise DataError(f"trainer state lacks private tensors {missing[:3]}")
         with torch.no_grad():
             for n, p in self.y.items():
-                p.copy_(tensors[f"private/{n}"])
+                p.copy_(tensors[f"{PRIVATE_PREFIX}{n}"])
         if self.ul_opt is not None:
             params = {**self.x, **self.y}
             self.ul_opt.state.clear()
@@ -207,23 +218,13 @@ class BilevelTrainer:
                 st = {
                     key.rsplit("/", 1)[1]: _opt_tensor(key, t, params[n].device)
                     for key, t in tensors.items()
-                    if key.startswith(f"ul_opt/{n}/")
+                    if key.startswith(f"{UL_OPT_PREFIX}{n}/")
                 }
                 if st:
                     self.ul_opt.state[params[n]] = st
         self.step = int(meta["step"])
         self.rounds = int(meta["rounds"])
         self.seed = int(meta["seed"])
-
-    def save(self, path: str | os.PathLike[str], extra_meta: Mapping[str, Any] | None = None) -> None:
-        tensors, meta = self.state_tensors()
-        save_state(path, tensors, {**meta, **dict(extra_meta or {})})
-
-    def load(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        tensors, meta = load_state(path)
-        self.load_state_tensors(tensors, meta)
-        return meta
-
 
 def _opt_tensor(key: str, t: Tensor, device: torch.device) -> Tensor:
     """AdamW keeps `step` on the CPU (unless capturable) and moments next to the parameter."""
