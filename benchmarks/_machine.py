@@ -1,4 +1,6 @@
-"""What machine a benchmark ran on: shared by the benchmark scripts (run as `python benchmarks/X.py`)."""
+"""What machine a benchmark ran on: shared by the benchmark scripts (run as `python
+benchmarks/X.py`).
+"""
 
 from __future__ import annotations
 

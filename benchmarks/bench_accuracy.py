@@ -93,7 +93,8 @@ GRID_NOTE = (
     "The grid was extended once, on validation results only: the first pass ran PF2LoRA at "
     "ul_lr 3e-3 and 1e-2 (x ll_lr 0.1, 0.5); 3e-3 stayed at the majority class after 15 steps and "
     "the best value was at the upper edge, so every algorithm's AdamW grid became "
-    "(3e-3, 1e-2, 3e-2) (Per-FedAvg: 1e-2, 3e-2) and the run resumed with the 4 finished runs kept. PF2LoRA's best "
+    "(3e-3, 1e-2, 3e-2) (Per-FedAvg: 1e-2, 3e-2) and the run resumed with the 4 finished runs "
+    "kept. PF2LoRA's best "
     "ll_lr (0.1, at ul_lr 1e-2) was then at the lower edge of (0.1, 0.5): one more run at "
     "ll_lr 0.02, ul_lr 1e-2 was added. After the 3-seed table, the variant pf2lora-llclip "
     "(lower-level gradient clipped to ll_max_grad_norm) was added with its own grid at the "
@@ -275,14 +276,18 @@ def tuning_markdown(doc: dict[str, Any]) -> str:
         _machine_line(doc),
         "",
         f"Procedure: seed {doc['settings']['tune_seed']}; each client's capped training data "
-        f"({doc['settings']['max_train_per_client']} sentences) is split, stratified by label, into "
-        f"{1 - doc['settings']['val_fraction']:.0%} training and {doc['settings']['val_fraction']:.0%} "
-        f"validation; {doc['settings']['tune_rounds']} rounds x {doc['settings']['local_steps']} local "
+        f"({doc['settings']['max_train_per_client']} sentences) is split, stratified by label, "
+        "into "
+        f"{1 - doc['settings']['val_fraction']:.0%} training and "
+        f"{doc['settings']['val_fraction']:.0%} "
+        f"validation; {doc['settings']['tune_rounds']} rounds x {doc['settings']['local_steps']} "
+        "local "
         f"steps at batch {doc['settings']['batch_size']}; evaluation on the validation split only "
         "(the test split is not used). Choice: the best mean personalised validation accuracy "
         "(first in grid order on a tie). " + GRID_NOTE,
         "",
-        "| variant | hyperparameters | val personalised acc | val shared-only acc | final train loss | wall s | chosen |",
+        "| variant | hyperparameters | val personalised acc | val shared-only acc | final train "
+        "loss | wall s | chosen |",
         "|---|---|---:|---:|---:|---:|:---:|",
     ]
     for r in doc["runs"]:
@@ -290,7 +295,8 @@ def tuning_markdown(doc: dict[str, Any]) -> str:
         sh = r["mean_shared_accuracy"]
         lines.append(
             f"| {r['variant']} | {_hp_str(r['hparams'])} | {r['mean_personal_accuracy']:.4f} | "
-            f"{'-' if sh is None else f'{sh:.4f}'} | {r['final_train_loss']:.3f} | {r['wall_seconds']:.0f} | {chosen} |"
+            f"{'-' if sh is None else f'{sh:.4f}'} | {r['final_train_loss']:.3f} | "
+            f"{r['wall_seconds']:.0f} | {chosen} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -385,7 +391,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if paired and label != "homlora":
             s["personal_minus_homlora"] = _stats(paired)
         if label == "hetlora" and "homlora" in by:
-            # LoRA parameters scale with the rank: the per-rank count from r = 10 (hetlora) and r = 8 (homlora)
+            # LoRA parameters scale with the rank: the per-rank count from r = 10 (hetlora) and
+            # r = 8 (homlora)
             per_rank = (
                 rs[0]["parameters"]["shared"] - by["homlora"][0]["parameters"]["shared"]
             ) / 2
@@ -403,7 +410,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def _pm(st: dict[str, float] | None, scale: float = 100.0) -> str:
     if st is None:
         return "-"
-    return f"{st['mean'] * scale:.2f} ± {st['std'] * scale:.2f} ({st['min'] * scale:.2f}–{st['max'] * scale:.2f})"
+    mean, std = st["mean"] * scale, st["std"] * scale
+    return f"{mean:.2f} ± {std:.2f} ({st['min'] * scale:.2f}–{st['max'] * scale:.2f})"
 
 
 def table_markdown(doc: dict[str, Any]) -> str:
@@ -416,21 +424,32 @@ def table_markdown(doc: dict[str, Any]) -> str:
         "",
         _machine_line(doc),
         "",
-        f"Setup: MiniLM, all 6 layers; LoRA on query/value, r = {st['shared_rank']}, r̂ = {st['private_rank']}, "
-        f"α = 16; VADER binary sentiment, `partition=natural` with {st['clients']} clients (amazon, movies, "
-        f"nyt, tweets; two each); at most {st['max_train_per_client']} training / {st['max_test_per_client']} "
+        f"Setup: MiniLM, all 6 layers; LoRA on query/value, r = {st['shared_rank']}, r̂ = "
+        f"{st['private_rank']}, "
+        f"α = 16; VADER binary sentiment, `partition=natural` with {st['clients']} clients "
+        "(amazon, movies, "
+        f"nyt, tweets; two each); at most {st['max_train_per_client']} training / "
+        f"{st['max_test_per_client']} "
         f"test sentences per client, max_length {st['max_length']}; {st['rounds']} rounds x "
-        f"{st['local_steps']} local steps, batch {st['batch_size']}; gradient clipping 1.0; sample-weighted "
-        "aggregation. Accuracy is in %, the mean over the 8 clients of each client's test accuracy, then "
-        "mean ± sample std (min–max) over seeds. Personalised: the global after the last round + the "
-        "silo's private part (Per-FedAvg: after one personalisation SGD step; HETLoRA: the global truncated "
-        "to the silo's rank; local: the silo's own LoRA). Shared-only: the global alone. Δ vs HOMLoRA: "
+        f"{st['local_steps']} local steps, batch {st['batch_size']}; gradient clipping 1.0; "
+        "sample-weighted "
+        "aggregation. Accuracy is in %, the mean over the 8 clients of each client's test "
+        "accuracy, then "
+        "mean ± sample std (min–max) over seeds. Personalised: the global after the last round + "
+        "the "
+        "silo's private part (Per-FedAvg: after one personalisation SGD step; HETLoRA: the global "
+        "truncated "
+        "to the silo's rank; local: the silo's own LoRA). Shared-only: the global alone. Δ vs "
+        "HOMLoRA: "
         "paired by seed (same data split and batches).",
         "",
-        f"Hyperparameters: chosen on a validation split of the training data ({doc['tuning']['procedure']}); "
+        "Hyperparameters: chosen on a validation split of the training data "
+        f"({doc['tuning']['procedure']}); "
         "see accuracy_tuning.md. Test data was not used for any choice. " + GRID_NOTE,
         "",
-        "| algorithm | hyperparameters | personalised acc % | shared-only acc % | Δ personalised vs HOMLoRA (pts) | trainable params / client | communicated params / client / round | median wall s / run |",
+        "| algorithm | hyperparameters | personalised acc % | shared-only acc % | Δ personalised "
+        "vs HOMLoRA (pts) | trainable params / client | communicated params / client / round | "
+        "median wall s / run |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, s in doc["summary"].items():
@@ -441,15 +460,18 @@ def table_markdown(doc: dict[str, Any]) -> str:
                 f" (padded r=10; {s['effective_trainable_mean']:,.0f} at the final ranks, mean)"
             )
         lines.append(
-            f"| {label} | {_hp_str(s['hparams'])} | {_pm(s['personal_accuracy'])} | {_pm(s.get('shared_accuracy'))} | "
-            f"{_pm(s.get('personal_minus_homlora'))} | {trainable} | {p['communicated_per_client']:,} | "
+            f"| {label} | {_hp_str(s['hparams'])} | {_pm(s['personal_accuracy'])} | "
+            f"{_pm(s.get('shared_accuracy'))} | "
+            f"{_pm(s.get('personal_minus_homlora'))} | {trainable} | "
+            f"{p['communicated_per_client']:,} | "
             f"{s['median_wall_seconds']:.0f} |"
         )
     lines += [
         "",
         "## Per seed",
         "",
-        "| algorithm | seed | personalised % | shared-only % | per client personalised % | wall s |",
+        "| algorithm | seed | personalised % | shared-only % | per client personalised % | wall s "
+        "|",
         "|---|---:|---:|---:|---|---:|",
     ]
     for r in doc["runs"]:
@@ -473,7 +495,8 @@ def _machine_line(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     return (
         f"Machine: {m['cpu']}, {m['cpus_usable']} usable CPUs shared with other engineers' jobs "
-        f"(1-minute load average {doc['load_average_before'][0]:.1f} before, {doc['load_average_after'][0]:.1f} after), "
+        f"(1-minute load average {doc['load_average_before'][0]:.1f} before, "
+        f"{doc['load_average_after'][0]:.1f} after), "
         f"{m['torch_threads']} torch thread; Python {m['python']}, torch {m['torch']}, "
         f"transformers {m['transformers']}, peft {m['peft']}."
     )
@@ -529,8 +552,9 @@ def _table_doc(
             "command": tuning["command"],
             "chosen": tuning["chosen"],
             "grids": tuning["grids"],
-            "procedure": f"seed {ts['tune_seed']}, {ts['val_fraction']:.0%} of each client's training data held "
-            f"out (stratified), {ts['tune_rounds']} rounds, best mean personalised validation accuracy",
+            "procedure": f"seed {ts['tune_seed']}, {ts['val_fraction']:.0%} of each client's "
+            f"training data held out (stratified), {ts['tune_rounds']} rounds, best mean "
+            "personalised validation accuracy",
         },
         "wall_seconds": time.perf_counter() - t0 + (prev["wall_seconds"] if prev else 0.0),
         "runs": runs,

@@ -45,17 +45,47 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
         cmd = [
-            str(PF2LORA), "simulate", *VARIANTS[variant],
-            "--data", "vader", "--partition", "similarity", "--similarity", str(args.similarity),
-            "--clients", str(args.clients), "--model", "minilm",
-            "--max-train", str(args.max_train), "--max-test", str(args.max_test),
-            "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
-            "--local-steps", str(args.local_steps), "--rounds", str(args.rounds),
-            "--eval-every", str(args.rounds), "--seed", str(seed), "--threads", "1",
-            "--json", str(out),
-        ]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}  # fmt: skip
+            str(PF2LORA),
+            "simulate",
+            *VARIANTS[variant],
+            "--data",
+            "vader",
+            "--partition",
+            "similarity",
+            "--similarity",
+            str(args.similarity),
+            "--clients",
+            str(args.clients),
+            "--model",
+            "minilm",
+            "--max-train",
+            str(args.max_train),
+            "--max-test",
+            str(args.max_test),
+            "--max-length",
+            str(args.max_length),
+            "--batch-size",
+            str(args.batch_size),
+            "--local-steps",
+            str(args.local_steps),
+            "--rounds",
+            str(args.rounds),
+            "--eval-every",
+            str(args.rounds),
+            "--seed",
+            str(seed),
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+        }
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - start
@@ -74,10 +104,12 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         "mean_shared_accuracy": statistics.fmean(shared_vals) if shared_vals else None,
         "parameters": data["parameters"],
         "clients": [
-            {k: c.get(k) for k in ("name", "train_size", "test_size", "personal_accuracy",
-                                   "shared_accuracy")}
+            {
+                k: c.get(k)
+                for k in ("name", "train_size", "test_size", "personal_accuracy", "shared_accuracy")
+            }
             for c in clients
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -90,14 +122,26 @@ def majority_reference(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from pf2lora.common.data.splits import build_client_data
 
     data = build_client_data(
-        "vader", "similarity", args.clients, seed, similarity=args.similarity,
-        max_train_per_client=args.max_train, max_test_per_client=args.max_test,
-    )  # fmt: skip
+        "vader",
+        "similarity",
+        args.clients,
+        seed,
+        similarity=args.similarity,
+        max_train_per_client=args.max_train,
+        max_test_per_client=args.max_test,
+    )
     clients = []
     for c in data:
         majority = int(np.bincount(labels_of(c.train)).argmax())
-        clients.append({"name": c.name, "personal_accuracy": float(np.mean(labels_of(c.test) == majority)),
-                        "shared_accuracy": None, "train_size": len(c.train), "test_size": len(c.test)})  # fmt: skip
+        clients.append(
+            {
+                "name": c.name,
+                "personal_accuracy": float(np.mean(labels_of(c.test) == majority)),
+                "shared_accuracy": None,
+                "train_size": len(c.train),
+                "test_size": len(c.test),
+            }
+        )
     return {
         "variant": "majority",
         "seed": seed,
@@ -157,12 +201,18 @@ def markdown(result: dict[str, Any]) -> str:
         wall = statistics.median(r["wall_s"] for r in mine)
         name = "majority label of own training split (reference)" if v == "majority" else v
         lines.append(f"| {name} | {_pm(pers)} | {_pm(shared)} | {delta} | {wall:.0f} |")
-    lines += ["", "## Per seed", "", "| algorithm | seed | personalised % | shared-only % | "
-              "per client personalised % |", "|---|---:|---:|---:|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Per seed",
+        "",
+        "| algorithm | seed | personalised % | shared-only % | per client personalised % |",
+        "|---|---:|---:|---:|---|",
+    ]
     for r in runs:
         shared = r["mean_shared_accuracy"]
-        per_client = ", ".join(f"{c['name']} {100 * c['personal_accuracy']:.1f}"
-                               for c in r["clients"])  # fmt: skip
+        per_client = ", ".join(
+            f"{c['name']} {100 * c['personal_accuracy']:.1f}" for c in r["clients"]
+        )
         lines.append(
             f"| {r['variant']} | {r['seed']} | {100 * r['mean_personal_accuracy']:.2f} | "
             f"{'-' if shared is None else f'{100 * shared:.2f}'} | {per_client} |"
@@ -172,8 +222,12 @@ def markdown(result: dict[str, Any]) -> str:
 
 def _save(path: Path, result: dict[str, Any], runs: list[dict[str, Any]], wall_s: float) -> None:
     """Write the results so far atomically: an interrupted benchmark resumes from them."""
-    result.update(runs=runs, wall_s=wall_s, load_after=os.getloadavg()[0],
-                  date_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))  # fmt: skip
+    result.update(
+        runs=runs,
+        wall_s=wall_s,
+        load_after=os.getloadavg()[0],
+        date_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
@@ -199,8 +253,19 @@ def main(argv: list[str] | None = None) -> int:
 
     path = args.out / "label_skew.json"
     command = "python " + " ".join(["benchmarks/bench_label_skew.py", *(argv or sys.argv[1:])])
-    settings = {k: getattr(args, k) for k in ("similarity", "clients", "max_train", "max_test",
-                                              "max_length", "batch_size", "local_steps", "rounds")}  # fmt: skip
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "similarity",
+            "clients",
+            "max_train",
+            "max_test",
+            "max_length",
+            "batch_size",
+            "local_steps",
+            "rounds",
+        )
+    }
     prior: dict[str, Any] = json.loads(path.read_text()) if args.resume and path.is_file() else {}
     if prior and prior["settings"] != settings:
         p.error(f"--resume: {path} was made with other settings {prior['settings']}")
@@ -225,8 +290,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             run = run_one(v, seed, args)
             runs.append(run)
-            print(f"{v:8s} seed {seed}: personalised {run['mean_personal_accuracy']:.4f} "
-                  f"shared-only {run['mean_shared_accuracy']} ({run['wall_s']:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"{v:8s} seed {seed}: personalised {run['mean_personal_accuracy']:.4f} "
+                f"shared-only {run['mean_shared_accuracy']} ({run['wall_s']:.0f} s)",
+                flush=True,
+            )
             _save(path, result, runs, wall_before + time.perf_counter() - start)
     _save(path, result, runs, wall_before + time.perf_counter() - start)
     table = markdown(result)

@@ -1,6 +1,8 @@
-"""Local cost of one round: PF2LoRA (each hypergradient estimator) against HOMLoRA, same model, same batches.
+"""Local cost of one round: PF2LoRA (each hypergradient estimator) against HOMLoRA, same model, same
+batches.
 
-    .venv/bin/python benchmarks/bench_local_cost.py [--repeats 7] [--local-steps 5] [--batch-size 16]
+    .venv/bin/python benchmarks/bench_local_cost.py [--repeats 7] [--local-steps 5] [--batch-size
+    16]
 
 Model: MiniLM (all 6 layers), LoRA on query/value (r = 8, r_hat = 2), a 2-class head; one
 client's data (VADER movies, the `natural` 8-client split of seed 0, <= 250 sentences),
@@ -187,30 +189,40 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Command: `{doc['command']}` ({doc['date']}); wall time {doc['wall_seconds']:.0f} s.",
         "",
-        f"Machine: {m['cpu']}, {m['cpus_usable']} usable CPUs shared with other engineers' jobs (1-minute load "
-        f"average {doc['load_average_before'][0]:.1f} before, {doc['load_average_after'][0]:.1f} after), "
+        f"Machine: {m['cpu']}, {m['cpus_usable']} usable CPUs shared with other engineers' jobs "
+        "(1-minute load "
+        f"average {doc['load_average_before'][0]:.1f} before, {doc['load_average_after'][0]:.1f} "
+        "after), "
         f"{m['torch_threads']} torch thread; Python {m['python']}, torch {m['torch']}.",
         "",
-        f"One round = {s['local_steps']} local steps at batch {s['batch_size']} (+ payload) on one client "
-        f"({s['client']}, {s['train_size']} sentences), MiniLM 6 layers, LoRA q/v r=8, r̂=2, max_length 64. "
-        f"Time: median of {s['repeats']} interleaved repeats in one process, identical minibatches for every "
-        "variant and repeat (PF2LoRA draws a second, lower-level batch per step by design). Memory: a fresh "
-        "process per variant; baseline = RSS with model, data and runtime loaded; peak = VmHWM over two rounds "
+        f"One round = {s['local_steps']} local steps at batch {s['batch_size']} (+ payload) on one "
+        "client "
+        f"({s['client']}, {s['train_size']} sentences), MiniLM 6 layers, LoRA q/v r=8, r̂=2, "
+        "max_length 64. "
+        f"Time: median of {s['repeats']} interleaved repeats in one process, identical minibatches "
+        "for every "
+        "variant and repeat (PF2LoRA draws a second, lower-level batch per step by design). "
+        "Memory: a fresh "
+        "process per variant; baseline = RSS with model, data and runtime loaded; peak = VmHWM "
+        "over two rounds "
         f"after resetting it; median of {s['mem_repeats']} processes.",
         "",
-        "| variant | median s / round | s / step | time ratio vs HOMLoRA | median of per-repeat ratios | "
+        "| variant | median s / round | s / step | time ratio vs HOMLoRA | median of per-repeat "
+        "ratios | "
         "peak RSS MiB | increase over loaded baseline MiB | peak ratio | increase ratio |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in doc["results"].items():
         lines.append(
-            f"| {label} | {r['median_round_s']:.2f} | {r['median_round_s'] / s['local_steps']:.3f} | "
+            f"| {label} | {r['median_round_s']:.2f} | {r['median_round_s'] / s['local_steps']:.3f} "
+            "| "
             f"{r['time_ratio']:.2f} | {r['median_pairwise_ratio']:.2f} | {r['peak_mib']:.0f} | "
             f"{r['increase_mib']:.0f} | {r['peak_ratio']:.2f} | {r['increase_ratio']:.2f} |"
         )
     lines += [
         "",
-        f"Loaded baseline RSS (HOMLoRA process): {doc['results'][BASELINE]['baseline_mib']:.0f} MiB.",
+        f"Loaded baseline RSS (HOMLoRA process): {doc['results'][BASELINE]['baseline_mib']:.0f} "
+        "MiB.",
         "",
     ]
     return "\n".join(lines) + "\n"

@@ -157,7 +157,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# Synthetic rank recovery (ALGORITHM.md §8, full size)",
         "",
-        f"Command: `{doc['command']}` ({doc['date']}); total wall time {doc['wall_seconds']:.0f} s.",
+        f"Command: `{doc['command']}` ({doc['date']}); total wall time {doc['wall_seconds']:.0f} "
+        "s.",
         "",
         f"Machine: {doc['machine']['cpu']}, {doc['machine']['cpus_usable']} usable CPUs "
         f"(shared with other jobs; 1-minute load average {doc['machine']['load_average'][0]:.1f} "
@@ -191,7 +192,8 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     lines += ["", "## Per client (every case and seed)", ""]
     lines += [
-        "| case | noise | seed | client | true rank | learned rank τ=0.05 (τ=0.01) | HETLoRA rank | "
+        "| case | noise | seed | client | true rank | learned rank τ=0.05 (τ=0.01) | HETLoRA rank "
+        "| "
         "test MSE | shared-only MSE | leading singular values |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]

@@ -51,14 +51,19 @@ class Finding:
 
 def register_audit(rsub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     a = rsub.add_parser(
-        "audit", help="compare a silo's record of what it sent with the coordinator's",
+        "audit",
+        help="compare a silo's record of what it sent with the coordinator's",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     control.add_connection_flags(a)
     a.add_argument("run_id")
-    a.add_argument("--silo-state", type=Path, required=True,
-                   help="the silo's state_dir (or its runs/RUN_ID folder, or a wire.jsonl file)")
+    a.add_argument(
+        "--silo-state",
+        type=Path,
+        required=True,
+        help="the silo's state_dir (or its runs/RUN_ID folder, or a wire.jsonl file)",
+    )
     a.add_argument("--audit-log", type=Path, help="the silo's [silo] audit_log file, to check too")
     a.add_argument("--json", action="store_true", help="print findings and checked rounds as JSON")
     a.set_defaults(func=run_audit)
@@ -68,7 +73,9 @@ def wire_file(path: Path, run_id: str) -> Path:
     for candidate in (path, path / "wire.jsonl", path / "runs" / run_id / "wire.jsonl"):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"no wire record of run {run_id} under {path} (expected runs/{run_id}/wire.jsonl)")
+    raise ConfigError(
+        f"no wire record of run {run_id} under {path} (expected runs/{run_id}/wire.jsonl)"
+    )
 
 
 def _tensor(t: Any) -> dict[str, Any]:
@@ -78,11 +85,18 @@ def _tensor(t: Any) -> dict[str, Any]:
     from pf2lora.common.wire.manifest import dtype_from_proto, dtype_name
 
     dtype: torch.dtype = dtype_from_proto(t.dtype)
-    return {"name": t.name, "dtype": dtype_name(dtype), "shape": list(t.shape), "nbytes": t.nbytes,
-            "sha256": t.sha256.hex()}
+    return {
+        "name": t.name,
+        "dtype": dtype_name(dtype),
+        "shape": list(t.shape),
+        "nbytes": t.nbytes,
+        "sha256": t.sha256.hex(),
+    }
 
 
-def audit_round(silo_id: str, manifest: Any, events: Sequence[dict[str, Any]]) -> tuple[list[Finding], list[str]]:
+def audit_round(
+    silo_id: str, manifest: Any, events: Sequence[dict[str, Any]]
+) -> tuple[list[Finding], list[str]]:
     """Findings and notes for one completed round (`manifest`: a pf2lora.v1.RoundManifest;
     `events`: the silo's wire-record events of that run)."""
     r = manifest.round
@@ -105,45 +119,78 @@ def audit_round(silo_id: str, manifest: Any, events: Sequence[dict[str, Any]]) -
         before = len(findings)
         u, e = theirs.get(attempt), ours.get(attempt)
         if e is None:
-            bad(attempt, "the coordinator recorded an update from this silo that its wire record lacks")
+            bad(
+                attempt,
+                "the coordinator recorded an update from this silo that its wire record lacks",
+            )
             continue
         for t in e["tensors"]:
             _check_tensor(t, e, layout, shared, size, lambda what, a=attempt: bad(a, what))
         if e["kind"] == "MASKED_UPDATE":
             silo_layout = {x["name"]: tuple(x["shape"]) for x in e.get("layout", [])}
             if silo_layout != layout or e.get("layout_digest") != manifest.layout_digest:
-                bad(attempt, f"the masked vector flattens {sorted(silo_layout)} (layout "
-                             f"{str(e.get('layout_digest'))[:16]}), not the round's payload spec "
-                             f"(layout {manifest.layout_digest[:16]})")
+                bad(
+                    attempt,
+                    f"the masked vector flattens {sorted(silo_layout)} (layout "
+                    f"{str(e.get('layout_digest'))[:16]}), not the round's payload spec "
+                    f"(layout {manifest.layout_digest[:16]})",
+                )
             elif layout_from_list(e["layout"]).digest() != e.get("layout_digest"):
                 bad(attempt, "the recorded layout does not match its own digest")
         if e["receipt_digest"] != e["manifest_digest"]:
-            bad(attempt, "the coordinator's receipt digest differs from the digest of what was sent")
+            bad(
+                attempt, "the coordinator's receipt digest differs from the digest of what was sent"
+            )
         if u is None:
-            bad(attempt, f"the silo sent a {e['kind']} stream ({e['manifest_digest'][:16]}) that the "
-                         "coordinator has no record of")
+            bad(
+                attempt,
+                f"the silo sent a {e['kind']} stream ({e['manifest_digest'][:16]}) that the "
+                "coordinator has no record of",
+            )
             continue
         if u.manifest_digest.hex() != e["manifest_digest"] or u.kind != e["kind"]:
-            bad(attempt, f"manifest digest {u.manifest_digest.hex()[:16]} ({u.kind}) on the coordinator, "
-                         f"{e['manifest_digest'][:16]} ({e['kind']}) on the silo")
+            bad(
+                attempt,
+                f"manifest digest {u.manifest_digest.hex()[:16]} ({u.kind}) on the coordinator, "
+                f"{e['manifest_digest'][:16]} ({e['kind']}) on the silo",
+            )
         if [_tensor(t) for t in u.tensors] != e["tensors"]:
             bad(attempt, "the tensors the coordinator recorded differ from those the silo sent")
         if len(findings) == before:
-            notes.append(f"round {r} attempt {attempt}: {e['kind']} {e['manifest_digest'][:16]} on both sides")
+            notes.append(
+                f"round {r} attempt {attempt}: {e['kind']} {e['manifest_digest'][:16]} on both "
+                "sides"
+            )
     for e in events:
-        if e["event"] == "global" and e["round"] == r and e["manifest_digest"] != manifest.global_manifest_digest.hex():
-            bad(0, f"the silo fetched a global state {e['manifest_digest'][:16]} that is not the checkpoint "
-                   f"{manifest.global_manifest_digest.hex()[:16]} of round {r}")
+        if (
+            e["event"] == "global"
+            and e["round"] == r
+            and e["manifest_digest"] != manifest.global_manifest_digest.hex()
+        ):
+            bad(
+                0,
+                f"the silo fetched a global state {e['manifest_digest'][:16]} that is not the "
+                "checkpoint "
+                f"{manifest.global_manifest_digest.hex()[:16]} of round {r}",
+            )
     return findings, notes
 
 
-def _check_tensor(t: dict[str, Any], e: dict[str, Any], layout: dict[str, tuple[int, ...]], shared: set[str],
-                  size: int, bad: Any) -> None:
+def _check_tensor(
+    t: dict[str, Any],
+    e: dict[str, Any],
+    layout: dict[str, tuple[int, ...]],
+    shared: set[str],
+    size: int,
+    bad: Any,
+) -> None:
     name = t["name"]
     if e["kind"] == "MASKED_UPDATE":
         if (name, t["dtype"], tuple(t["shape"])) != (MASKED_TENSOR, "uint32", (size,)):
-            bad(f"masked stream carries {name!r} {t['dtype']} {t['shape']}, expected "
-                f"{MASKED_TENSOR!r} uint32 [{size}]")
+            bad(
+                f"masked stream carries {name!r} {t['dtype']} {t['shape']}, expected "
+                f"{MASKED_TENSOR!r} uint32 [{size}]"
+            )
         return
     if name not in shared and not is_weight_key(name):
         bad(f"sent {name!r}, which is not a shared-state tensor")
@@ -159,7 +206,7 @@ def _prod(shape: Iterable[int]) -> int:
 
 
 def audit_log_streams(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(manifest digest hex, header as JSON-like dict) of every PushUpdate stream in an audit log."""
+    """(manifest digest hex, header as a dict) of every PushUpdate stream in an audit log."""
     from pf2lora.common.wire import streams
     from pf2lora.silo.audit import read_audit_log
     from pf2lora.v1 import tensors_pb2 as tpb
@@ -170,8 +217,16 @@ def audit_log_streams(path: Path) -> list[tuple[str, dict[str, Any]]]:
             msg = tpb.StreamMessage.FromString(data)
             if msg.WhichOneof("body") == "header":
                 info = streams.header_from_proto(msg.header)
-                out.append((info.manifest_digest.hex(), {"round": info.round, "kind": str(info.kind),
-                                                         "tensors": [t.name for t in info.tensors]}))
+                out.append(
+                    (
+                        info.manifest_digest.hex(),
+                        {
+                            "round": info.round,
+                            "kind": str(info.kind),
+                            "tensors": [t.name for t in info.tensors],
+                        },
+                    )
+                )
     return out
 
 
@@ -191,11 +246,13 @@ def run_audit(args: argparse.Namespace) -> int:
     with channel:
         status_req = cpb.GetRunStatusRequest(run_id=args.run_id)
         status = control.call(
-            args, lambda: stub.GetRunStatus(status_req, timeout=control.CALL_TIMEOUT_S))
+            args, lambda: stub.GetRunStatus(status_req, timeout=control.CALL_TIMEOUT_S)
+        )
         for r in range(1, status.completed_rounds + 1):
             req = cpb.GetRoundManifestRequest(run_id=args.run_id, round=r)
-            manifest = control.call(args, functools.partial(
-                stub.GetRoundManifest, req, timeout=control.CALL_TIMEOUT_S))
+            manifest = control.call(
+                args, functools.partial(stub.GetRoundManifest, req, timeout=control.CALL_TIMEOUT_S)
+            )
             shared_of[r] = {t.name for t in manifest.global_tensors}
             round_findings, round_notes = audit_round(silo_id, manifest, events)
             findings += round_findings
@@ -204,22 +261,43 @@ def run_audit(args: argparse.Namespace) -> int:
     if args.audit_log is not None:
         for digest, header in audit_log_streams(args.audit_log):
             if digest not in recorded:
-                notes.append(f"round {header['round']}: a {header['kind']} stream {digest[:16]} in the audit log "
-                             "was not accepted (refused or interrupted)")
+                notes.append(
+                    f"round {header['round']}: a {header['kind']} stream {digest[:16]} in the "
+                    "audit log "
+                    "was not accepted (refused or interrupted)"
+                )
             shared = shared_of.get(header["round"])
             if shared is None:
                 continue
             for name in header["tensors"]:
                 masked = header["kind"] == "MASKED_UPDATE" and name == MASKED_TENSOR
                 if not (masked or name in shared or is_weight_key(name)):
-                    findings.append(Finding(header["round"], 0, f"the audit log shows {name!r} sent: "
-                                                                "not a shared-state tensor"))
+                    findings.append(
+                        Finding(
+                            header["round"],
+                            0,
+                            f"the audit log shows {name!r} sent: not a shared-state tensor",
+                        )
+                    )
     if args.json:
-        print(json.dumps({"run_id": args.run_id, "silo_id": silo_id, "rounds": status.completed_rounds,
-                          "findings": [str(f) for f in findings], "notes": notes}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "run_id": args.run_id,
+                    "silo_id": silo_id,
+                    "rounds": status.completed_rounds,
+                    "findings": [str(f) for f in findings],
+                    "notes": notes,
+                },
+                indent=1,
+            )
+        )
     else:
-        print(f"audit of run {args.run_id}, silo {silo_id}: {status.completed_rounds} completed round(s), "
-              f"{len(findings)} finding(s)")
+        print(
+            f"audit of run {args.run_id}, silo {silo_id}: {status.completed_rounds} completed "
+            "round(s), "
+            f"{len(findings)} finding(s)"
+        )
         for note in notes:
             print(f"  ok: {note}")
         for finding in findings:

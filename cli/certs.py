@@ -219,7 +219,9 @@ def _issue_silo(args: argparse.Namespace) -> int:
     dirs = [pki_files.silo_dir(args.dir, s) for s in silos]  # validates every id before writing
     pki_files.refuse_existing_keys([d / pki_files.TLS_KEY for d in dirs], args.force)
     for s, d in zip(silos, dirs, strict=True):
-        pki_files.write_role(d, pki.issue_silo_cert(ca, s, days=args.days), ca.cert, force=args.force)
+        pki_files.write_role(
+            d, pki.issue_silo_cert(ca, s, days=args.days), ca.cert, force=args.force
+        )
         print(f"silo {s}: {d} (spiffe://{ca.federation}/silo/{s})")
     return 0
 
@@ -230,7 +232,9 @@ def _issue_admin(args: argparse.Namespace) -> int:
     dirs = [pki_files.admin_dir(args.dir, a) for a in admins]
     pki_files.refuse_existing_keys([d / pki_files.TLS_KEY for d in dirs], args.force)
     for a, d in zip(admins, dirs, strict=True):
-        pki_files.write_role(d, pki.issue_admin_cert(ca, a, days=args.days), ca.cert, force=args.force)
+        pki_files.write_role(
+            d, pki.issue_admin_cert(ca, a, days=args.days), ca.cert, force=args.force
+        )
         print(f"admin {a}: {d} (spiffe://{ca.federation}/admin/{a})")
     return 0
 

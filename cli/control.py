@@ -1,4 +1,6 @@
-"""The admin side of the control API, shared by `pf2lora run ...` and `pf2lora silos`: connection, errors, printing."""
+"""The admin side of the control API, shared by `pf2lora run ...` and `pf2lora silos`: connection,
+errors, printing.
+"""
 
 from __future__ import annotations
 
@@ -29,11 +31,16 @@ class ControlError(Pf2LoraError):
 
 
 def add_connection_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", default=DEFAULT_CONTROL,
-                   help=f"HOST:PORT of the coordinator's control API (default {DEFAULT_CONTROL}, "
-                   "or $PF2LORA_COORDINATOR)")
+    p.add_argument(
+        "--coordinator",
+        default=DEFAULT_CONTROL,
+        help=f"HOST:PORT of the coordinator's control API (default {DEFAULT_CONTROL}, "
+        "or $PF2LORA_COORDINATOR)",
+    )
     p.add_argument("--insecure", action="store_true", help="plaintext, no admin certificate")
-    p.add_argument("--tls-dir", type=Path, help="folder with ca.crt, tls.crt, tls.key (an admin certificate)")
+    p.add_argument(
+        "--tls-dir", type=Path, help="folder with ca.crt, tls.crt, tls.key (an admin certificate)"
+    )
     p.add_argument("--ca-file", type=Path, help="federation CA (PEM)")
     p.add_argument("--cert-file", type=Path, help="admin certificate (PEM)")
     p.add_argument("--key-file", type=Path, help="admin private key (PEM)")
@@ -58,7 +65,9 @@ def connect(args: argparse.Namespace) -> tuple[control_pb2_grpc.ControlApiStub, 
             "tls.key from `pf2lora certs admin`) or --ca-file/--cert-file/--key-file, or "
             "--insecure for a coordinator started with --insecure"
         )
-    channel = grpc_factory.create_channel(args.coordinator, creds, server_name_override=args.server_name)
+    channel = grpc_factory.create_channel(
+        args.coordinator, creds, server_name_override=args.server_name
+    )
     return control_pb2_grpc.ControlApiStub(channel), channel
 
 
@@ -83,12 +92,16 @@ def call(args: argparse.Namespace, fn: Callable[[], T]) -> T:
                 "(the control API needs an admin certificate of the federation)"
             ) from None
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise ControlError(f"the coordinator at {where} did not answer in time ({details})") from None
+            raise ControlError(
+                f"the coordinator at {where} did not answer in time ({details})"
+            ) from None
         raise ControlError(f"{code.name}: {details}") from None
 
 
 def to_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def print_json(message: Any) -> None:
@@ -110,16 +123,22 @@ def round_line(h: cpb.RoundSummary, rounds: int) -> str:
     missing = sorted(set(h.participants) - set(h.reported))
     miss = f", without {', '.join(missing)}" if missing else ""
     if h.secure_aggregation:  # the coordinator saw only the sum
-        miss += ", secure aggregation" + (f" (recovered {', '.join(h.dropped)})" if h.dropped else "")
-    return (f"round {h.round}/{rounds} complete: {len(h.reported)} silo(s){miss}{loss} "
-            f"({secs:.1f} s, attempt {h.attempt}, global {h.checkpoint_digest.hex()[:12]})")
+        miss += ", secure aggregation" + (
+            f" (recovered {', '.join(h.dropped)})" if h.dropped else ""
+        )
+    return (
+        f"round {h.round}/{rounds} complete: {len(h.reported)} silo(s){miss}{loss} "
+        f"({secs:.1f} s, attempt {h.attempt}, global {h.checkpoint_digest.hex()[:12]})"
+    )
 
 
 def describe(status: cpb.RunStatus) -> str:
     lines = [
         f"run {status.run_id}: {STATE_NAMES.get(status.state, '?')}, "
-        f"{status.completed_rounds}/{status.rounds} rounds complete, phase {PHASE_NAMES.get(status.phase, '?')}",
-        f"  created {_ms(status.created_unix_ms)}" + (f", finished {_ms(status.finished_unix_ms)}" if status.finished_unix_ms else ""),
+        f"{status.completed_rounds}/{status.rounds} rounds complete, phase "
+        f"{PHASE_NAMES.get(status.phase, '?')}",
+        f"  created {_ms(status.created_unix_ms)}"
+        + (f", finished {_ms(status.finished_unix_ms)}" if status.finished_unix_ms else ""),
     ]
     if status.reason:
         lines.append(f"  reason: {status.reason}")
@@ -148,11 +167,19 @@ def evaluation_table(status: cpb.RunStatus, title: str = "") -> None:
         if p is not None and s is not None:
             accs.append((p, s))
         table.add_row(
-            e.silo_id, f"{int(m.get('personal_n', 0))}",
-            "-" if p is None else f"{p:.3f}", "-" if s is None else f"{s:.3f}",
+            e.silo_id,
+            f"{int(m.get('personal_n', 0))}",
+            "-" if p is None else f"{p:.3f}",
+            "-" if s is None else f"{s:.3f}",
             "-" if "personal_loss" not in m else f"{m['personal_loss']:.4f}",
         )
     if accs:
-        table.add_row("mean", "", f"{sum(a for a, _ in accs) / len(accs):.3f}",
-                      f"{sum(b for _, b in accs) / len(accs):.3f}", "", style="bold")
+        table.add_row(
+            "mean",
+            "",
+            f"{sum(a for a, _ in accs) / len(accs):.3f}",
+            f"{sum(b for _, b in accs) / len(accs):.3f}",
+            "",
+            style="bold",
+        )
     Console().print(table)

@@ -1,4 +1,4 @@
-"""`pf2lora coordinator serve`: the coordinator daemon (config from coordinator.toml, flags override)."""
+"""`pf2lora coordinator serve`: the coordinator daemon (coordinator.toml, flags override)."""
 
 from __future__ import annotations
 
@@ -29,20 +29,28 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = csub.add_parser(
         "serve",
         help="serve the silo and control APIs until SIGTERM",
-        description="Run the coordinator: silo API (silos dial in), control API (pf2lora run/silos), "
-        "plaintext health. Settings come from --config; flags override. Mutual TLS unless --insecure.",
+        description="Run the coordinator: silo API (silos dial in), control API "
+        "(pf2lora run/silos), plaintext health. Settings come from --config; flags override. "
+        "Mutual TLS unless --insecure.",
     )
     s.add_argument("--config", type=Path, help="coordinator.toml (default: built-in defaults)")
-    s.add_argument("--insecure", action="store_true",
-                   help="plaintext gRPC, silo and admin identities NOT checked (trusted loopback only)")
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC, silo and admin identities NOT checked (trusted loopback only)",
+    )
     s.add_argument("--federation", help="federation name (identities spiffe://NAME/...)")
     s.add_argument("--allowed-silos", help="comma-separated silo ids allowed to join")
     s.add_argument("--state-dir", help="SQLite database and checkpoints")
     s.add_argument("--silo-api-listen", help="HOST:PORT of the silo API (default 0.0.0.0:8443)")
-    s.add_argument("--control-api-listen", help="HOST:PORT of the control API (default 0.0.0.0:8444)")
+    s.add_argument(
+        "--control-api-listen", help="HOST:PORT of the control API (default 0.0.0.0:8444)"
+    )
     s.add_argument("--health-listen", help='HOST:PORT of grpc.health.v1, "" for off')
-    s.add_argument("--metrics-listen",
-                   help='HOST:PORT of the Prometheus /metrics endpoint (HTTP), "" for off (default off)')
+    s.add_argument(
+        "--metrics-listen",
+        help='HOST:PORT of the Prometheus /metrics endpoint (HTTP), "" for off (default off)',
+    )
     s.add_argument("--ca-file", help="federation CA (PEM)")
     s.add_argument("--cert-file", help="coordinator certificate (PEM)")
     s.add_argument("--key-file", help="coordinator private key (PEM)")
@@ -56,10 +64,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from pf2lora.coordinator.server import serve
 
     if args.insecure and any(getattr(args, f) for f in ("ca_file", "cert_file", "key_file")):
-        raise ConfigError("--insecure conflicts with --ca-file/--cert-file/--key-file: drop one of them")
+        raise ConfigError(
+            "--insecure conflicts with --ca-file/--cert-file/--key-file: drop one of them"
+        )
     overrides: dict[str, object] = {key: getattr(args, flag) for flag, key in OVERRIDES.items()}
     if args.allowed_silos is not None:
-        overrides["federation.allowed_silos"] = [s.strip() for s in args.allowed_silos.split(",") if s.strip()]
+        overrides["federation.allowed_silos"] = [
+            s.strip() for s in args.allowed_silos.split(",") if s.strip()
+        ]
     if args.insecure:
         overrides["server.insecure"] = True
     cfg = load_coordinator_config(args.config, overrides)

@@ -39,33 +39,70 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="run a real local federation: a coordinator and 4 silo processes on loopback",
         description="A coordinator and four silo daemons (one VADER domain each) as separate "
         "processes on loopback gRPC, a few rounds of PF2LoRA on MiniLM, and a per-silo table of "
-        "personalised vs shared-only accuracy. Mutual TLS with demo certificates unless --insecure; "
+        "personalised vs shared-only accuracy. Mutual TLS with demo certificates unless "
+        "--insecure; "
         "secure aggregation (SecAgg+) in every round unless --no-secure-aggregation.",
     )
-    p.add_argument("--insecure", action="store_true",
-                   help="plaintext gRPC on loopback, identities not checked (logs a warning)")
-    p.add_argument("--no-secure-aggregation", dest="secure_aggregation", action="store_false",
-                   help="send plain updates: the coordinator sees each silo's update (logs a warning)")
-    p.add_argument("--workdir", type=Path, help="where configs, data, state and logs go (default: a new temp folder)")
-    p.add_argument("--algorithm", default="pf2lora", help="pf2lora | homlora | hetlora | perfedavg | local")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC on loopback, identities not checked (logs a warning)",
+    )
+    p.add_argument(
+        "--no-secure-aggregation",
+        dest="secure_aggregation",
+        action="store_false",
+        help="send plain updates: the coordinator sees each silo's update (logs a warning)",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        help="where configs, data, state and logs go (default: a new temp folder)",
+    )
+    p.add_argument(
+        "--algorithm", default="pf2lora", help="pf2lora | homlora | hetlora | perfedavg | local"
+    )
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     p.add_argument("--local-steps", type=int, default=10, help="local steps per round (default 10)")
     p.add_argument("--batch-size", type=int, default=16, help="minibatch size (default 16)")
-    # Rates chosen on the accuracy benchmark's validation split (benchmarks/results/accuracy_tuning.md):
+    # Rates chosen on the accuracy benchmark's validation split
+    # (benchmarks/results/accuracy_tuning.md):
     # the library defaults (ul_lr 2e-3) stay near the majority class over a demo's 30 steps.
-    p.add_argument("--ul-lr", type=float, default=1e-2,
-                   help="upper-level AdamW lr (shared adapter; default 1e-2)")
-    p.add_argument("--ll-lr", type=float, default=0.02,
-                   help="lower-level SGD step (private adapter; default 0.02)")
-    p.add_argument("--ll-max-grad-norm", type=float, default=1.0,
-                   help="clip the lower-level gradient to this norm (0: off; default 1.0)")
-    p.add_argument("--max-train", type=int, default=200, help="training examples per silo (default 200)")
-    p.add_argument("--max-test", type=int, default=100, help="held-out examples per silo (default 100)")
+    p.add_argument(
+        "--ul-lr",
+        type=float,
+        default=1e-2,
+        help="upper-level AdamW lr (shared adapter; default 1e-2)",
+    )
+    p.add_argument(
+        "--ll-lr",
+        type=float,
+        default=0.02,
+        help="lower-level SGD step (private adapter; default 0.02)",
+    )
+    p.add_argument(
+        "--ll-max-grad-norm",
+        type=float,
+        default=1.0,
+        help="clip the lower-level gradient to this norm (0: off; default 1.0)",
+    )
+    p.add_argument(
+        "--max-train", type=int, default=200, help="training examples per silo (default 200)"
+    )
+    p.add_argument(
+        "--max-test", type=int, default=100, help="held-out examples per silo (default 100)"
+    )
     p.add_argument("--max-length", type=int, default=64, help="max tokens per text (default 64)")
-    p.add_argument("--num-layers", type=int, default=None, help="truncate MiniLM to N layers (default: all 6)")
+    p.add_argument(
+        "--num-layers", type=int, default=None, help="truncate MiniLM to N layers (default: all 6)"
+    )
     p.add_argument("--seed", type=int, default=0, help="run seed (data split, initial adapter)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per silo (default: the cores divided among the silos)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per silo (default: the cores divided among the silos)",
+    )
     p.set_defaults(func=run)
 
 
@@ -80,7 +117,9 @@ def _toml(sections: dict[str, dict[str, Any]]) -> str:
     for name, values in sections.items():
         lines.append(f"[{name}]")
         for k, v in values.items():
-            lines.append(f"{k} = {json.dumps(v)}")  # JSON strings, numbers, booleans and lists are TOML
+            lines.append(
+                f"{k} = {json.dumps(v)}"
+            )  # JSON strings, numbers, booleans and lists are TOML
         lines.append("")
     return "\n".join(lines)
 
@@ -89,7 +128,11 @@ def _write_data(work: Path, args: argparse.Namespace) -> dict[str, tuple[Path, P
     from pf2lora.common.data.splits import build_client_data
 
     clients = build_client_data(
-        "vader", "natural", 4, args.seed, max_train_per_client=args.max_train,
+        "vader",
+        "natural",
+        4,
+        args.seed,
+        max_train_per_client=args.max_train,
         max_test_per_client=args.max_test,
     )
     out: dict[str, tuple[Path, Path, int]] = {}
@@ -117,7 +160,9 @@ class Processes:
     def start(self, name: str, argv: list[str]) -> None:
         log = (self.logs / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "pf2lora.cli.main", *argv], stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "pf2lora.cli.main", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
 
@@ -125,7 +170,9 @@ class Processes:
         for name, p in self.procs.items():
             if p.poll() is not None and p.returncode != 0:
                 tail = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
-                raise ConfigError(f"{name} exited with status {p.returncode}:\n  " + "\n  ".join(tail))
+                raise ConfigError(
+                    f"{name} exited with status {p.returncode}:\n  " + "\n  ".join(tail)
+                )
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -163,12 +210,27 @@ def run(args: argparse.Namespace) -> int:
     run_cfg = RunConfig(
         algorithm=AlgorithmConfig(
             name=args.algorithm,
-            train=TrainConfig(local_steps=args.local_steps, batch_size=args.batch_size, ul_lr=args.ul_lr,
-                              ll_lr=args.ll_lr, ll_max_grad_norm=args.ll_max_grad_norm or None),
+            train=TrainConfig(
+                local_steps=args.local_steps,
+                batch_size=args.batch_size,
+                ul_lr=args.ul_lr,
+                ll_lr=args.ll_lr,
+                ll_max_grad_norm=args.ll_max_grad_norm or None,
+            ),
         ),
-        model=ModelConfig(path="minilm", max_length=args.max_length, num_hidden_layers=args.num_layers, num_labels=2),
-        rounds=args.rounds, min_silos=4, round_deadline_s=1800.0, enroll_window_s=60.0,
-        eval_deadline_s=600.0, seed=args.seed, secure_aggregation=args.secure_aggregation,
+        model=ModelConfig(
+            path="minilm",
+            max_length=args.max_length,
+            num_hidden_layers=args.num_layers,
+            num_labels=2,
+        ),
+        rounds=args.rounds,
+        min_silos=4,
+        round_deadline_s=1800.0,
+        enroll_window_s=60.0,
+        eval_deadline_s=600.0,
+        seed=args.seed,
+        secure_aggregation=args.secure_aggregation,
     )
     data = _write_data(work, args)
     silos = sorted(data)
@@ -178,49 +240,87 @@ def run(args: argparse.Namespace) -> int:
 
     # Certificates for the demo: the transport's (mutual TLS) and the silos' signing keys for
     # secure aggregation (needed with --insecure too).
-    pki_files.provision_federation(work / "pki", FEDERATION, ("localhost",), silos=silos, admins=("demo",))
+    pki_files.provision_federation(
+        work / "pki", FEDERATION, ("localhost",), silos=silos, admins=("demo",)
+    )
 
     def tls_of(d: Path) -> dict[str, Any]:
-        return {"tls": {"ca_file": str(d / "ca.crt"), "cert_file": str(d / "tls.crt"), "key_file": str(d / "tls.key")}}
+        return {
+            "tls": {
+                "ca_file": str(d / "ca.crt"),
+                "cert_file": str(d / "tls.crt"),
+                "key_file": str(d / "tls.key"),
+            }
+        }
 
     tls: dict[str, dict[str, Any]] = {s: tls_of(pki_files.silo_dir(work / "pki", s)) for s in silos}
     if not args.insecure:
         tls["coordinator"] = tls_of(pki_files.coordinator_dir(work / "pki"))
     coord_toml = work / "coordinator.toml"
-    coord_toml.write_text(_toml({
-        "federation": {"name": FEDERATION, "allowed_silos": silos},
-        "server": {"silo_api_listen": f"127.0.0.1:{silo_port}", "control_api_listen": f"127.0.0.1:{control_port}",
-                   "health_listen": "", "metrics_listen": "", "insecure": args.insecure},
-        "storage": {"state_dir": str(work / "coordinator")},
-        **tls.get("coordinator", {}),
-    }))
+    coord_toml.write_text(
+        _toml(
+            {
+                "federation": {"name": FEDERATION, "allowed_silos": silos},
+                "server": {
+                    "silo_api_listen": f"127.0.0.1:{silo_port}",
+                    "control_api_listen": f"127.0.0.1:{control_port}",
+                    "health_listen": "",
+                    "metrics_listen": "",
+                    "insecure": args.insecure,
+                },
+                "storage": {"state_dir": str(work / "coordinator")},
+                **tls.get("coordinator", {}),
+            }
+        )
+    )
     for s in silos:
         train, test, _ = data[s]
-        (work / "silos" / s / "silo.toml").write_text(_toml({
-            "silo": {"id": s, "federation": FEDERATION, "state_dir": str(work / "silos" / s / "state"),
-                     "threads": threads, "exit_after_run": True,
-                     "require_secure_aggregation": args.secure_aggregation},
-            "coordinator": {"address": f"127.0.0.1:{silo_port}", "server_name": "localhost",
-                            "insecure": args.insecure},
-            "model": {"path": "minilm"},
-            "data": {"train_files": [str(train)], "eval_files": [str(test)]},
-            "server": {"health_listen": "", "metrics_listen": ""},
-            **tls.get(s, {}),
-        }))
+        (work / "silos" / s / "silo.toml").write_text(
+            _toml(
+                {
+                    "silo": {
+                        "id": s,
+                        "federation": FEDERATION,
+                        "state_dir": str(work / "silos" / s / "state"),
+                        "threads": threads,
+                        "exit_after_run": True,
+                        "require_secure_aggregation": args.secure_aggregation,
+                    },
+                    "coordinator": {
+                        "address": f"127.0.0.1:{silo_port}",
+                        "server_name": "localhost",
+                        "insecure": args.insecure,
+                    },
+                    "model": {"path": "minilm"},
+                    "data": {"train_files": [str(train)], "eval_files": [str(test)]},
+                    "server": {"health_listen": "", "metrics_listen": ""},
+                    **tls.get(s, {}),
+                }
+            )
+        )
 
     procs = Processes(logs)
     ctl_args = argparse.Namespace(
-        coordinator=f"127.0.0.1:{control_port}", insecure=args.insecure, server_name="localhost",
-        tls_dir=None if args.insecure else work / "pki" / "admins" / "demo", ca_file=None, cert_file=None, key_file=None,
+        coordinator=f"127.0.0.1:{control_port}",
+        insecure=args.insecure,
+        server_name="localhost",
+        tls_dir=None if args.insecure else work / "pki" / "admins" / "demo",
+        ca_file=None,
+        cert_file=None,
+        key_file=None,
     )
     try:
         procs.start("coordinator", ["coordinator", "serve", "--config", str(coord_toml)])
         for s in silos:
             procs.start(s, ["silo", "serve", "--config", str(work / "silos" / s / "silo.toml")])
-        print(f"started a coordinator and {len(silos)} silos ({', '.join(silos)}); "
-              f"{'plaintext' if args.insecure else 'mutual TLS'} on 127.0.0.1:{silo_port}/{control_port}, "
-              f"{'secure aggregation (SecAgg+)' if args.secure_aggregation else 'PLAIN updates'}; "
-              f"logs in {logs}", flush=True)
+        print(
+            f"started a coordinator and {len(silos)} silos ({', '.join(silos)}); "
+            f"{'plaintext' if args.insecure else 'mutual TLS'} on "
+            f"127.0.0.1:{silo_port}/{control_port}, "
+            f"{'secure aggregation (SecAgg+)' if args.secure_aggregation else 'PLAIN updates'}; "
+            f"logs in {logs}",
+            flush=True,
+        )
         stub, channel = control.connect(ctl_args)
         with channel:
             end = time.monotonic() + JOIN_TIMEOUT_S
@@ -233,10 +333,15 @@ def run(args: argparse.Namespace) -> int:
                 except Exception:  # noqa: BLE001 - the coordinator is still starting
                     pass
                 if time.monotonic() > end:
-                    raise ConfigError(f"silos did not join within {JOIN_TIMEOUT_S:.0f} s; see {logs}")
+                    raise ConfigError(
+                        f"silos did not join within {JOIN_TIMEOUT_S:.0f} s; see {logs}"
+                    )
                 time.sleep(0.5)
-            print(f"all {len(silos)} silos joined ({time.perf_counter() - t_start:.0f} s); "
-                  f"starting {args.rounds} rounds of {args.algorithm}", flush=True)
+            print(
+                f"all {len(silos)} silos joined ({time.perf_counter() - t_start:.0f} s); "
+                f"starting {args.rounds} rounds of {args.algorithm}",
+                flush=True,
+            )
             req = cpb.StartRunRequest(run_config_json=to_json(run_cfg), run_id="demo")
             control.call(ctl_args, lambda: stub.StartRun(req, timeout=control.START_TIMEOUT_S))
             status = follow(ctl_args, stub, "demo")
@@ -244,9 +349,14 @@ def run(args: argparse.Namespace) -> int:
         if status.state != cpb.RUN_STATE_COMPLETED:
             print(control.describe(status))
             return 1
-        control.evaluation_table(status, f"pf2lora demo: {args.algorithm}, {args.rounds} rounds, 4 silos, {wall:.0f} s")
-        print(f"state, logs and configs in {work}; export a silo's personalised model with:\n"
-              f"  pf2lora silo export --config {work / 'silos' / silos[0] / 'silo.toml'} --out {work / 'export'}")
+        control.evaluation_table(
+            status, f"pf2lora demo: {args.algorithm}, {args.rounds} rounds, 4 silos, {wall:.0f} s"
+        )
+        print(
+            f"state, logs and configs in {work}; export a silo's personalised model with:\n"
+            f"  pf2lora silo export --config {work / 'silos' / silos[0] / 'silo.toml'} --out "
+            f"{work / 'export'}"
+        )
         return 0
     except KeyboardInterrupt:
         print("interrupted: stopping the demo's processes", file=sys.stderr)

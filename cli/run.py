@@ -1,4 +1,6 @@
-"""`pf2lora run start|status|stop|manifest`: operate federated runs through the coordinator's control API."""
+"""`pf2lora run start|status|stop|manifest`: operate federated runs through the coordinator's
+control API.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ logger = logging.getLogger(__name__)
 RUN_FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "algorithm": (("algorithm", "name"), str, "pf2lora | homlora | hetlora | perfedavg | local"),
     "weighting": (("algorithm", "weighting"), str, "silo weights: samples | equal"),
-    "hypergrad": (("algorithm", "train", "hypergrad"), str, "unroll | implicit | first-order | joint"),
+    "hypergrad": (
+        ("algorithm", "train", "hypergrad"),
+        str,
+        "unroll | implicit | first-order | joint",
+    ),
     "local_steps": (("algorithm", "train", "local_steps"), int, "local steps per round"),
     "batch_size": (("algorithm", "train", "batch_size"), int, "minibatch size"),
     "ll_lr": (("algorithm", "train", "ll_lr"), float, "lower-level SGD step (private adapter)"),
@@ -33,10 +39,26 @@ RUN_FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "enroll_window": (("enroll_window_s",), float, "seconds to wait for silos to enroll"),
     "eval_deadline": (("eval_deadline_s",), float, "seconds to wait for the final evaluation"),
     "seed": (("seed",), int, "run seed (initial shared adapter, silo seeds)"),
-    "secagg_clip": (("secagg", "clip"), float, "secure aggregation: clip bound C of the weighted payload"),
-    "secagg_threshold": (("secagg", "threshold"), int, "secure aggregation: Shamir threshold t (default: majority)"),
-    "secagg_neighbours": (("secagg", "neighbours"), int, "secure aggregation: k-regular graph (SecAgg+; default: all pairs)"),
-    "secagg_stage_deadline": (("secagg", "stage_deadline_s"), float, "secure aggregation: seconds per stage"),
+    "secagg_clip": (
+        ("secagg", "clip"),
+        float,
+        "secure aggregation: clip bound C of the weighted payload",
+    ),
+    "secagg_threshold": (
+        ("secagg", "threshold"),
+        int,
+        "secure aggregation: Shamir threshold t (default: majority)",
+    ),
+    "secagg_neighbours": (
+        ("secagg", "neighbours"),
+        int,
+        "secure aggregation: k-regular graph (SecAgg+; default: all pairs)",
+    ),
+    "secagg_stage_deadline": (
+        ("secagg", "stage_deadline_s"),
+        float,
+        "secure aggregation: seconds per stage",
+    ),
 }
 
 
@@ -46,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     rsub.required = True
 
     s = rsub.add_parser(
-        "start", help="start a run",
+        "start",
+        help="start a run",
         description="Start a run on the coordinator. The run file (TOML: rounds, min_silos, "
         "round_deadline_s, enroll_window_s, seed, [algorithm], [algorithm.train], [model]) is "
         "overridden by flags.",
@@ -55,8 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--run-file", type=Path, help="TOML run configuration")
     for name, (_, typ, help_text) in RUN_FLAGS.items():
         s.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, help=help_text)
-    s.add_argument("--no-secure-aggregation", dest="secure_aggregation", action="store_false", default=None,
-                   help="send plain updates: the coordinator sees each silo's update (silos must allow it)")
+    s.add_argument(
+        "--no-secure-aggregation",
+        dest="secure_aggregation",
+        action="store_false",
+        default=None,
+        help="send plain updates: the coordinator sees each silo's update (silos must allow it)",
+    )
     s.add_argument("--run-id", default="", help="choose the run id (default: generated)")
     s.add_argument("--wait", action="store_true", help="follow the run and print each round")
     s.add_argument("--json", action="store_true", help="print the run status as JSON")
@@ -101,7 +129,9 @@ def build_run_config(args: argparse.Namespace) -> Any:
         tree["secure_aggregation"] = False
     cfg = from_mapping(RunConfig, tree, str(args.run_file or "run configuration"))
     if not cfg.secure_aggregation:
-        logger.warning("secure_aggregation = false: the coordinator will see each silo's weighted update")
+        logger.warning(
+            "secure_aggregation = false: the coordinator will see each silo's weighted update"
+        )
     return cfg
 
 
@@ -113,7 +143,10 @@ def follow(args: argparse.Namespace, stub: Any, run_id: str, poll_s: float = 1.0
     last_phase = None
     while True:
         status = control.call(
-            args, lambda: stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id), timeout=control.CALL_TIMEOUT_S)
+            args,
+            lambda: stub.GetRunStatus(
+                cpb.GetRunStatusRequest(run_id=run_id), timeout=control.CALL_TIMEOUT_S
+            ),
         )
         for h in status.history:
             if h.round not in printed:
@@ -123,8 +156,16 @@ def follow(args: argparse.Namespace, stub: Any, run_id: str, poll_s: float = 1.0
         if phase != last_phase and status.state == cpb.RUN_STATE_RUNNING:
             last_phase = phase
             name = control.PHASE_NAMES.get(status.phase, "?")
-            where = f"round {status.current_round}" if status.phase != cpb.RUN_PHASE_EVALUATING else "final model"
-            parts = f" ({', '.join(p.silo_id for p in status.participants)})" if status.participants else ""
+            where = (
+                f"round {status.current_round}"
+                if status.phase != cpb.RUN_PHASE_EVALUATING
+                else "final model"
+            )
+            parts = (
+                f" ({', '.join(p.silo_id for p in status.participants)})"
+                if status.participants
+                else ""
+            )
             print(f"{where}: {name}{parts}", flush=True)
         if status.state != cpb.RUN_STATE_RUNNING:
             return status
@@ -154,8 +195,11 @@ def run_start(args: argparse.Namespace) -> int:
     with channel:
         req = cpb.StartRunRequest(run_config_json=to_json(cfg), run_id=args.run_id)
         status = control.call(args, lambda: stub.StartRun(req, timeout=control.START_TIMEOUT_S))
-        print(f"started run {status.run_id}: {cfg.algorithm.name}, {cfg.rounds} rounds, "
-              f"min {cfg.min_silos} silos, deadline {cfg.round_deadline_s:.0f} s", flush=True)
+        print(
+            f"started run {status.run_id}: {cfg.algorithm.name}, {cfg.rounds} rounds, "
+            f"min {cfg.min_silos} silos, deadline {cfg.round_deadline_s:.0f} s",
+            flush=True,
+        )
         return _finish(args, stub, status)
 
 
@@ -166,7 +210,9 @@ def run_status(args: argparse.Namespace) -> int:
     with channel:
         status = control.call(
             args,
-            lambda: stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=args.run_id), timeout=control.CALL_TIMEOUT_S),
+            lambda: stub.GetRunStatus(
+                cpb.GetRunStatusRequest(run_id=args.run_id), timeout=control.CALL_TIMEOUT_S
+            ),
         )
         return _finish(args, stub, status)
 

@@ -1,4 +1,4 @@
-"""`pf2lora silo serve` (the silo daemon) and `pf2lora silo export` (its personalised model as PEFT adapters)."""
+"""`pf2lora silo serve` (the silo daemon) and `pf2lora silo export` (its model as PEFT adapters)."""
 
 from __future__ import annotations
 
@@ -47,25 +47,34 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = ssub.add_parser(
         "serve",
         help="dial out to the coordinator and train in its rounds until SIGTERM",
-        description="Run a silo: join the coordinator, train the rounds it hands out on local data, "
-        "send only shared-adapter updates. Settings come from --config; flags override. "
+        description="Run a silo: join the coordinator, train the rounds it hands out on local "
+        "data, send only shared-adapter updates. Settings come from --config; flags override. "
         "Mutual TLS unless --insecure.",
     )
     _common(s)
     s.add_argument("--coordinator", help="HOST:PORT of the coordinator's silo API")
     s.add_argument("--server-name", help="DNS name expected in the coordinator's certificate")
-    s.add_argument("--insecure", action="store_true",
-                   help="plaintext gRPC, no identities (trusted loopback only)")
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC, no identities (trusted loopback only)",
+    )
     s.add_argument("--ca-file", help="federation CA (PEM)")
     s.add_argument("--cert-file", help="this silo's certificate (PEM)")
     s.add_argument("--key-file", help="this silo's private key (PEM)")
     s.add_argument("--threads", type=int, help="torch threads (0: torch's default)")
-    s.add_argument("--seed", type=int, help="override the silo seed (default: derived from the run seed)")
+    s.add_argument(
+        "--seed", type=int, help="override the silo seed (default: derived from the run seed)"
+    )
     s.add_argument("--health-listen", help='HOST:PORT of grpc.health.v1, "" for off')
-    s.add_argument("--metrics-listen",
-                   help='HOST:PORT of the Prometheus /metrics endpoint (HTTP), "" for off (default off)')
+    s.add_argument(
+        "--metrics-listen",
+        help='HOST:PORT of the Prometheus /metrics endpoint (HTTP), "" for off (default off)',
+    )
     s.add_argument("--audit-log", help="append every message sent to the coordinator to this file")
-    s.add_argument("--exit-after-run", action="store_true", help="exit once the current run has ended")
+    s.add_argument(
+        "--exit-after-run", action="store_true", help="exit once the current run has ended"
+    )
     s.set_defaults(func=run_serve)
 
     e = ssub.add_parser(
@@ -96,7 +105,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from pf2lora.silo.daemon import SiloDaemon
 
     if args.insecure and any(getattr(args, f) for f in ("ca_file", "cert_file", "key_file")):
-        raise ConfigError("--insecure conflicts with --ca-file/--cert-file/--key-file: drop one of them")
+        raise ConfigError(
+            "--insecure conflicts with --ca-file/--cert-file/--key-file: drop one of them"
+        )
     overrides = _overrides(args)
     if args.insecure:
         overrides["coordinator.insecure"] = True
@@ -120,6 +131,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     cfg = load_silo_config(args.config, _overrides(args))  # local files only: no TLS needed
     info = export(cfg, args.out, args.run_id)
-    print(f"exported run {info['run_id']} (global round {info['global_round']}, private round "
-          f"{info['private_round']}) to {args.out}: shared/ and private/")
+    print(
+        f"exported run {info['run_id']} (global round {info['global_round']}, private round "
+        f"{info['private_round']}) to {args.out}: shared/ and private/"
+    )
     return 0

@@ -1,4 +1,4 @@
-"""`pf2lora silos`: the silos the coordinator knows (joined, allowed, sample counts, last contact)."""
+"""`pf2lora silos`: the silos the coordinator knows (joined, allowed, samples, last contact)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,12 @@ def run(args: argparse.Namespace) -> int:
     for s in reply.silos:
         ago = f"{(now - s.last_seen_unix_ms) / 1000:.0f} s ago" if s.last_seen_unix_ms else "-"
         table.add_row(
-            s.silo_id, "yes" if s.allowed else "NO", "yes" if s.joined else "no",
-            str(s.num_samples) if s.joined else "-", s.software_version or "-", ago,
+            s.silo_id,
+            "yes" if s.allowed else "NO",
+            "yes" if s.joined else "no",
+            str(s.num_samples) if s.joined else "-",
+            s.software_version or "-",
+            ago,
         )
     Console().print(table)
     return 0

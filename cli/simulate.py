@@ -19,16 +19,26 @@ logger = logging.getLogger(__name__)
 FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
     "algorithm": (("algorithm", "name"), str, "pf2lora | homlora | hetlora | perfedavg | local"),
     "weighting": (("algorithm", "weighting"), str, "client weights: samples | equal"),
-    "hypergrad": (("algorithm", "train", "hypergrad"), str, "unroll | implicit | first-order | joint"),
+    "hypergrad": (
+        ("algorithm", "train", "hypergrad"),
+        str,
+        "unroll | implicit | first-order | joint",
+    ),
     "local_steps": (("algorithm", "train", "local_steps"), int, "local steps per round"),
     "batch_size": (("algorithm", "train", "batch_size"), int, "minibatch size"),
     "ll_lr": (("algorithm", "train", "ll_lr"), float, "lower-level SGD step (private adapter)"),
     "ul_lr": (("algorithm", "train", "ul_lr"), float, "upper-level AdamW lr (shared adapter)"),
     "weight_decay": (("algorithm", "train", "weight_decay"), float, "AdamW weight decay"),
-    "max_grad_norm": (("algorithm", "train", "max_grad_norm"), float,
-                      "clip the upper-level gradient to this norm (0: off; default 1.0)"),
-    "ll_max_grad_norm": (("algorithm", "train", "ll_max_grad_norm"), float,
-                         "clip the lower-level (private) gradient before its SGD step (0: off, the default)"),
+    "max_grad_norm": (
+        ("algorithm", "train", "max_grad_norm"),
+        float,
+        "clip the upper-level gradient to this norm (0: off; default 1.0)",
+    ),
+    "ll_max_grad_norm": (
+        ("algorithm", "train", "ll_max_grad_norm"),
+        float,
+        "clip the lower-level (private) gradient before its SGD step (0: off, the default)",
+    ),
     "model": (("model", "path"), str, "minilm | smollm2 | a local Hugging Face folder"),
     "task": (("model", "task"), str, "seq-cls | causal-lm"),
     "num_layers": (("model", "num_hidden_layers"), int, "truncate the model to N layers"),
@@ -57,13 +67,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="In-process federation: N clients, one algorithm, rounds of local training "
         "and aggregation with the same functions the coordinator uses. Flags override --config.",
     )
-    p.add_argument("--config", type=Path, help="TOML file with [algorithm], [model], [data] sections")
+    p.add_argument(
+        "--config", type=Path, help="TOML file with [algorithm], [model], [data] sections"
+    )
     for name, (_, typ, help_text) in FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, help=help_text)
     p.add_argument("--domains", help="comma-separated domains (VADER: tweets,movies,amazon,nyt)")
-    p.add_argument("--train-files", help="comma-separated local files, one per client (--data files)")
+    p.add_argument(
+        "--train-files", help="comma-separated local files, one per client (--data files)"
+    )
     p.add_argument("--test-files", help="comma-separated held-out files, one per client")
-    p.add_argument("--json", type=Path, dest="json_path", help="write per-round and final metrics here")
+    p.add_argument(
+        "--json", type=Path, dest="json_path", help="write per-round and final metrics here"
+    )
     p.add_argument("--progress", action="store_true", help="progress bar over local steps")
     p.add_argument(
         "--threads", type=int, help="torch CPU threads (1 is fastest for the tiny synthetic model)"
@@ -116,8 +132,10 @@ def print_table(result: Any) -> None:
 
     clients = result.clients
     synthetic = any("true_rank" in c for c in clients)
-    table = Table(title=f"pf2lora simulate: {result.config['algorithm']['name']}, "
-                  f"{len(result.rounds)} rounds, {result.wall_seconds:.0f} s")
+    table = Table(
+        title=f"pf2lora simulate: {result.config['algorithm']['name']}, "
+        f"{len(result.rounds)} rounds, {result.wall_seconds:.0f} s"
+    )
     cols = ["client", "train", "test"]
     if synthetic:
         cols += ["true rank", "learned rank", "test MSE"]
@@ -129,21 +147,30 @@ def print_table(result: Any) -> None:
         row = [c["name"], str(c["train_size"]), str(c["test_size"])]
         if synthetic:
             mse = c.get("test_mse")
-            row += [str(c["true_rank"]), str(c["learned_rank"]), "-" if mse is None else f"{mse:.2e}"]
+            row += [
+                str(c["true_rank"]),
+                str(c["learned_rank"]),
+                "-" if mse is None else f"{mse:.2e}",
+            ]
         else:
             row += [_fmt(c.get("personal_accuracy")), _fmt(c.get("shared_accuracy"))]
         table.add_row(*row)
     last = result.rounds[-1]
     if not synthetic:
         table.add_row(
-            "mean", "", "", _fmt(last.get("mean_personal_accuracy")), _fmt(last.get("mean_shared_accuracy")),
+            "mean",
+            "",
+            "",
+            _fmt(last.get("mean_personal_accuracy")),
+            _fmt(last.get("mean_shared_accuracy")),
             style="bold",
         )
     Console().print(table)
     p = result.parameters
     print(
         f"parameters per client: trainable {p['trainable_per_client']:,} "
-        f"(shared {p['shared']:,}, private {p['private']:,}), communicated {p['communicated_per_client']:,}"
+        f"(shared {p['shared']:,}, private {p['private']:,}), communicated "
+        f"{p['communicated_per_client']:,}"
     )
 
 
@@ -160,7 +187,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     logger.info(
         "simulate: %s on %s (%s), %d clients, %d rounds",
-        cfg.algorithm.name, cfg.data.source, cfg.data.partition, cfg.data.num_clients, cfg.rounds,
+        cfg.algorithm.name,
+        cfg.data.source,
+        cfg.data.partition,
+        cfg.data.num_clients,
+        cfg.rounds,
     )
 
     every = max(1, cfg.rounds // 20)  # at most ~20 progress lines, plus every evaluation
@@ -173,7 +204,11 @@ def run(args: argparse.Namespace) -> int:
         mse = rec.get("mean_personal_mse")
         extra = f" personalised acc {acc:.3f}" if acc is not None else ""
         extra += f" personalised mse {mse:.4f}" if mse is not None else ""
-        print(f"round {rec['round']}/{cfg.rounds}: train loss {loss:.4f}{extra} ({rec['seconds']:.1f} s)", flush=True)
+        print(
+            f"round {rec['round']}/{cfg.rounds}: train loss {loss:.4f}{extra} "
+            f"({rec['seconds']:.1f} s)",
+            flush=True,
+        )
 
     result = run_simulation(cfg, on_round=on_round)
     print_table(result)
@@ -185,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
             "rounds": result.rounds,
             "clients": result.clients,
         }
-        atomic_write_bytes(args.json_path, json.dumps(doc, indent=1, default=_json_default).encode())
+        atomic_write_bytes(
+            args.json_path, json.dumps(doc, indent=1, default=_json_default).encode()
+        )
         print(f"wrote {args.json_path}")
     return 0
 

@@ -29,7 +29,7 @@ class RoundResult:
 
 
 def client_seed(run_seed: int, client_index: int) -> int:
-    """The seed a client of a simulation uses; a silo daemon takes the same value from its config."""
+    """The seed a simulated client uses; a silo daemon takes the same value from its config."""
     return derive_seed(run_seed, "client", client_index)
 
 

@@ -51,15 +51,21 @@ class SecAggSettings:
     stage_deadline_s: float = 120.0
 
     def __post_init__(self) -> None:
-        self.library_config(1.0 if self.clip is None else self.clip)  # validates every field by name
+        self.library_config(
+            1.0 if self.clip is None else self.clip
+        )  # validates every field by name
         v = self.stage_deadline_s
-        if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+        if not (
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        ):
             raise ConfigError(f"secagg.stage_deadline_s={v!r}: must be a number of seconds > 0")
 
     def library_config(self, clip: float, frac_bits: int | None = None) -> SecAggConfig:
         return SecAggConfig(
-            clip=clip, frac_bits=self.frac_bits if frac_bits is None else frac_bits,
-            threshold=self.threshold, neighbours=self.neighbours,
+            clip=clip,
+            frac_bits=self.frac_bits if frac_bits is None else frac_bits,
+            threshold=self.threshold,
+            neighbours=self.neighbours,
         )
 
     def check_federation(self, num_silos: int, clip: float) -> None:
@@ -69,7 +75,9 @@ class SecAggSettings:
         else:
             check_no_overflow(num_silos, clip, self.frac_bits)
         if self.threshold is not None and self.threshold > num_silos:
-            raise ConfigError(f"secagg.threshold={self.threshold} exceeds the {num_silos} allowed silos")
+            raise ConfigError(
+                f"secagg.threshold={self.threshold} exceeds the {num_silos} allowed silos"
+            )
 
 
 @dataclass(frozen=True)
@@ -104,21 +112,32 @@ class RunConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
         check(_is_int(self.rounds) and self.rounds >= 1, "rounds", "must be an integer >= 1")
-        check(_is_int(self.min_silos) and self.min_silos >= 1, "min_silos", "must be an integer >= 1")
+        check(
+            _is_int(self.min_silos) and self.min_silos >= 1, "min_silos", "must be an integer >= 1"
+        )
         for name in ("round_deadline_s", "enroll_window_s", "eval_deadline_s"):
             v = getattr(self, name)
             check(
-                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and v > 0,
                 name,
                 "must be a number of seconds > 0",
             )
-        check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "must be an integer in [0, 2^63)")
-        check(isinstance(self.secure_aggregation, bool), "secure_aggregation", "must be true or false")
+        check(
+            _is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "must be an integer in [0, 2^63)"
+        )
+        check(
+            isinstance(self.secure_aggregation, bool), "secure_aggregation", "must be true or false"
+        )
 
     @property
     def secagg_clip(self) -> float:
         """The clip bound in force: [secagg] clip, or the algorithm's default."""
-        return self.secagg.clip if self.secagg.clip is not None else default_clip(self.algorithm.name)
+        return (
+            self.secagg.clip if self.secagg.clip is not None else default_clip(self.algorithm.name)
+        )
 
     @property
     def round_min_silos(self) -> int:

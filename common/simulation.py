@@ -1,4 +1,4 @@
-"""In-process federation: N clients, one algorithm, rounds of local training and pure aggregation."""
+"""In-process federation: N clients, one algorithm, rounds of local training, pure aggregation."""
 
 from __future__ import annotations
 
@@ -150,21 +150,31 @@ def _prepare(cfg: SimulationConfig) -> tuple[ModelConfig, nn.Module, list[Client
 
     if d.source == "files":
         data = client_data_from_files(
-            list(d.train_files), list(d.test_files) or None,
-            text_column=d.text_column, label_column=d.label_column,
+            list(d.train_files),
+            list(d.test_files) or None,
+            text_column=d.text_column,
+            label_column=d.label_column,
         )
     else:
         data = build_client_data(
-            d.source, d.partition, d.num_clients, cfg.seed,
-            test_fraction=d.test_fraction, similarity=d.similarity,
-            dirichlet_alpha=d.dirichlet_alpha, max_train_per_client=d.max_train_per_client,
-            max_test_per_client=d.max_test_per_client, domains=d.domains,
+            d.source,
+            d.partition,
+            d.num_clients,
+            cfg.seed,
+            test_fraction=d.test_fraction,
+            similarity=d.similarity,
+            dirichlet_alpha=d.dirichlet_alpha,
+            max_train_per_client=d.max_train_per_client,
+            max_test_per_client=d.max_test_per_client,
+            domains=d.domains,
         )
     num_labels = max(c.num_labels for c in data)
     model_cfg = dataclasses.replace(cfg.model, num_labels=num_labels)
     tok = load_tokenizer(model_cfg)
     clients = [
-        ClientSpec(c.name, encode_dataset(c.train, tok, model_cfg), encode_dataset(c.test, tok, model_cfg))
+        ClientSpec(
+            c.name, encode_dataset(c.train, tok, model_cfg), encode_dataset(c.test, tok, model_cfg)
+        )
         for c in data
     ]
     return model_cfg, load_base_model(model_cfg), clients
@@ -182,8 +192,14 @@ def run_simulation(
     global_state = initial_global_state(algorithm, model_cfg, cfg.seed, base=copy.deepcopy(base))
     runtimes = [
         ClientRuntime(
-            algorithm, model_cfg, client_index=k, seed=client_seed(cfg.seed, k),
-            train=s.train, test=s.test, base=copy.deepcopy(base), name=s.name,
+            algorithm,
+            model_cfg,
+            client_index=k,
+            seed=client_seed(cfg.seed, k),
+            train=s.train,
+            test=s.test,
+            base=copy.deepcopy(base),
+            name=s.name,
             device=resolve_device(cfg.device),
         )
         for k, s in enumerate(specs)
@@ -215,7 +231,11 @@ def run_simulation(
             on_round(record)
     clients = []
     for rt, spec, ev in zip(runtimes, specs, last_eval, strict=True):
-        entry: dict[str, Any] = {"name": rt.name, "train_size": len(rt.train), "test_size": len(rt.test)}
+        entry: dict[str, Any] = {
+            "name": rt.name,
+            "train_size": len(rt.train),
+            "test_size": len(rt.test),
+        }
         entry.update(ev)
         entry.update(spec.extra)
         if hasattr(rt.client, "rank"):
@@ -230,8 +250,12 @@ def run_simulation(
     }
     _attach_rank_analysis(clients, runtimes, cfg)
     return SimulationResult(
-        config=_as_dict(cfg), clients=clients, rounds=rounds, final_global=global_state,
-        parameters=params, wall_seconds=time.perf_counter() - t_start,
+        config=_as_dict(cfg),
+        clients=clients,
+        rounds=rounds,
+        final_global=global_state,
+        parameters=params,
+        wall_seconds=time.perf_counter() - t_start,
     )
 
 
@@ -258,7 +282,9 @@ def _summary(evals: list[dict[str, float]], sizes: list[int]) -> dict[str, float
         vals = [e[key] for e in evals if key in e]
         if len(vals) == len(evals):
             out[f"mean_{key}"] = sum(vals) / len(vals)
-            out[f"weighted_{key}"] = sum(v * n for v, n in zip(vals, sizes, strict=True)) / sum(sizes)
+            out[f"weighted_{key}"] = sum(v * n for v, n in zip(vals, sizes, strict=True)) / sum(
+                sizes
+            )
     return out
 
 
@@ -270,4 +296,3 @@ def _as_dict(cfg: Any) -> Any:
     if isinstance(cfg, float) and not math.isfinite(cfg):
         return str(cfg)
     return cfg
-

@@ -1,4 +1,4 @@
-"""Durable files: atomic writes (temp file, fsync, rename, fsync dir) and safetensors state files."""
+"""Durable files: atomic writes (temp file, fsync, rename, fsync dir), safetensors state files."""
 
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ def atomic_write_bytes(
 
 
 def save_state(
-    path: str | os.PathLike[str], tensors: Mapping[str, Tensor], meta: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Tensor],
+    meta: Mapping[str, Any] | None = None,
 ) -> None:
     """Tensors plus a JSON-able metadata dict in one safetensors file, written atomically."""
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -58,7 +58,9 @@ class CheckpointStore:
         logger.info("checkpoint %s written (round %d, digest %s)", path, round_, digest[:16])
         return path, digest
 
-    def read(self, run_id: str, round_: int, expected_digest: str | None = None) -> dict[str, Tensor]:
+    def read(
+        self, run_id: str, round_: int, expected_digest: str | None = None
+    ) -> dict[str, Tensor]:
         """The tensors of a checkpoint, checked against the recorded digest; DataError otherwise."""
         path = self.path(run_id, round_)
         if not path.is_file():

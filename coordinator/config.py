@@ -1,4 +1,4 @@
-"""The coordinator daemon's configuration: frozen dataclasses from coordinator.toml, flags override."""
+"""The coordinator daemon's configuration: frozen dataclasses from coordinator.toml and flags."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ class FederationSection:
             for s in self.allowed_silos:
                 validate_label("federation.allowed_silos[]", s)
             if len(set(self.allowed_silos)) != len(self.allowed_silos):
-                raise ConfigError(f"federation.allowed_silos={list(self.allowed_silos)}: duplicates")
+                raise ConfigError(
+                    f"federation.allowed_silos={list(self.allowed_silos)}: duplicates"
+                )
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class ServerSection:
         for name in ("health_listen", "metrics_listen"):
             value = getattr(self, name)
             if value and not is_address(value):
-                raise ConfigError(f"server.{name}={value!r}: use HOST:PORT, or \"\" for off")
+                raise ConfigError(f'server.{name}={value!r}: use HOST:PORT, or "" for off')
         if not isinstance(self.max_workers, int) or self.max_workers < 4:
             raise ConfigError(f"server.max_workers={self.max_workers!r}: must be an integer >= 4")
         if not (isinstance(self.long_poll_s, int | float) and 0 < self.long_poll_s <= 60):

@@ -1,4 +1,5 @@
-"""ControlApi servicer: operator calls (start/stop/status of runs, silos, manifests) onto the engine.
+"""ControlApi servicer: operator calls (start/stop/status of runs, silos, manifests) onto the
+engine.
 
 Admin identity is checked for every method by the interceptor installed on the control
 server (identity.admin_only_interceptor); this class only converts and delegates.
@@ -54,12 +55,17 @@ def run_view_to_proto(v: RunView) -> cpb.RunStatus:
         deadline_unix_ms=v.deadline_unix_ms,
         history=[
             cpb.RoundSummary(
-                round=h.round, attempt=h.attempt, participants=list(h.participants),
-                reported=list(h.reported), opened_unix_ms=h.opened_ms,
+                round=h.round,
+                attempt=h.attempt,
+                participants=list(h.participants),
+                reported=list(h.reported),
+                opened_unix_ms=h.opened_ms,
                 completed_unix_ms=h.completed_ms or 0,
                 checkpoint_digest=bytes.fromhex(h.checkpoint_digest or ""),
-                mean_metrics=h.mean_metrics, stage_seconds=h.stage_seconds,
-                dropped=list(h.dropped), secure_aggregation=h.secure_aggregation,
+                mean_metrics=h.mean_metrics,
+                stage_seconds=h.stage_seconds,
+                dropped=list(h.dropped),
+                secure_aggregation=h.secure_aggregation,
             )
             for h in v.history
         ],
@@ -80,7 +86,9 @@ class ControlServicer(control_pb2_grpc.ControlApiServicer):
         self.engine = engine
 
     @map_errors
-    def StartRun(self, request: cpb.StartRunRequest, context: grpc.ServicerContext) -> cpb.RunStatus:
+    def StartRun(
+        self, request: cpb.StartRunRequest, context: grpc.ServicerContext
+    ) -> cpb.RunStatus:
         cfg = from_json(RunConfig, request.run_config_json, "run_config_json")
         run_id = self.engine.start_run(cfg, request.run_id)
         return run_view_to_proto(status.run_status(self.engine, run_id))
@@ -107,9 +115,13 @@ class ControlServicer(control_pb2_grpc.ControlApiServicer):
             federation=self.engine.federation,
             silos=[
                 cpb.SiloInfo(
-                    silo_id=s.silo_id, allowed=s.allowed, joined=s.joined,
-                    num_samples=s.num_samples, software_version=s.software_version,
-                    first_seen_unix_ms=s.first_seen_ms, last_seen_unix_ms=s.last_seen_ms,
+                    silo_id=s.silo_id,
+                    allowed=s.allowed,
+                    joined=s.joined,
+                    num_samples=s.num_samples,
+                    software_version=s.software_version,
+                    first_seen_unix_ms=s.first_seen_ms,
+                    last_seen_unix_ms=s.last_seen_ms,
                 )
                 for s in status.list_silos(self.engine)
             ],
@@ -128,18 +140,25 @@ class ControlServicer(control_pb2_grpc.ControlApiServicer):
             global_manifest_digest=bytes.fromhex(m.digest),
             updates=[
                 cpb.UpdateReceipt(
-                    silo_id=u.silo_id, attempt=u.attempt, manifest_digest=bytes.fromhex(u.digest),
-                    kind=u.kind, tensors=[_entry_to_proto(t) for t in u.tensors],
+                    silo_id=u.silo_id,
+                    attempt=u.attempt,
+                    manifest_digest=bytes.fromhex(u.digest),
+                    kind=u.kind,
+                    tensors=[_entry_to_proto(t) for t in u.tensors],
                 )
                 for u in m.updates
             ],
             secure_aggregation=m.secure_aggregation,
             payload_layout=[
-                cpb.LayoutEntry(name=e.name, shape=list(e.shape), offset=e.offset, dtype=tpb.DTYPE_FLOAT32)
+                cpb.LayoutEntry(
+                    name=e.name, shape=list(e.shape), offset=e.offset, dtype=tpb.DTYPE_FLOAT32
+                )
                 for e in layout
             ],
             layout_digest=m.layout.digest() if m.layout is not None else "",
-            attempt=m.attempt, summed=list(m.summed), dropped=list(m.dropped),
+            attempt=m.attempt,
+            summed=list(m.summed),
+            dropped=list(m.dropped),
         )
 
 
@@ -147,7 +166,9 @@ def _entry_to_proto(entry: dict) -> tpb.TensorSpec:
     """A stored manifest entry (wire_manifest.tensor_info_to_dict) as a TensorSpec."""
     dtype = getattr(torch, str(entry["dtype"]))
     return tpb.TensorSpec(
-        name=entry["name"], dtype=dtype_to_proto(dtype), shape=list(entry["shape"]),
-        nbytes=int(entry["nbytes"]), sha256=bytes.fromhex(entry["sha256"]),
+        name=entry["name"],
+        dtype=dtype_to_proto(dtype),
+        shape=list(entry["shape"]),
+        nbytes=int(entry["nbytes"]),
+        sha256=bytes.fromhex(entry["sha256"]),
     )
-

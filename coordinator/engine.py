@@ -113,7 +113,7 @@ def new_run_id(now: float) -> str:
 
 
 def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    """Scalar metrics as plain floats; InvalidArgument for too many, bad names or non-finite values."""
+    """Scalar metrics as floats; InvalidArgument for too many, bad names or non-finite values."""
     if len(metrics) > MAX_METRICS:
         raise InvalidArgument(f"{len(metrics)} metrics: at most {MAX_METRICS} per report")
     out: dict[str, float] = {}
@@ -128,7 +128,7 @@ def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 class Engine:
-    """All coordinator state transitions, serialised by one lock; blocking waits on its condition."""
+    """All coordinator state transitions, under one lock; blocking waits on its condition."""
 
     def __init__(
         self,
@@ -217,12 +217,17 @@ class Engine:
                 logger.error("cannot resume run %s: %s", run_id, exc)
                 self.store.finish_run(run_id, "failed", f"cannot resume: {exc}", self._now_ms())
                 return
-            run = self._make_run(run_id, cfg, algorithm, state, rr.checkpoint_digest, row.completed_rounds)
+            run = self._make_run(
+                run_id, cfg, algorithm, state, rr.checkpoint_digest, row.completed_rounds
+            )
             self._run = run
             if run.completed < cfg.rounds:
                 logger.warning(
                     "resuming run %s after round %d of %d: round %d starts again",
-                    run_id, run.completed, cfg.rounds, run.completed + 1,
+                    run_id,
+                    run.completed,
+                    cfg.rounds,
+                    run.completed + 1,
                 )
                 self._open_round(run.completed + 1)
             else:
@@ -232,8 +237,13 @@ class Engine:
                 run.eval_reported = {silo for (_, silo, _) in done}
 
     def _make_run(
-        self, run_id: str, cfg: RunConfig, algorithm: Algorithm, state: dict[str, Tensor],
-        digest: str, completed: int,
+        self,
+        run_id: str,
+        cfg: RunConfig,
+        algorithm: Algorithm,
+        state: dict[str, Tensor],
+        digest: str,
+        completed: int,
     ) -> _Run:
         spec = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
         info = RunInfo(
@@ -244,8 +254,14 @@ class Engine:
             rounds=cfg.rounds,
         )
         return _Run(
-            run_id=run_id, cfg=cfg, info=info, algorithm=algorithm, global_state=canonical(state),
-            global_digest=digest, payload_spec=dict(algorithm.payload_spec(spec)), completed=completed,
+            run_id=run_id,
+            cfg=cfg,
+            info=info,
+            algorithm=algorithm,
+            global_state=canonical(state),
+            global_digest=digest,
+            payload_spec=dict(algorithm.payload_spec(spec)),
+            completed=completed,
         )
 
     # -------------------------------------------------------------- silo events
@@ -281,7 +297,9 @@ class Engine:
             if run.phase is Phase.ENROLLING:
                 if silo_id not in run.enrolled:
                     run.enrolled[silo_id] = self._registered[silo_id].num_samples
-                    logger.info("round %d: silo %s enrolled (%d)", run.round, silo_id, len(run.enrolled))
+                    logger.info(
+                        "round %d: silo %s enrolled (%d)", run.round, silo_id, len(run.enrolled)
+                    )
                     self._maybe_seal()
                     self._notify()
             if run.phase is Phase.ENROLLING:
@@ -293,25 +311,38 @@ class Engine:
             if run.phase is Phase.TRAINING:
                 p = run.participants.get(silo_id)
                 if p is None:
-                    return IdleTask(IDLE_RETRY_S, f"round {run.round} is running without you; wait for the next")
+                    return IdleTask(
+                        IDLE_RETRY_S, f"round {run.round} is running without you; wait for the next"
+                    )
                 secure = run.secure
                 if secure is not None and not secure.wants_training(silo_id):
                     stage_task = secure.task_for(silo_id)
                     if stage_task is not None:
                         return stage_task
-                    return IdleTask(IDLE_RETRY_S, f"round {run.round}: secure aggregation at {secure.stage}")
+                    return IdleTask(
+                        IDLE_RETRY_S, f"round {run.round}: secure aggregation at {secure.stage}"
+                    )
                 if p.state == "reported":
-                    return IdleTask(IDLE_RETRY_S, f"round {run.round}: update received, waiting for others")
+                    return IdleTask(
+                        IDLE_RETRY_S, f"round {run.round}: update received, waiting for others"
+                    )
                 return TrainTask(
-                    run=run.info, round=run.round, attempt=run.attempt,
-                    client_index=p.client_index, weight=p.weight,
-                    deadline_unix_ms=run.deadline_unix_ms, global_digest=run.global_digest,
+                    run=run.info,
+                    round=run.round,
+                    attempt=run.attempt,
+                    client_index=p.client_index,
+                    weight=p.weight,
+                    deadline_unix_ms=run.deadline_unix_ms,
+                    global_digest=run.global_digest,
                     secure=None if secure is None else secure.params,
                 )
             if run.phase is Phase.EVALUATING and silo_id not in run.eval_reported:
                 return EvaluateTask(
-                    run=run.info, round=run.completed, client_index=self._client_index(silo_id),
-                    deadline_unix_ms=run.deadline_unix_ms, global_digest=run.global_digest,
+                    run=run.info,
+                    round=run.completed,
+                    client_index=self._client_index(silo_id),
+                    deadline_unix_ms=run.deadline_unix_ms,
+                    global_digest=run.global_digest,
                 )
             return IdleTask(IDLE_RETRY_S, "evaluation reported, waiting for the run to finish")
 
@@ -334,7 +365,8 @@ class Engine:
             if run is not None and run.run_id == run_id:
                 if round_ > run.completed:
                     raise FailedPrecondition(
-                        f"round {round_} of run {run_id} is not complete (last complete: {run.completed})"
+                        f"round {round_} of run {run_id} is not complete (last complete: "
+                        f"{run.completed})"
                     )
                 if round_ == run.completed:
                     p = run.participants.get(silo_id)
@@ -385,10 +417,16 @@ class Engine:
         return run
 
     def accept_update(
-        self, silo_id: str, run_id: str, round_: int, attempt: int,
-        tensors: Mapping[str, Tensor], manifest_digest: bytes, manifest: Sequence[TensorInfo] = (),
+        self,
+        silo_id: str,
+        run_id: str,
+        round_: int,
+        attempt: int,
+        tensors: Mapping[str, Tensor],
+        manifest_digest: bytes,
+        manifest: Sequence[TensorInfo] = (),
     ) -> UpdateReceipt:
-        """Add a validated update to the round's running sum; completes the round when all are in."""
+        """Add a validated update to the round's running sum; the last one completes the round."""
         with self._lock:
             self._require_joined(silo_id)
             run = self._check_update(silo_id, run_id, round_, attempt)
@@ -397,7 +435,12 @@ class Engine:
             parts = [tensors] if run.running_sum is None else [run.running_sum, tensors]
             run.running_sum = sum_payloads(parts)  # the individual update is not kept
             self.store.record_update(
-                run_id, round_, attempt, silo_id, manifest_digest.hex(), self._now_ms(),
+                run_id,
+                round_,
+                attempt,
+                silo_id,
+                manifest_digest.hex(),
+                self._now_ms(),
                 tensors_to_json("UPDATE", manifest),
             )
             run.participants[silo_id].state = "reported"
@@ -420,11 +463,20 @@ class Engine:
         with self._lock:
             self._require_joined(silo_id)
             run = self._active(run_id)
-            if run.phase is not Phase.TRAINING or run.secure is None or (round_, attempt) != (run.round, run.attempt):
+            if (
+                run.phase is not Phase.TRAINING
+                or run.secure is None
+                or (round_, attempt) != (run.round, run.attempt)
+            ):
                 raise FailedPrecondition(
-                    f"secure-aggregation message for round {round_} attempt {attempt} refused: round "
+                    f"secure-aggregation message for round {round_} attempt {attempt} refused: "
+                    "round "
                     f"{run.round} attempt {run.attempt} is {run.phase.value}"
-                    + ("" if run.secure is not None or run.phase is not Phase.TRAINING else " without secure aggregation")
+                    + (
+                        ""
+                        if run.secure is not None or run.phase is not Phase.TRAINING
+                        else " without secure aggregation"
+                    )
                 )
             if silo_id not in run.participants:
                 raise FailedPrecondition(f"silo {silo_id!r} is not a participant of round {round_}")
@@ -435,14 +487,26 @@ class Engine:
             return result
 
     def accept_masked(
-        self, silo_id: str, run_id: str, round_: int, attempt: int, vector: Any,
-        manifest_digest: bytes, manifest: Sequence[TensorInfo],
+        self,
+        silo_id: str,
+        run_id: str,
+        round_: int,
+        attempt: int,
+        vector: Any,
+        manifest_digest: bytes,
+        manifest: Sequence[TensorInfo],
     ) -> tuple[int, int]:
         """Add a masked uint32 vector to the attempt's sum (SecAggServer keeps nothing else)."""
+
         def step(secure: SecureRound) -> tuple[int, int]:
             counts = secure.receive_masked(silo_id, vector)
             self.store.record_update(
-                run_id, round_, attempt, silo_id, manifest_digest.hex(), self._now_ms(),
+                run_id,
+                round_,
+                attempt,
+                silo_id,
+                manifest_digest.hex(),
+                self._now_ms(),
                 tensors_to_json("MASKED_UPDATE", manifest),
             )
             self.metrics.update_accepted()
@@ -456,7 +520,9 @@ class Engine:
         done = len(secure.timings)
         outcome = secure.advance(self._clock(), self._now_ms(), deadline_passed=deadline_passed)
         for t in secure.timings[done:]:
-            self.store.record_stage(run.run_id, run.round, run.attempt, t.stage, t.started_ms, t.ended_ms, t.silos)
+            self.store.record_stage(
+                run.run_id, run.round, run.attempt, t.stage, t.started_ms, t.ended_ms, t.silos
+            )
             self.metrics.observe_secagg_stage(t.stage, (t.ended_ms - t.started_ms) / 1000)
         if outcome is Outcome.DONE:
             self._complete_round()
@@ -466,7 +532,9 @@ class Engine:
             self.metrics.round_reopened(missing)
             self._open_round(run.round)
         else:
-            run.deadline_unix_ms = self._now_ms() + int(max(0.0, secure.deadline - self._clock()) * 1000)
+            run.deadline_unix_ms = self._now_ms() + int(
+                max(0.0, secure.deadline - self._clock()) * 1000
+            )
         self._notify()
 
     def report_metrics(
@@ -482,8 +550,12 @@ class Engine:
                 if not any(p.silo_id == silo_id for p in self.store.participants(run_id, round_)):
                     raise FailedPrecondition(f"silo {silo_id!r} took no part in round {round_}")
             else:
-                if round_ != row.completed_rounds or row.completed_rounds != self.rounds_of(row.config_json):
-                    raise FailedPrecondition(f"round {round_} of run {run_id} is not the final round")
+                if round_ != row.completed_rounds or row.completed_rounds != self.rounds_of(
+                    row.config_json
+                ):
+                    raise FailedPrecondition(
+                        f"round {round_} of run {run_id} is not the final round"
+                    )
                 if row.state in ("stopped", "failed"):
                     raise FailedPrecondition(f"run {run_id} is {row.state}")
             self.store.put_metrics(run_id, round_, silo_id, kind, values)
@@ -521,8 +593,12 @@ class Engine:
                 self._complete_round()
             else:
                 logger.warning(
-                    "round %d: deadline passed with %d of min %d updates (missing %s); opening it again",
-                    run.round, len(reported), run.cfg.min_silos, missing,
+                    "round %d: deadline passed with %d of min %d updates (missing %s); opening it "
+                    "again",
+                    run.round,
+                    len(reported),
+                    run.cfg.min_silos,
+                    missing,
                 )
                 self.metrics.round_reopened(len(missing))
                 self._open_round(run.round)
@@ -567,8 +643,13 @@ class Engine:
             for s, w in zip(silos, weights, strict=True)
         }
         self.store.seal_round(
-            run.run_id, run.round, run.attempt,
-            [(p.silo_id, p.client_index, p.weight, p.num_samples) for p in run.participants.values()],
+            run.run_id,
+            run.round,
+            run.attempt,
+            [
+                (p.silo_id, p.client_index, p.weight, p.num_samples)
+                for p in run.participants.values()
+            ],
         )
         run.phase = Phase.TRAINING
         run.deadline = self._clock() + run.cfg.round_deadline_s
@@ -577,10 +658,17 @@ class Engine:
         if run.cfg.secure_aggregation:
             try:
                 run.secure = SecureRound(
-                    run_id=run.run_id, round_=run.round, attempt=run.attempt, roster=silos,
-                    spec=run.payload_spec, settings=run.cfg.secagg, clip=run.cfg.secagg_clip,
+                    run_id=run.run_id,
+                    round_=run.round,
+                    attempt=run.attempt,
+                    roster=silos,
+                    spec=run.payload_spec,
+                    settings=run.cfg.secagg,
+                    clip=run.cfg.secagg_clip,
                     keys_deadline=run.deadline,
-                    min_survivors=run.cfg.round_min_silos, now=self._clock(), now_ms=self._now_ms(),
+                    min_survivors=run.cfg.round_min_silos,
+                    now=self._clock(),
+                    now_ms=self._now_ms(),
                 )
             except (ConfigError, InvalidArgument) as exc:
                 logger.error("round %d: cannot run secure aggregation: %s", run.round, exc)
@@ -598,7 +686,11 @@ class Engine:
             assert secure.sum is not None
             reported, summed = sorted(secure.survivors), secure.sum
             run.stage_started_ms = secure.timings[-1].ended_ms  # "aggregate" includes the unmasking
-            meta: dict[str, Any] = {"attempt": run.attempt, "participants": reported, **secure.meta()}
+            meta: dict[str, Any] = {
+                "attempt": run.attempt,
+                "participants": reported,
+                **secure.meta(),
+            }
         else:
             reported = sorted(s for s, p in run.participants.items() if p.state == "reported")
             summed = run.running_sum if run.running_sum is not None else {}
@@ -613,15 +705,22 @@ class Engine:
             return
         # The file is durable before the commit that marks the round complete.
         self._record_stage(run, "aggregate", reported)
-        self.store.complete_round(run.run_id, run.round, run.attempt, str(path), digest, self._now_ms())
+        self.store.complete_round(
+            run.run_id, run.round, run.attempt, str(path), digest, self._now_ms()
+        )
         run.global_state, run.global_digest = new_state, digest
         run.completed = run.round
         run.running_sum = None
         run.secure = None
-        self.metrics.round_completed(self._clock() - run.opened_at, len(run.participants), len(reported))
+        self.metrics.round_completed(
+            self._clock() - run.opened_at, len(run.participants), len(reported)
+        )
         logger.info(
             "run %s: round %d complete with %d update(s), global %s",
-            run.run_id, run.round, len(reported), digest[:16],
+            run.run_id,
+            run.round,
+            len(reported),
+            digest[:16],
         )
         if run.completed >= run.cfg.rounds:
             self._begin_evaluation(reported)
@@ -631,7 +730,9 @@ class Engine:
     def _record_stage(self, run: _Run, stage: str, silos: Sequence[str]) -> None:
         """Record that a stage of the current attempt ended now (it began at the last record)."""
         now_ms = self._now_ms()
-        self.store.record_stage(run.run_id, run.round, run.attempt, stage, run.stage_started_ms, now_ms, silos)
+        self.store.record_stage(
+            run.run_id, run.round, run.attempt, stage, run.stage_started_ms, now_ms, silos
+        )
         run.stage_started_ms = now_ms
 
     def _begin_evaluation(self, targets: list[str] | None = None) -> None:
@@ -662,7 +763,7 @@ class Engine:
 
     # ------------------------------------------------------------------ control
     def start_run(self, cfg: RunConfig, run_id: str = "") -> str:
-        """Create a run: the initial shared state (from the run's seed) is checkpointed as round 0."""
+        """Create a run: the initial shared state (from the run seed) is checkpointed as round 0."""
         if run_id and not is_label(run_id):
             raise InvalidArgument(f"run_id={run_id!r}: use a lower-case DNS label")
         if self.allowed is not None and cfg.min_silos > len(self.allowed):
@@ -689,7 +790,11 @@ class Engine:
             self._run = self._make_run(run_id, cfg, algorithm, initial, digest, 0)
             logger.info(
                 "run %s started: %s, %d rounds, min %d silos; config %s",
-                run_id, cfg.algorithm.name, cfg.rounds, cfg.min_silos, to_dict(cfg),
+                run_id,
+                cfg.algorithm.name,
+                cfg.rounds,
+                cfg.min_silos,
+                to_dict(cfg),
             )
             self._open_round(1)
             return run_id
@@ -697,7 +802,8 @@ class Engine:
     def _refuse_if_active(self) -> None:
         if self._run is not None:
             raise FailedPrecondition(
-                f"run {self._run.run_id} is active; stop it first (pf2lora run stop {self._run.run_id})"
+                f"run {self._run.run_id} is active; stop it first (pf2lora run stop "
+                f"{self._run.run_id})"
             )
 
     def stop_run(self, run_id: str, reason: str = "") -> None:

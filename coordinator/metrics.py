@@ -1,4 +1,5 @@
-"""The coordinator's Prometheus metrics on a registry of its own, the hooks that update them, and the /metrics server.
+"""The coordinator's Prometheus metrics on a registry of its own, the hooks that update them, and
+the /metrics server.
 
 Each `CoordinatorMetrics` owns a fresh `CollectorRegistry` (never prometheus-client's global
 one), so several coordinators in one test process do not collide. The engine and the silo
@@ -23,7 +24,11 @@ logger = logging.getLogger(__name__)
 # The SecAgg+ stages of a round (coordinator/secure_round.py STAGES), pre-created as label
 # values so that a dashboard sees 0 rather than no series before the first secure round.
 SECAGG_STAGES: tuple[str, ...] = (
-    "advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask",
+    "advertise_keys",
+    "share_keys",
+    "masked_input",
+    "consistency_check",
+    "unmask",
 )
 # A round lasts from a second (tiny test models) to hours (large models, slow silos).
 ROUND_BUCKETS_S = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
@@ -47,20 +52,25 @@ class CoordinatorMetrics:
         r = self.registry
         self.info = Info("pf2lora_coordinator", "federation name and software version", registry=r)
         self.rounds_completed = Counter(
-            "pf2lora_coordinator_rounds_completed", "rounds committed (checkpoint written)", registry=r
+            "pf2lora_coordinator_rounds_completed",
+            "rounds committed (checkpoint written)",
+            registry=r,
         )
         self.rounds_reopened = Counter(
             "pf2lora_coordinator_rounds_reopened",
-            "rounds opened again: fewer than min_silos updates at the deadline", registry=r,
+            "rounds opened again: fewer than min_silos updates at the deadline",
+            registry=r,
         )
         self.round_duration = Histogram(
             "pf2lora_coordinator_round_duration_seconds",
             "from the opening of a round's successful attempt to its commit",
-            buckets=ROUND_BUCKETS_S, registry=r,
+            buckets=ROUND_BUCKETS_S,
+            registry=r,
         )
         self.participants = Gauge(
             "pf2lora_coordinator_round_participants",
-            "participants of the latest round, fixed when its enrollment closed", registry=r,
+            "participants of the latest round, fixed when its enrollment closed",
+            registry=r,
         )
         self.dropouts = Counter(
             "pf2lora_coordinator_dropouts",
@@ -71,7 +81,8 @@ class CoordinatorMetrics:
             "pf2lora_coordinator_updates_accepted", "updates added to a round's sum", registry=r
         )
         self.current_round = Gauge(
-            "pf2lora_coordinator_current_round", "round the active run is in (0: no active run)",
+            "pf2lora_coordinator_current_round",
+            "round the active run is in (0: no active run)",
             registry=r,
         )
         self.run_active = Gauge(
@@ -79,16 +90,20 @@ class CoordinatorMetrics:
         )
         self.bytes_received = Counter(
             "pf2lora_coordinator_received_bytes",
-            "bytes of tensor-stream messages received from silos (PushUpdate)", registry=r,
+            "bytes of tensor-stream messages received from silos (PushUpdate)",
+            registry=r,
         )
         self.bytes_sent = Counter(
             "pf2lora_coordinator_sent_bytes",
-            "bytes of tensor-stream messages sent to silos (FetchGlobal)", registry=r,
+            "bytes of tensor-stream messages sent to silos (FetchGlobal)",
+            registry=r,
         )
         self.secagg_stage_duration = Histogram(
             "pf2lora_coordinator_secagg_stage_duration_seconds",
-            "duration of each secure-aggregation stage of a round", ["stage"],
-            buckets=STAGE_BUCKETS_S, registry=r,
+            "duration of each secure-aggregation stage of a round",
+            ["stage"],
+            buckets=STAGE_BUCKETS_S,
+            registry=r,
         )
         for stage in SECAGG_STAGES:
             self.secagg_stage_duration.labels(stage=stage)

@@ -102,18 +102,31 @@ class SecureRound:
         now_ms: int,
     ) -> None:
         roster = tuple(sorted(roster))
-        frac_bits = settings.frac_bits if settings.frac_bits is not None else choose_frac_bits(len(roster), clip)
+        frac_bits = (
+            settings.frac_bits
+            if settings.frac_bits is not None
+            else choose_frac_bits(len(roster), clip)
+        )
         self.layout = payload_layout(spec)
         self.instance = instance_id(run_id, attempt)
         self.run_id, self.round, self.attempt = run_id, round_, attempt
         # Builds the RoundPlan: refuses an overflowing F, a threshold above the roster, N < 2.
         self.server = SecAggServer(
-            self.instance, round_, roster, self.layout.size, settings.library_config(clip, frac_bits)
+            self.instance,
+            round_,
+            roster,
+            self.layout.size,
+            settings.library_config(clip, frac_bits),
         )
         plan = self.server.plan
         self.params = SecureAggregation(
-            instance_id=self.instance, roster=plan.silo_ids, clip=plan.clip, frac_bits=plan.frac_bits,
-            threshold=plan.threshold, neighbours=settings.neighbours, vector_length=self.layout.size,
+            instance_id=self.instance,
+            roster=plan.silo_ids,
+            clip=plan.clip,
+            frac_bits=plan.frac_bits,
+            threshold=plan.threshold,
+            neighbours=settings.neighbours,
+            vector_length=self.layout.size,
             layout_digest=self.layout.digest(),
         )
         self.stage_deadline_s = settings.stage_deadline_s
@@ -132,9 +145,17 @@ class SecureRound:
         self.sum: dict[str, Tensor] | None = None
         self.failure = ""
         logger.info(
-            "round %d attempt %d: secure aggregation over %d silos (t=%d, quorum %d, F=%d, clip %g, "
-            "%s, vector of %d)", round_, attempt, len(roster), plan.threshold, plan.signature_quorum,
-            plan.frac_bits, plan.clip, f"k={settings.neighbours}" if settings.neighbours else "all pairs",
+            "round %d attempt %d: secure aggregation over %d silos (t=%d, quorum %d, F=%d, clip "
+            "%g, "
+            "%s, vector of %d)",
+            round_,
+            attempt,
+            len(roster),
+            plan.threshold,
+            plan.signature_quorum,
+            plan.frac_bits,
+            plan.clip,
+            f"k={settings.neighbours}" if settings.neighbours else "all pairs",
             self.layout.size,
         )
 
@@ -185,7 +206,9 @@ class SecureRound:
                 f"attempt {self.attempt}"
             )
         if silo_id in self.done:
-            raise FailedPrecondition(f"silo {silo_id!r} already completed {stage} in round {self.round}")
+            raise FailedPrecondition(
+                f"silo {silo_id!r} already completed {stage} in round {self.round}"
+            )
 
     def _completed(self, stage: str, silo_id: str) -> tuple[int, int]:
         self.done.add(silo_id)
@@ -234,7 +257,10 @@ class SecureRound:
         if missing:
             logger.warning(
                 "round %d attempt %d: %s closes at its deadline without %s",
-                self.round, self.attempt, stage, missing,
+                self.round,
+                self.attempt,
+                stage,
+                missing,
             )
         self.timings.append(StageTiming(stage, self._started_ms, now_ms, tuple(sorted(self.done))))
         try:
@@ -251,9 +277,13 @@ class SecureRound:
         return Outcome.DONE if self.stage_index >= len(STAGES) else Outcome.WAITING
 
     def _close(self, stage: str) -> None:
-        if stage in ("advertise_keys", "share_keys", "masked_input") and len(self.done) < self.min_survivors:
+        if (
+            stage in ("advertise_keys", "share_keys", "masked_input")
+            and len(self.done) < self.min_survivors
+        ):
             raise FailedPrecondition(
-                f"only {len(self.done)} silos completed {stage}, the round needs {self.min_survivors}"
+                f"only {len(self.done)} silos completed {stage}, the round needs "
+                f"{self.min_survivors}"
             )
         if stage == "advertise_keys":
             self._keys = self.server.close_keys()
@@ -272,16 +302,25 @@ class SecureRound:
             arrays = unflatten(total, self.layout)
             self.sum = {name: torch.from_numpy(a.astype(np.float32)) for name, a in arrays.items()}
             logger.info(
-                "round %d attempt %d: unmasked the sum of %d silos%s", self.round, self.attempt,
-                len(self.survivors), f" (dropped after sharing keys: {list(self.dropped)})" if self.dropped else "",
+                "round %d attempt %d: unmasked the sum of %d silos%s",
+                self.round,
+                self.attempt,
+                len(self.survivors),
+                f" (dropped after sharing keys: {list(self.dropped)})" if self.dropped else "",
             )
 
     def meta(self) -> Mapping[str, Any]:
         """What the round's checkpoint records about its secure aggregation."""
         p = self.params
-        return {"secure_aggregation": {
-            "instance": self.instance, "summed": list(self.survivors), "dropped": list(self.dropped),
-            "threshold": p.threshold, "frac_bits": p.frac_bits, "clip": p.clip,
-            "neighbours": p.neighbours, "layout_digest": p.layout_digest,
-        }}
-
+        return {
+            "secure_aggregation": {
+                "instance": self.instance,
+                "summed": list(self.survivors),
+                "dropped": list(self.dropped),
+                "threshold": p.threshold,
+                "frac_bits": p.frac_bits,
+                "clip": p.clip,
+                "neighbours": p.neighbours,
+                "layout_digest": p.layout_digest,
+            }
+        }

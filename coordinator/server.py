@@ -42,7 +42,9 @@ CONTROL_SERVICE = "pf2lora.v1.ControlApi"
 class Coordinator:
     """Everything the daemon runs; start() binds the ports, stop() shuts down in order."""
 
-    def __init__(self, cfg: CoordinatorConfig, *, initial_state: InitialState = default_initial_state):
+    def __init__(
+        self, cfg: CoordinatorConfig, *, initial_state: InitialState = default_initial_state
+    ):
         self.cfg = cfg
         state_dir = Path(cfg.storage.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -50,8 +52,11 @@ class Coordinator:
         self.metrics = CoordinatorMetrics()
         self.metrics.set_info(cfg.federation.name, software_version())
         self.engine = Engine(
-            self.store, CheckpointStore(state_dir), federation=cfg.federation.name,
-            allowed_silos=cfg.federation.allowed_silos, initial_state=initial_state,
+            self.store,
+            CheckpointStore(state_dir),
+            federation=cfg.federation.name,
+            allowed_silos=cfg.federation.allowed_silos,
+            initial_state=initial_state,
             metrics=self.metrics,
         )
         self._stopped = threading.Event()
@@ -66,21 +71,32 @@ class Coordinator:
     def _credentials(self) -> grpc.ServerCredentials | None:
         if self.cfg.server.insecure:
             return None  # grpc_factory.add_port logs the plaintext warning
-        return grpc_factory.rotating_server_credentials(self.cfg.tls.files(), require_client_auth=True)
+        return grpc_factory.rotating_server_credentials(
+            self.cfg.tls.files(), require_client_auth=True
+        )
 
     def start(self) -> None:
         s = self.cfg.server
         insecure = s.insecure
         self.silo_server = grpc_factory.create_server(s.max_workers)
         silo_pb2_grpc.add_SiloApiServicer_to_server(
-            SiloServicer(self.engine, insecure=insecure, long_poll_s=s.long_poll_s, version=software_version()),
+            SiloServicer(
+                self.engine,
+                insecure=insecure,
+                long_poll_s=s.long_poll_s,
+                version=software_version(),
+            ),
             self.silo_server,
         )
-        self.ports["silo_api"] = grpc_factory.add_port(self.silo_server, s.silo_api_listen, self._credentials())
+        self.ports["silo_api"] = grpc_factory.add_port(
+            self.silo_server, s.silo_api_listen, self._credentials()
+        )
         self.control_server = grpc_factory.create_server(
             8, interceptors=[admin_only_interceptor(self.cfg.federation.name, insecure=insecure)]
         )
-        control_pb2_grpc.add_ControlApiServicer_to_server(ControlServicer(self.engine), self.control_server)
+        control_pb2_grpc.add_ControlApiServicer_to_server(
+            ControlServicer(self.engine), self.control_server
+        )
         self.ports["control_api"] = grpc_factory.add_port(
             self.control_server, s.control_api_listen, self._credentials()
         )
@@ -99,7 +115,9 @@ class Coordinator:
         self._ticker.start()
         logger.info(
             "coordinator of federation %r serving: silo API %s, control API %s%s",
-            self.cfg.federation.name, self.ports["silo_api"], self.ports["control_api"],
+            self.cfg.federation.name,
+            self.ports["silo_api"],
+            self.ports["control_api"],
             " (INSECURE: plaintext, identities not checked)" if insecure else " (mutual TLS)",
         )
 
@@ -117,7 +135,9 @@ class Coordinator:
         logger.info("coordinator stopping (grace %.0f s)", grace)
         if self._health is not None:
             self._health.enter_graceful_shutdown()
-        events = [srv.stop(grace) for srv in (self.silo_server, self.control_server) if srv is not None]
+        events = [
+            srv.stop(grace) for srv in (self.silo_server, self.control_server) if srv is not None
+        ]
         for ev in events:
             ev.wait()
         if self.health_server is not None:

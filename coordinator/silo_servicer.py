@@ -1,4 +1,5 @@
-"""SiloApi servicer: checks the caller's identity, converts protobuf <-> plain values, calls the engine.
+"""SiloApi servicer: checks the caller's identity, converts protobuf <-> plain values, calls the
+engine.
 
 Thin on purpose: every decision is the engine's, every tensor conversion is serde's, every
 error becomes a status code in grpc_errors.
@@ -24,6 +25,7 @@ from pf2lora.v1 import tensors_pb2 as tpb
 
 logger = logging.getLogger(__name__)
 
+
 class SiloServicer(silo_pb2_grpc.SiloApiServicer):
     def __init__(
         self,
@@ -46,18 +48,26 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         return ident.name
 
     @map_errors
-    def Join(self, request: silo_pb2.JoinRequest, context: grpc.ServicerContext) -> silo_pb2.JoinReply:
+    def Join(
+        self, request: silo_pb2.JoinRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.JoinReply:
         silo = self._silo(context, request.silo_id)
         active = self.engine.join(silo, request.num_samples, request.software_version)
         return silo_pb2.JoinReply(
-            federation=self.engine.federation, coordinator_version=self.version,
-            active_run_id=active, long_poll_ms=int(self.long_poll_s * 1000),
+            federation=self.engine.federation,
+            coordinator_version=self.version,
+            active_run_id=active,
+            long_poll_ms=int(self.long_poll_s * 1000),
         )
 
     @map_errors
-    def GetTask(self, request: silo_pb2.GetTaskRequest, context: grpc.ServicerContext) -> silo_pb2.Task:
+    def GetTask(
+        self, request: silo_pb2.GetTaskRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.Task:
         silo = self._silo(context, request.silo_id)
-        wait = min(request.wait_ms / 1000 if request.wait_ms else self.long_poll_s, self.long_poll_s)
+        wait = min(
+            request.wait_ms / 1000 if request.wait_ms else self.long_poll_s, self.long_poll_s
+        )
         return task_proto.task_to_proto(self.engine.wait_task(silo, request.current_run_id, wait))
 
     @map_errors
@@ -66,9 +76,14 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
     ) -> Iterator[tpb.StreamMessage]:
         silo = self._silo(context, request.silo_id)
         tensors, _ = self.engine.global_state(silo, request.run_id, request.round)
-        yield from self.engine.metrics.count_sent(streams.tensors_to_stream(
-            tensors, run_id=request.run_id, round=request.round, kind=streams.StreamKind.GLOBAL_MODEL
-        ))
+        yield from self.engine.metrics.count_sent(
+            streams.tensors_to_stream(
+                tensors,
+                run_id=request.run_id,
+                round=request.round,
+                kind=streams.StreamKind.GLOBAL_MODEL,
+            )
+        )
 
     @map_errors
     def PushUpdate(
@@ -92,8 +107,11 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
             silo, info.run_id, info.round, attempt, tensors, info.manifest_digest, info.tensors
         )
         return silo_pb2.PushUpdateReply(
-            run_id=receipt.run_id, round=receipt.round, manifest_digest=receipt.manifest_digest,
-            received=receipt.received, participants=receipt.participants,
+            run_id=receipt.run_id,
+            round=receipt.round,
+            manifest_digest=receipt.manifest_digest,
+            received=receipt.received,
+            participants=receipt.participants,
         )
 
     def _push_masked(
@@ -110,18 +128,32 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
             itertools.chain([first], messages), expected, kinds=(streams.StreamKind.MASKED_UPDATE,)
         )
         received, waiting_for = self.engine.accept_masked(
-            silo, info.run_id, info.round, attempt, tensors[MASKED_TENSOR].numpy(),
-            info.manifest_digest, info.tensors,
+            silo,
+            info.run_id,
+            info.round,
+            attempt,
+            tensors[MASKED_TENSOR].numpy(),
+            info.manifest_digest,
+            info.tensors,
         )
         return silo_pb2.PushUpdateReply(
-            run_id=info.run_id, round=info.round, manifest_digest=info.manifest_digest,
-            received=received, participants=waiting_for,
+            run_id=info.run_id,
+            round=info.round,
+            manifest_digest=info.manifest_digest,
+            received=received,
+            participants=waiting_for,
         )
 
-    def _stage(self, silo: str, header: silo_pb2.SecAggHeader,
-               step: Callable[[SecureRound], tuple[int, int]]) -> silo_pb2.SecAggAck:
+    def _stage(
+        self,
+        silo: str,
+        header: silo_pb2.SecAggHeader,
+        step: Callable[[SecureRound], tuple[int, int]],
+    ) -> silo_pb2.SecAggAck:
         """One stage message of the authenticated silo, for the attempt its header names."""
-        received, expected = self.engine.secure_step(silo, header.run_id, header.round, header.attempt, step)
+        received, expected = self.engine.secure_step(
+            silo, header.run_id, header.round, header.attempt, step
+        )
         return silo_pb2.SecAggAck(received=received, expected=expected)
 
     @map_errors
@@ -149,7 +181,9 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         return self._stage(silo, request.header, lambda r: r.receive_consistency(silo, signature))
 
     @map_errors
-    def Unmask(self, request: silo_pb2.UnmaskRequest, context: grpc.ServicerContext) -> silo_pb2.SecAggAck:
+    def Unmask(
+        self, request: silo_pb2.UnmaskRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.SecAggAck:
         silo = self._silo(context, request.header.silo_id)
         response = task_proto.response_from_proto(request.response)
         return self._stage(silo, request.header, lambda r: r.receive_unmask(silo, response))

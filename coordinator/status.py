@@ -1,4 +1,6 @@
-"""Read-side views of the coordinator's state for the control API: run status, silos, round manifests."""
+"""Read-side views of the coordinator's state for the control API: run status, silos, round
+manifests.
+"""
 
 from __future__ import annotations
 
@@ -52,19 +54,26 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
                 continue
             parts = store.participants(run_id, rr.round, rr.attempt)
             reported = tuple(p.silo_id for p in parts if p.reported_ms is not None)
-            per_silo = [train[(rr.round, s, "train")] for s in reported if (rr.round, s, "train") in train]
+            per_silo = [
+                train[(rr.round, s, "train")] for s in reported if (rr.round, s, "train") in train
+            ]
             names = sorted({k for m in per_silo for k in m})
             means = {k: fmean(m[k] for m in per_silo if k in m) for k in names}
             stages = store.stages(run_id, rr.round, rr.attempt)
             secure, _, dropped = _secure_outcome(stages)
             history.append(
                 RoundView(
-                    round=rr.round, attempt=rr.attempt,
-                    participants=tuple(p.silo_id for p in parts), reported=reported,
-                    opened_ms=rr.opened_ms, completed_ms=rr.completed_ms,
-                    checkpoint_digest=rr.checkpoint_digest, mean_metrics=means,
+                    round=rr.round,
+                    attempt=rr.attempt,
+                    participants=tuple(p.silo_id for p in parts),
+                    reported=reported,
+                    opened_ms=rr.opened_ms,
+                    completed_ms=rr.completed_ms,
+                    checkpoint_digest=rr.checkpoint_digest,
+                    mean_metrics=means,
                     stage_seconds={st.stage: (st.ended_ms - st.started_ms) / 1000 for st in stages},
-                    secure_aggregation=secure, dropped=dropped,
+                    secure_aggregation=secure,
+                    dropped=dropped,
                 )
             )
         evaluation = tuple(
@@ -84,12 +93,23 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
             phase, participants, current, attempt, enrolled, deadline = Phase.DONE, (), 0, 0, (), 0
             secagg_stage = ""
         return RunView(
-            run_id=run_id, state=row.state, phase=phase,
-            rounds=engine.rounds_of(row.config_json), completed_rounds=row.completed_rounds,
-            current_round=current, attempt=attempt, enrolled=enrolled, participants=participants,
-            deadline_unix_ms=deadline, history=tuple(history), evaluation=evaluation,
-            config_json=row.config_json, created_ms=row.created_ms, finished_ms=row.finished_ms,
-            reason=row.reason, secagg_stage=secagg_stage,
+            run_id=run_id,
+            state=row.state,
+            phase=phase,
+            rounds=engine.rounds_of(row.config_json),
+            completed_rounds=row.completed_rounds,
+            current_round=current,
+            attempt=attempt,
+            enrolled=enrolled,
+            participants=participants,
+            deadline_unix_ms=deadline,
+            history=tuple(history),
+            evaluation=evaluation,
+            config_json=row.config_json,
+            created_ms=row.created_ms,
+            finished_ms=row.finished_ms,
+            reason=row.reason,
+            secagg_stage=secagg_stage,
         )
 
 
@@ -108,7 +128,9 @@ def list_silos(engine: Engine) -> list[SiloView]:
         else:
             seen = max(r.last_seen_ms, last_seen.get(silo_id, 0))
             out.append(
-                SiloView(silo_id, allowed, True, r.num_samples, r.software_version, r.first_seen_ms, seen)
+                SiloView(
+                    silo_id, allowed, True, r.num_samples, r.software_version, r.first_seen_ms, seen
+                )
             )
     return out
 
@@ -131,12 +153,22 @@ def round_manifest(engine: Engine, run_id: str, round_: int) -> ManifestView:
         if p.reported_ms is None:
             continue
         kind, entries = tensors_from_json(p.update_manifest)
-        updates.append(UpdateView(p.silo_id, p.attempt, p.manifest_digest or "", kind, tuple(entries)))
+        updates.append(
+            UpdateView(p.silo_id, p.attempt, p.manifest_digest or "", kind, tuple(entries))
+        )
     cfg = from_json(RunConfig, store.run(run_id).config_json)
     algorithm = make_algorithm(cfg.algorithm, cfg.model.adapters)
     spec = algorithm.payload_spec({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()})
     secure, summed, dropped = _secure_outcome(store.stages(run_id, round_, rr.attempt))
     return ManifestView(
-        run_id, round_, tuple(views), rr.checkpoint_digest, tuple(updates), attempt=rr.attempt,
-        secure_aggregation=secure, layout=payload_layout(spec), summed=summed, dropped=dropped,
+        run_id,
+        round_,
+        tuple(views),
+        rr.checkpoint_digest,
+        tuple(updates),
+        attempt=rr.attempt,
+        secure_aggregation=secure,
+        layout=payload_layout(spec),
+        summed=summed,
+        dropped=dropped,
     )

@@ -1,4 +1,5 @@
-"""The coordinator's durable records in SQLite (WAL, one writer): silos, runs, rounds, participants, metrics.
+"""The coordinator's durable records in SQLite (WAL, one writer): silos, runs, rounds, participants,
+metrics.
 
 Only the round engine writes, always under this object's lock, each change in one
 transaction. Tensors never live here: global states are checkpoint files (checkpoints.py)
@@ -90,7 +91,7 @@ CREATE TABLE round_stages (
 # record) and per-stage timings of every round attempt (secure-aggregation stages included).
 _MIGRATE_1_TO_2 = (
     "ALTER TABLE participants ADD COLUMN update_manifest TEXT",
-    _SCHEMA[_SCHEMA.index("CREATE TABLE round_stages"):].strip().rstrip(";"),
+    _SCHEMA[_SCHEMA.index("CREATE TABLE round_stages") :].strip().rstrip(";"),
 )
 
 
@@ -199,7 +200,9 @@ class Store:
                     db.execute(
                         "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
                     )
-                logger.info("created coordinator database %s (schema %d)", self.path, SCHEMA_VERSION)
+                logger.info(
+                    "created coordinator database %s (schema %d)", self.path, SCHEMA_VERSION
+                )
                 return
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             version = int(row["value"]) if row else -1
@@ -207,8 +210,14 @@ class Store:
                 with self._tx() as db:
                     for statement in _MIGRATE_1_TO_2:
                         db.execute(statement)
-                    db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
-                logger.info("upgraded coordinator database %s from schema 1 to %d", self.path, SCHEMA_VERSION)
+                    db.execute(
+                        "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+                    )
+                logger.info(
+                    "upgraded coordinator database %s from schema 1 to %d",
+                    self.path,
+                    SCHEMA_VERSION,
+                )
                 version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
                 raise ConfigError(
@@ -221,14 +230,17 @@ class Store:
         with self._tx() as db:
             row = db.execute("SELECT join_order FROM silos WHERE silo_id=?", (silo_id,)).fetchone()
             if row is None:
-                order = db.execute("SELECT COALESCE(MAX(join_order), -1) + 1 FROM silos").fetchone()[0]
+                order = db.execute(
+                    "SELECT COALESCE(MAX(join_order), -1) + 1 FROM silos"
+                ).fetchone()[0]
                 db.execute(
                     "INSERT INTO silos VALUES (?, ?, ?, ?, ?, ?)",
                     (silo_id, num_samples, version, order, now_ms, now_ms),
                 )
             else:
                 db.execute(
-                    "UPDATE silos SET num_samples=?, software_version=?, last_seen_ms=? WHERE silo_id=?",
+                    "UPDATE silos SET num_samples=?, software_version=?, last_seen_ms=? WHERE "
+                    "silo_id=?",
                     (num_samples, version, now_ms, silo_id),
                 )
 
@@ -268,7 +280,8 @@ class Store:
     def run(self, run_id: str) -> RunRow:
         with self._lock:
             r = self._db.execute(
-                "SELECT run_id, config_json, state, completed_rounds, created_ms, finished_ms, reason "
+                "SELECT run_id, config_json, state, completed_rounds, created_ms, finished_ms, "
+                "reason "
                 "FROM runs WHERE run_id=?",
                 (run_id,),
             ).fetchone()
@@ -334,7 +347,13 @@ class Store:
             )
 
     def record_update(
-        self, run_id: str, round_: int, attempt: int, silo_id: str, digest: str, now_ms: int,
+        self,
+        run_id: str,
+        round_: int,
+        attempt: int,
+        silo_id: str,
+        digest: str,
+        now_ms: int,
         manifest_json: str | None = None,
     ) -> None:
         with self._tx() as db:
@@ -358,9 +377,7 @@ class Store:
             )
             if cur.rowcount != 1:
                 raise AssertionError(f"round {round_} attempt {attempt} of {run_id} is not open")
-            db.execute(
-                "UPDATE runs SET completed_rounds=? WHERE run_id=?", (round_, run_id)
-            )
+            db.execute("UPDATE runs SET completed_rounds=? WHERE run_id=?", (round_, run_id))
 
     def round_row(self, run_id: str, round_: int) -> RoundRow | None:
         with self._lock:
@@ -390,7 +407,13 @@ class Store:
 
     # --------------------------------------------------------------- stages
     def record_stage(
-        self, run_id: str, round_: int, attempt: int, stage: str, started_ms: int, ended_ms: int,
+        self,
+        run_id: str,
+        round_: int,
+        attempt: int,
+        stage: str,
+        started_ms: int,
+        ended_ms: int,
         silos: Sequence[str],
     ) -> None:
         with self._tx() as db:
@@ -406,10 +429,10 @@ class Store:
             query += " AND attempt=?"
             args += (attempt,)
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY attempt, started_ms, ended_ms", args).fetchall()
-        return [
-            StageRow(**{**dict(r), "silos": tuple(json.loads(r["silos"]))}) for r in rows
-        ]
+            rows = self._db.execute(
+                query + " ORDER BY attempt, started_ms, ended_ms", args
+            ).fetchall()
+        return [StageRow(**{**dict(r), "silos": tuple(json.loads(r["silos"]))}) for r in rows]
 
     # -------------------------------------------------------------- metrics
     def put_metrics(
@@ -448,11 +471,14 @@ class Store:
         out: dict[str, list[tuple]] = {}
         with self._lock:
             for table in ("runs", "rounds", "participants", "metrics", "round_stages"):
-                out[table] = [tuple(r) for r in self._db.execute(f"SELECT * FROM {table} ORDER BY 1, 2")]
+                out[table] = [
+                    tuple(r) for r in self._db.execute(f"SELECT * FROM {table} ORDER BY 1, 2")
+                ]
             out["silos"] = [
                 tuple(r)
                 for r in self._db.execute(
-                    "SELECT silo_id, num_samples, software_version, join_order FROM silos ORDER BY 1"
+                    "SELECT silo_id, num_samples, software_version, join_order FROM silos ORDER BY "
+                    "1"
                 )
             ]
         return out

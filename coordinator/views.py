@@ -1,4 +1,6 @@
-"""Plain values the round engine hands out besides tasks (receipts, status views); servicers turn them into protobuf."""
+"""Plain values the round engine hands out besides tasks (receipts, status views); servicers turn
+them into protobuf.
+"""
 
 from __future__ import annotations
 

@@ -31,7 +31,16 @@ def main(argv: list[str]) -> int:
             parts = name.split(".")
             if len(parts) == 2:
                 (top / parts[1]).symlink_to(ROOT / folder, target_is_directory=True)
-        cmd = [sys.executable, "-m", "mypy", "--config-file", str(pyproject), "-p", "pf2lora", *argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(pyproject),
+            "-p",
+            "pf2lora",
+            *argv,
+        ]
         return subprocess.run(cmd, cwd=tmp, check=False).returncode
 
 

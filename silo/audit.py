@@ -1,4 +1,5 @@
-"""An audit record of everything a silo sends: a client interceptor appending each serialised request.
+"""An audit record of everything a silo sends: a client interceptor appending each serialised
+request.
 
 Enabled by `[silo] audit_log = PATH`. It sees exactly the request messages the channel sends
 (unary requests and every message of a request stream) and appends them, as serialised, to
@@ -33,7 +34,9 @@ class AuditLog:
         data = message.SerializeToString()
         name = method.encode()
         with self._lock:
-            self._fh.write(struct.pack(">H", len(name)) + name + struct.pack(">I", len(data)) + data)
+            self._fh.write(
+                struct.pack(">H", len(name)) + name + struct.pack(">I", len(data)) + data
+            )
             self._fh.flush()
 
     def close(self) -> None:

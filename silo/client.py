@@ -1,4 +1,5 @@
-"""The silo's side of the wire: one channel to the coordinator, deadlines on every call, retries on UNAVAILABLE.
+"""The silo's side of the wire: one channel to the coordinator, deadlines on every call, retries on
+UNAVAILABLE.
 
 Only UNAVAILABLE (coordinator down, restarting, unreachable) is retried here, with exponential
 backoff and full jitter; every other status is raised to the daemon, which decides (never
@@ -61,7 +62,10 @@ class Backoff:
     """Retry a call on UNAVAILABLE: delays drawn uniformly from [0, min(max, initial * 2^n)]."""
 
     def __init__(
-        self, initial_s: float, max_s: float, stop: threading.Event,
+        self,
+        initial_s: float,
+        max_s: float,
+        stop: threading.Event,
         before_retry: Callable[[], object] | None = None,
     ) -> None:
         self.initial_s, self.max_s, self.stop = initial_s, max_s, stop
@@ -79,7 +83,10 @@ class Backoff:
                 attempt += 1
                 logger.warning(
                     "%s: coordinator unavailable (%s); retry %d in %.1f s",
-                    what, exc.details(), attempt, delay,  # type: ignore[attr-defined]
+                    what,
+                    exc.details(),
+                    attempt,
+                    delay,  # type: ignore[attr-defined]
                 )
                 if self.stop.wait(delay):
                     raise Stopped(f"stopped while retrying {what}") from None
@@ -137,8 +144,10 @@ class CoordinatorClient:
             return False
         old, self.channel, self.stub, self._tls = self.channel, channel, stub, material
         old.close()
-        logger.info("TLS files changed: new calls to the coordinator present %s",
-                    grpc_factory.describe_certificate(material[1]))
+        logger.info(
+            "TLS files changed: new calls to the coordinator present %s",
+            grpc_factory.describe_certificate(material[1]),
+        )
         return True
 
     def close(self) -> None:
@@ -148,7 +157,9 @@ class CoordinatorClient:
 
     # ------------------------------------------------------------------- calls
     def join(self, num_samples: int, version: str) -> JoinInfo:
-        req = silo_pb2.JoinRequest(silo_id=self.silo_id, num_samples=num_samples, software_version=version)
+        req = silo_pb2.JoinRequest(
+            silo_id=self.silo_id, num_samples=num_samples, software_version=version
+        )
         timeout = self.cfg.coordinator.call_timeout_s
         reply = self.retry.call("Join", lambda: self.stub.Join(req, timeout=timeout))
         return JoinInfo(reply.federation, reply.active_run_id, reply.long_poll_ms / 1000)
@@ -159,7 +170,9 @@ class CoordinatorClient:
             silo_id=self.silo_id, current_run_id=current_run_id, wait_ms=int(c.long_poll_s * 1000)
         )
         timeout = c.long_poll_s + c.call_timeout_s
-        return task_proto.task_from_proto(self.retry.call("GetTask", lambda: self.stub.GetTask(req, timeout=timeout)))
+        return task_proto.task_from_proto(
+            self.retry.call("GetTask", lambda: self.stub.GetTask(req, timeout=timeout))
+        )
 
     def fetch_global(self, run_id: str, round_: int, expected_digest: str) -> dict[str, Tensor]:
         """The global state after round_, checked against the digest the task announced."""
@@ -168,7 +181,8 @@ class CoordinatorClient:
 
         def fetch() -> tuple[streams.StreamInfo, dict[str, Tensor]]:
             return streams.stream_to_tensors(
-                self.stub.FetchGlobal(req, timeout=timeout), kinds=(streams.StreamKind.GLOBAL_MODEL,)
+                self.stub.FetchGlobal(req, timeout=timeout),
+                kinds=(streams.StreamKind.GLOBAL_MODEL,),
             )
 
         info, tensors = self.retry.call("FetchGlobal", fetch)
@@ -182,7 +196,11 @@ class CoordinatorClient:
         return tensors
 
     def push_update(
-        self, run_id: str, round_: int, attempt: int, payload: Mapping[str, Tensor],
+        self,
+        run_id: str,
+        round_: int,
+        attempt: int,
+        payload: Mapping[str, Tensor],
         kind: streams.StreamKind = streams.StreamKind.UPDATE,
     ) -> PushReceipt:
         """Stream a payload (UPDATE) or a masked vector (MASKED_UPDATE, one uint32 tensor)."""
@@ -191,22 +209,31 @@ class CoordinatorClient:
 
         def messages() -> Iterator[tpb.StreamMessage]:
             stream = streams.tensors_to_stream(
-                payload, run_id=run_id, round=round_, kind=kind,
-                silo_id=self.silo_id, scalars={task_proto.ATTEMPT_SCALAR: attempt},
+                payload,
+                run_id=run_id,
+                round=round_,
+                kind=kind,
+                silo_id=self.silo_id,
+                scalars={task_proto.ATTEMPT_SCALAR: attempt},
             )
             headers.append(header := next(stream))
             yield header
             yield from stream
 
-        reply = self.retry.call("PushUpdate", lambda: self.stub.PushUpdate(messages(), timeout=timeout))
+        reply = self.retry.call(
+            "PushUpdate", lambda: self.stub.PushUpdate(messages(), timeout=timeout)
+        )
         sent = streams.header_from_proto(headers[-1].header) if headers else None
         return PushReceipt(reply.manifest_digest, reply.received, reply.participants, sent)
 
     # ------------------------------------------------------ secure aggregation
     def _stage_call(self, method: str, request: object) -> tuple[int, int]:
         timeout = self.cfg.coordinator.call_timeout_s
-        # The stub is looked up on every try: a retry may run on a channel with a rotated certificate.
-        reply = self.retry.call(method, lambda: getattr(self.stub, method)(request, timeout=timeout))
+        # The stub is looked up on every try: a retry may run on a channel with a rotated
+        # certificate.
+        reply = self.retry.call(
+            method, lambda: getattr(self.stub, method)(request, timeout=timeout)
+        )
         return reply.received, reply.expected
 
     def _header(self, run_id: str, round_: int, attempt: int) -> silo_pb2.SecAggHeader:
@@ -214,33 +241,47 @@ class CoordinatorClient:
 
     def advertise_keys(self, run_id: str, round_: int, attempt: int, keys: SignedKeys) -> int:
         req = silo_pb2.AdvertiseKeysRequest(
-            header=self._header(run_id, round_, attempt), keys=task_proto.keys_to_proto(keys))
+            header=self._header(run_id, round_, attempt), keys=task_proto.keys_to_proto(keys)
+        )
         self._stage_call("AdvertiseKeys", req)
         return req.ByteSize()
 
-    def share_keys(self, run_id: str, round_: int, attempt: int, shares: list[EncryptedShare]) -> int:
+    def share_keys(
+        self, run_id: str, round_: int, attempt: int, shares: list[EncryptedShare]
+    ) -> int:
         req = silo_pb2.ShareKeysRequest(
             header=self._header(run_id, round_, attempt),
-            shares=[task_proto.share_to_proto(s) for s in shares])
+            shares=[task_proto.share_to_proto(s) for s in shares],
+        )
         self._stage_call("ShareKeys", req)
         return req.ByteSize()
 
-    def consistency_check(self, run_id: str, round_: int, attempt: int, signature: ConsistencySignature) -> int:
+    def consistency_check(
+        self, run_id: str, round_: int, attempt: int, signature: ConsistencySignature
+    ) -> int:
         req = silo_pb2.ConsistencyCheckRequest(
             header=self._header(run_id, round_, attempt),
-            signature=task_proto.signature_to_proto(signature))
+            signature=task_proto.signature_to_proto(signature),
+        )
         self._stage_call("ConsistencyCheck", req)
         return req.ByteSize()
 
     def unmask(self, run_id: str, round_: int, attempt: int, response: UnmaskResponse) -> int:
         req = silo_pb2.UnmaskRequest(
-            header=self._header(run_id, round_, attempt), response=task_proto.response_to_proto(response))
+            header=self._header(run_id, round_, attempt),
+            response=task_proto.response_to_proto(response),
+        )
         self._stage_call("Unmask", req)
         return req.ByteSize()
 
-    def report_metrics(self, run_id: str, round_: int, kind: str, metrics: Mapping[str, float]) -> None:
+    def report_metrics(
+        self, run_id: str, round_: int, kind: str, metrics: Mapping[str, float]
+    ) -> None:
         req = silo_pb2.ReportMetricsRequest(
-            silo_id=self.silo_id, run_id=run_id, round=round_, kind=task_proto.METRICS_KIND_TO_PROTO[kind],
+            silo_id=self.silo_id,
+            run_id=run_id,
+            round=round_,
+            kind=task_proto.METRICS_KIND_TO_PROTO[kind],
             metrics={k: float(v) for k, v in metrics.items()},
         )
         timeout = self.cfg.coordinator.call_timeout_s

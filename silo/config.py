@@ -85,7 +85,13 @@ class CoordinatorSection:
     def __post_init__(self) -> None:
         if not is_address(self.address):
             raise ConfigError(f"coordinator.address={self.address!r}: use HOST:PORT")
-        for name in ("long_poll_s", "call_timeout_s", "transfer_timeout_s", "retry_initial_s", "retry_max_s"):
+        for name in (
+            "long_poll_s",
+            "call_timeout_s",
+            "transfer_timeout_s",
+            "retry_initial_s",
+            "retry_max_s",
+        ):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"coordinator.{name}={v!r}: must be a number of seconds > 0")
@@ -127,7 +133,7 @@ class ServerSection:
         for name in ("health_listen", "metrics_listen"):
             value = getattr(self, name)
             if value and not is_address(value):
-                raise ConfigError(f"server.{name}={value!r}: use HOST:PORT, or \"\" for off")
+                raise ConfigError(f'server.{name}={value!r}: use HOST:PORT, or "" for off')
 
 
 @dataclass(frozen=True)
@@ -154,12 +160,16 @@ class SiloConfig:
             raise ConfigError("data.eval_files is empty: name this silo's held-out files")
 
 
-def load_silo_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> SiloConfig:
+def load_silo_config(
+    path: str | Path | None, overrides: Mapping[str, Any] | None = None
+) -> SiloConfig:
     """silo.toml (optional) with dotted-key overrides from flags, validated."""
     tree: dict[str, Any] = load_toml(path) if path is not None else {}
     apply_overrides(tree, overrides)
     if tree.get("coordinator", {}).get("insecure") and tree.get("tls"):
         # The channel stays plaintext; the certificate and key still sign this silo's
         # secure-aggregation keys (peers check them against the federation CA).
-        logger.warning("--insecure: plaintext gRPC; [tls] is used only to sign secure-aggregation keys")
+        logger.warning(
+            "--insecure: plaintext gRPC; [tls] is used only to sign secure-aggregation keys"
+        )
     return from_mapping(SiloConfig, tree, "silo.toml")

@@ -4,7 +4,8 @@ Per TRAIN task for round r: fetch the global state of round r-1 (checked against
 digest), load the newest private state of a round < r, train, save the state of round r, send
 `runtime.run_round(...).payload` (built from the shared state only: the private adapter never
 leaves) masked by secure aggregation (silo/secure_round.py; plain only in a run that turned it
-off, and only if [silo] require_secure_aggregation = false), report scalar metrics. Per EVALUATE task: evaluate the personalised and shared-only
+off, and only if [silo] require_secure_aggregation = false), report scalar metrics. Per EVALUATE
+task: evaluate the personalised and shared-only
 models on the local held-out files and report the scalars.
 """
 
@@ -57,7 +58,10 @@ class Fatal(Exception):
 
 class SiloDaemon:
     def __init__(
-        self, cfg: SiloConfig, *, stop: threading.Event | None = None,
+        self,
+        cfg: SiloConfig,
+        *,
+        stop: threading.Event | None = None,
         interceptors: tuple[grpc_factory.ClientInterceptor, ...] = (),
     ) -> None:
         cfg.require_transport()
@@ -79,19 +83,25 @@ class SiloDaemon:
         cfg = self.cfg
         if cfg.silo.threads:
             torch.set_num_threads(cfg.silo.threads)
-        logger.info("silo.device=%s: training on %s", cfg.silo.device, resolve_device(cfg.silo.device))
+        logger.info(
+            "silo.device=%s: training on %s", cfg.silo.device, resolve_device(cfg.silo.device)
+        )
         num_samples = count_train_examples(cfg.data)
         health = None
         if cfg.server.health_listen:
             health, _, port = grpc_factory.create_health_server(cfg.server.health_listen)
             health.start()
             logger.info("health service on port %d", port)
-        metrics_server = self.metrics.serve(cfg.server.metrics_listen) if cfg.server.metrics_listen else None
+        metrics_server = (
+            self.metrics.serve(cfg.server.metrics_listen) if cfg.server.metrics_listen else None
+        )
         self.client = CoordinatorClient(cfg, self.stop, interceptors=self.interceptors)
         self.secure = SecureRoundDriver(cfg, self.client, self.state, self.wire, self.stop)
         if not cfg.tls.configured:
-            logger.warning("no [tls] certificate and key: this silo cannot sign secure-aggregation keys "
-                           "and will sit out every secure round")
+            logger.warning(
+                "no [tls] certificate and key: this silo cannot sign secure-aggregation keys "
+                "and will sit out every secure round"
+            )
         try:
             self._join(num_samples)
             while not self.stop.is_set():
@@ -121,12 +131,20 @@ class SiloDaemon:
                 break
             except grpc.RpcError as exc:
                 self._fatal_if_refused(exc, "Join")
-                logger.warning("Join failed: %s: %s; again in %.0f s", _code(exc).name, _details(exc), ERROR_PAUSE_S)
+                logger.warning(
+                    "Join failed: %s: %s; again in %.0f s",
+                    _code(exc).name,
+                    _details(exc),
+                    ERROR_PAUSE_S,
+                )
                 if self.stop.wait(ERROR_PAUSE_S):
                     raise Stopped("stopped before joining") from None
         logger.info(
             "silo %s joined federation %s with %d examples (active run: %s)",
-            self.cfg.silo.id, info.federation, num_samples, info.active_run_id or "none",
+            self.cfg.silo.id,
+            info.federation,
+            num_samples,
+            info.active_run_id or "none",
         )
 
     def _fatal_if_refused(self, exc: grpc.RpcError, what: str) -> None:
@@ -149,7 +167,13 @@ class SiloDaemon:
             logger.warning("%s: %s; joining again", what, _details(exc))
             self._join(num_samples)
             return
-        logger.warning("%s failed: %s: %s; asking again in %.0f s", what, _code(exc).name, _details(exc), ERROR_PAUSE_S)
+        logger.warning(
+            "%s failed: %s: %s; asking again in %.0f s",
+            what,
+            _code(exc).name,
+            _details(exc),
+            ERROR_PAUSE_S,
+        )
         self.stop.wait(ERROR_PAUSE_S)
 
     def _step(self, num_samples: int) -> bool:
@@ -165,7 +189,12 @@ class SiloDaemon:
         elif isinstance(task, EvaluateTask):
             self._guarded("evaluation", lambda: self._evaluate(task), num_samples)
         elif isinstance(task, StopTask):
-            logger.info("run %s ended: %s%s", task.run_id, task.state, f" ({task.reason})" if task.reason else "")
+            logger.info(
+                "run %s ended: %s%s",
+                task.run_id,
+                task.state,
+                f" ({task.reason})" if task.reason else "",
+            )
             self.state.clear_current_run()
             self.current_run = ""
             self.ctx = None
@@ -201,9 +230,14 @@ class SiloDaemon:
         self.state.write_run_record(
             run.run_id,
             {
-                "run_id": run.run_id, "algorithm_json": run.algorithm_json,
-                "model_json": run.model_json, "run_seed": run.seed, "rounds": run.rounds,
-                "client_index": client_index, "seed": ctx.seed, "silo_id": self.cfg.silo.id,
+                "run_id": run.run_id,
+                "algorithm_json": run.algorithm_json,
+                "model_json": run.model_json,
+                "run_seed": run.seed,
+                "rounds": run.rounds,
+                "client_index": client_index,
+                "seed": ctx.seed,
+                "silo_id": self.cfg.silo.id,
             },
         )
         self.ctx = ctx
@@ -222,8 +256,10 @@ class SiloDaemon:
         key = (task.run.run_id, task.round, task.attempt)
         why = ""
         if task.secure is None and self.cfg.silo.require_secure_aggregation:
-            why = ("the run does not use secure aggregation: the coordinator would see this silo's "
-                   "update (set [silo] require_secure_aggregation = false to take part)")
+            why = (
+                "the run does not use secure aggregation: the coordinator would see this silo's "
+                "update (set [silo] require_secure_aggregation = false to take part)"
+            )
         elif task.secure is not None and self.state.keys_advertised(*key):
             why = "this silo advertised keys for this attempt before it restarted: sitting it out"
         if not why:
@@ -246,8 +282,13 @@ class SiloDaemon:
         self.state.save_global(run_id, rnd - 1, global_state)
         t1 = time.perf_counter()
         base = self._prepare(ctx, rnd)
-        logger.info("round %d (attempt %d): training from the state after round %d, weight %.4f",
-                    rnd, task.attempt, base, task.weight)
+        logger.info(
+            "round %d (attempt %d): training from the state after round %d, weight %.4f",
+            rnd,
+            task.attempt,
+            base,
+            task.weight,
+        )
         result = ctx.runtime.run_round(global_state, task.weight)
         self.state.save_after(ctx.runtime.client, run_id, rnd)
         t2 = time.perf_counter()
@@ -259,12 +300,22 @@ class SiloDaemon:
         else:
             receipt = self.client.push_update(run_id, rnd, task.attempt, result.payload)
             if receipt.sent is not None:
-                self.wire.sent_update(run_id, rnd, task.attempt, receipt.sent, receipt.manifest_digest)
+                self.wire.sent_update(
+                    run_id, rnd, task.attempt, receipt.sent, receipt.manifest_digest
+                )
         t3 = time.perf_counter()
-        logger.info("round %d: %supdate accepted, digest %s", rnd,
-                    "masked " if task.secure is not None else "", receipt.manifest_digest.hex()[:16])
-        metrics.update(weight=task.weight, fetch_seconds=t1 - t0, local_seconds=t2 - t1, push_seconds=t3 - t2)
-        self.metrics.round_done(rnd, fetch_s=t1 - t0, local_s=t2 - t1, push_s=t3 - t2, metrics=metrics)
+        logger.info(
+            "round %d: %supdate accepted, digest %s",
+            rnd,
+            "masked " if task.secure is not None else "",
+            receipt.manifest_digest.hex()[:16],
+        )
+        metrics.update(
+            weight=task.weight, fetch_seconds=t1 - t0, local_seconds=t2 - t1, push_seconds=t3 - t2
+        )
+        self.metrics.round_done(
+            rnd, fetch_s=t1 - t0, local_s=t2 - t1, push_s=t3 - t2, metrics=metrics
+        )
         if self.cfg.silo.report_metrics:
             self.client.report_metrics(run_id, rnd, "train", metrics)
 
@@ -277,7 +328,10 @@ class SiloDaemon:
         self._prepare(ctx, task.round + 1)
         metrics = ctx.runtime.evaluate(global_state)
         self.metrics.evaluated(metrics)
-        logger.info("run %s: final evaluation %s", run_id,
-                    {k: round(v, 4) for k, v in metrics.items() if k.endswith("accuracy")})
+        logger.info(
+            "run %s: final evaluation %s",
+            run_id,
+            {k: round(v, 4) for k, v in metrics.items() if k.endswith("accuracy")},
+        )
         reported = metrics if self.cfg.silo.report_metrics else {WITHHELD: 1.0}
         self.client.report_metrics(run_id, task.round, "evaluate", reported)

@@ -1,4 +1,5 @@
-"""`pf2lora silo export`: the silo's personalised model as two PEFT adapters, `shared` and `private`.
+"""`pf2lora silo export`: the silo's personalised model as two PEFT adapters, `shared` and
+`private`.
 
     OUT/shared/   adapter_config.json + adapter_model.safetensors (the global shared adapter, head)
     OUT/private/  the silo's private adapter
@@ -36,11 +37,15 @@ logger = logging.getLogger(__name__)
 
 
 def personalised_model(cfg: SiloConfig, run_id: str = "") -> tuple[TwoLevelModel, dict[str, Any]]:
-    """The two-level model of this silo for a run: latest global shared state + latest private state."""
+    """The two-level model of this silo for a run: latest global shared state + latest private
+    state.
+    """
     state = SiloState(cfg.silo.state_dir, cfg.silo.keep_rounds)
     run_id = run_id or state.current_run() or _latest_run(state)
     rec = state.read_run_record(run_id)
-    run = RunInfo(rec["run_id"], rec["algorithm_json"], rec["model_json"], rec["run_seed"], rec["rounds"])
+    run = RunInfo(
+        rec["run_id"], rec["algorithm_json"], rec["model_json"], rec["run_seed"], rec["rounds"]
+    )
     base_cfg = model_config_for_silo(run, cfg)
     algorithm = make_algorithm(from_json(AlgorithmConfig, run.algorithm_json), base_cfg.adapters)
     model_cfg = dataclasses.replace(base_cfg, adapters=algorithm.model_adapters())
@@ -90,6 +95,11 @@ def export(cfg: SiloConfig, out: str | Path, run_id: str = "") -> dict[str, Any]
     model.peft.save_pretrained(str(out), selected_adapters=adapters)
     info["folders"] = {a: str(out / a) for a in adapters}
     atomic_write_bytes(out / "pf2lora_export.json", json.dumps(info, indent=1).encode())
-    logger.info("exported run %s (global round %d, private round %d) to %s",
-                info["run_id"], info["global_round"], info["private_round"], out)
+    logger.info(
+        "exported run %s (global round %d, private round %d) to %s",
+        info["run_id"],
+        info["global_round"],
+        info["private_round"],
+        out,
+    )
     return info

@@ -1,4 +1,5 @@
-"""A silo's Prometheus metrics on a registry of its own, the hooks the daemon calls, and the /metrics server.
+"""A silo's Prometheus metrics on a registry of its own, the hooks the daemon calls, and the
+/metrics server.
 
 Each `SiloMetrics` owns a fresh `CollectorRegistry` (never prometheus-client's global one), so
 several silos in one test process do not collide. Only scalars the silo reports to the
@@ -32,12 +33,15 @@ class SiloMetrics:
         self.train_seconds = Histogram(
             "pf2lora_silo_train_seconds",
             "local part of a round: load the private state, train, save the state",
-            buckets=TRAIN_BUCKETS_S, registry=r,
+            buckets=TRAIN_BUCKETS_S,
+            registry=r,
         )
         self.transfer_seconds = Histogram(
             "pf2lora_silo_transfer_seconds",
-            "tensor transfers of a round: fetch (global state) and push (update)", ["direction"],
-            buckets=TRANSFER_BUCKETS_S, registry=r,
+            "tensor transfers of a round: fetch (global state) and push (update)",
+            ["direction"],
+            buckets=TRANSFER_BUCKETS_S,
+            registry=r,
         )
         for direction in ("fetch", "push"):
             self.transfer_seconds.labels(direction=direction)
@@ -45,7 +49,8 @@ class SiloMetrics:
             "pf2lora_silo_train_loss", "training loss of the latest round (upper level)", registry=r
         )
         self.rounds_participated = Counter(
-            "pf2lora_silo_rounds_participated", "rounds whose update the coordinator accepted",
+            "pf2lora_silo_rounds_participated",
+            "rounds whose update the coordinator accepted",
             registry=r,
         )
         self.last_round = Gauge(
@@ -53,12 +58,14 @@ class SiloMetrics:
         )
         self.personal_accuracy = Gauge(
             "pf2lora_silo_personal_accuracy",
-            "held-out accuracy of the personalised model (shared + private adapter), final evaluation",
+            "held-out accuracy of the personalised model (shared + private adapter), final "
+            "evaluation",
             registry=r,
         )
         self.shared_accuracy = Gauge(
             "pf2lora_silo_shared_accuracy",
-            "held-out accuracy with the shared adapter only, final evaluation", registry=r,
+            "held-out accuracy with the shared adapter only, final evaluation",
+            registry=r,
         )
         self.evaluations = Counter(
             "pf2lora_silo_evaluations", "final evaluations reported", registry=r
@@ -68,7 +75,12 @@ class SiloMetrics:
         self.info.info({"silo": silo_id, "federation": federation, "version": version})
 
     def round_done(
-        self, round_: int, *, fetch_s: float, local_s: float, push_s: float,
+        self,
+        round_: int,
+        *,
+        fetch_s: float,
+        local_s: float,
+        push_s: float,
         metrics: Mapping[str, float],
     ) -> None:
         """A round's update was accepted: timings and its training loss."""

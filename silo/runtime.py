@@ -1,4 +1,4 @@
-"""A silo's local machinery for one run: its data from local files, its base model, a ClientRuntime."""
+"""A silo's machinery for one run: its data from local files, its base model, a ClientRuntime."""
 
 from __future__ import annotations
 
@@ -61,22 +61,35 @@ def build_context(run: RunInfo, client_index: int, cfg: SiloConfig) -> RunContex
     model_cfg = model_config_for_silo(run, cfg)
     algorithm = make_algorithm(algo_cfg, model_cfg.adapters)
     seed = cfg.silo.seed if cfg.silo.seed is not None else client_seed(run.seed, client_index)
-    labels = list(cfg.data.labels) if cfg.data.labels else [str(i) for i in range(model_cfg.num_labels)]
+    labels = (
+        list(cfg.data.labels) if cfg.data.labels else [str(i) for i in range(model_cfg.num_labels)]
+    )
     if len(labels) != model_cfg.num_labels:
         raise DataError(
-            f"data.labels has {len(labels)} names but the run's model has {model_cfg.num_labels} labels"
+            f"data.labels has {len(labels)} names but the run's model has {model_cfg.num_labels} "
+            "labels"
         )
     train = _load_files(cfg.data.train_files, cfg.data, labels)
     test = _load_files(cfg.data.eval_files, cfg.data, labels)
     tok = load_tokenizer(model_cfg)
     runtime = ClientRuntime(
-        algorithm, model_cfg, client_index=client_index, seed=seed,
-        train=encode_dataset(train, tok, model_cfg), test=encode_dataset(test, tok, model_cfg),
-        name=cfg.silo.id, device=resolve_device(cfg.silo.device),
+        algorithm,
+        model_cfg,
+        client_index=client_index,
+        seed=seed,
+        train=encode_dataset(train, tok, model_cfg),
+        test=encode_dataset(test, tok, model_cfg),
+        name=cfg.silo.id,
+        device=resolve_device(cfg.silo.device),
     )
     runtime.model.log_trainable()
     logger.info(
         "run %s: %s on %d train / %d eval examples, client index %d, seed %d",
-        run.run_id, algo_cfg.name, len(train), len(test), client_index, seed,
+        run.run_id,
+        algo_cfg.name,
+        len(train),
+        len(test),
+        client_index,
+        seed,
     )
     return RunContext(run, algorithm, model_cfg, client_index, seed, runtime)

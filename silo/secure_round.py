@@ -1,4 +1,5 @@
-"""The silo's side of a secure round: after local training, SecAgg+ stage by stage, then nothing in the clear.
+"""The silo's side of a secure round: after local training, SecAgg+ stage by stage, then nothing in
+the clear.
 
     flatten(payload) -> AdvertiseKeys -> [share_keys task] -> ShareKeys -> [masked_input task]
         -> PushUpdate(MASKED_UPDATE) -> [consistency_check task] -> ConsistencyCheck
@@ -74,7 +75,9 @@ FAILPOINT_ENV = "PF2LORA_TEST_FAILPOINT"
 
 def _failpoint(stage: str) -> None:
     if os.environ.get(FAILPOINT_ENV) == f"stop-before:{stage}":
-        logger.warning("%s: stopping this process before %s (test fault injection)", FAILPOINT_ENV, stage)
+        logger.warning(
+            "%s: stopping this process before %s (test fault injection)", FAILPOINT_ENV, stage
+        )
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
@@ -130,10 +133,14 @@ def load_signing_material(cfg: SiloConfig) -> SigningMaterial:
 
 
 class SecureRoundDriver:
-    """Runs the stages of one secure round attempt for this silo (blocking, on the daemon thread)."""
+    """The stages of one secure round attempt for this silo (blocking, on the daemon thread)."""
 
     def __init__(
-        self, cfg: SiloConfig, client: CoordinatorClient, state: SiloState, record: WireRecord,
+        self,
+        cfg: SiloConfig,
+        client: CoordinatorClient,
+        state: SiloState,
+        record: WireRecord,
         stop: threading.Event,
     ) -> None:
         self.cfg, self.client, self.state, self.record, self.stop = cfg, client, state, record, stop
@@ -142,7 +149,11 @@ class SecureRoundDriver:
         """Long-poll GetTask until this attempt's next stage task; Superseded on anything else."""
         while not self.stop.is_set():
             t = self.client.get_task(task.run.run_id)
-            if isinstance(t, kind) and (t.run_id, t.round, t.attempt) == (task.run.run_id, task.round, task.attempt):
+            if isinstance(t, kind) and (t.run_id, t.round, t.attempt) == (
+                task.run.run_id,
+                task.round,
+                task.attempt,
+            ):
                 return t
             if isinstance(t, IdleTask):
                 continue  # the coordinator held the call up to its long poll already
@@ -157,18 +168,21 @@ class SecureRoundDriver:
         vector, layout = flatten(payload)  # (L,) float32, the payload spec in sorted-name order
         if layout.size != params.vector_length or layout.digest() != params.layout_digest:
             raise SitOut(
-                f"round {rnd}: this silo's payload layout ({layout.size} values, {layout.digest()[:16]}) "
+                f"round {rnd}: this silo's payload layout ({layout.size} values, "
+                f"{layout.digest()[:16]}) "
                 f"differs from the round's ({params.vector_length}, {params.layout_digest[:16]})"
             )
         for entry in layout.entries:  # a clipped weight would corrupt the sum's denominator
             if is_weight_key(entry.name) and abs(float(vector[entry.offset])) > params.clip:
                 raise SitOut(
-                    f"round {rnd}: weight {entry.name} = {float(vector[entry.offset]):.4g} exceeds the "
+                    f"round {rnd}: weight {entry.name} = {float(vector[entry.offset]):.4g} exceeds "
+                    "the "
                     f"secure-aggregation clip {params.clip:g}; raise [secagg] clip in the run"
                 )
         if self.state.keys_advertised(run_id, rnd, attempt):
             raise SitOut(
-                f"round {rnd} attempt {attempt}: this silo advertised keys for it before a restart; "
+                f"round {rnd} attempt {attempt}: this silo advertised keys for it before a "
+                "restart; "
                 "it never advertises a second key set for one attempt and sits it out"
             )
         signing = load_signing_material(self.cfg)
@@ -194,17 +208,33 @@ class SecureRoundDriver:
         sa.receive_shares(routed.shares)  # the mask floor: refuses to mask with too few peers
         masked = sa.masked_input(vector)  # uint32 (L,)
         receipt = self.client.push_update(
-            run_id, rnd, attempt, {MASKED_TENSOR: torch.from_numpy(masked)}, kind=streams.StreamKind.MASKED_UPDATE
+            run_id,
+            rnd,
+            attempt,
+            {MASKED_TENSOR: torch.from_numpy(masked)},
+            kind=streams.StreamKind.MASKED_UPDATE,
         )
         if receipt.sent is not None:
-            self.record.sent_update(run_id, rnd, attempt, receipt.sent, receipt.manifest_digest, layout, params.instance_id)
+            self.record.sent_update(
+                run_id,
+                rnd,
+                attempt,
+                receipt.sent,
+                receipt.manifest_digest,
+                layout,
+                params.instance_id,
+            )
         seconds["masked_input"] = time.perf_counter() - t2
 
         check = self._wait(ConsistencyCheckTask, task)
         t3 = time.perf_counter()
         self._check_earlier_attempts(run_id, rnd, attempt, check.proposal.survivors)
         signature = sa.consistency_check(check.proposal)  # refuses a silo both alive and dropped
-        self._sent(task, "consistency_check", self.client.consistency_check(run_id, rnd, attempt, signature))
+        self._sent(
+            task,
+            "consistency_check",
+            self.client.consistency_check(run_id, rnd, attempt, signature),
+        )
         seconds["consistency_check"] = time.perf_counter() - t3
 
         request = self._wait(UnmaskTask, task).request
@@ -215,30 +245,53 @@ class SecureRoundDriver:
         seconds["unmask"] = time.perf_counter() - t4
         logger.info(
             "round %d attempt %d: secure aggregation done (%d survivors%s), %.0f%% clipped, %.2f s",
-            rnd, attempt, len(request.survivors),
+            rnd,
+            attempt,
+            len(request.survivors),
             f", dropped {list(request.dropped)}" if request.dropped else "",
-            100 * (sa.clipped_fraction or 0.0), time.perf_counter() - t0,
+            100 * (sa.clipped_fraction or 0.0),
+            time.perf_counter() - t0,
         )
-        return SecureOutcome(receipt, request.survivors, request.dropped, sa.clipped_fraction or 0.0, seconds)
+        return SecureOutcome(
+            receipt, request.survivors, request.dropped, sa.clipped_fraction or 0.0, seconds
+        )
 
-    def _protocol(self, params: SecureAggregation, rnd: int, signing: SigningMaterial) -> SecAggSilo:
+    def _protocol(
+        self, params: SecureAggregation, rnd: int, signing: SigningMaterial
+    ) -> SecAggSilo:
         if self.cfg.silo.id not in params.roster:
             raise SitOut(f"round {rnd}: this silo is not in the secure-aggregation roster")
         config = SecAggConfig(
-            clip=params.clip, frac_bits=params.frac_bits, threshold=params.threshold,
+            clip=params.clip,
+            frac_bits=params.frac_bits,
+            threshold=params.threshold,
             neighbours=params.neighbours,
         )
         try:  # the RoundPlan re-checks overflow (N * clip * 2^F) and the threshold
             return SecAggSilo(
-                params.instance_id, rnd, self.cfg.silo.id, params.roster, signing.key,
-                signing.certificate_der, signing.verifier, config,
+                params.instance_id,
+                rnd,
+                self.cfg.silo.id,
+                params.roster,
+                signing.key,
+                signing.certificate_der,
+                signing.verifier,
+                config,
             )
         except (ConfigError, InvalidArgument) as exc:
-            raise SitOut(f"round {rnd}: refusing the secure-aggregation parameters: {exc}") from None
+            raise SitOut(
+                f"round {rnd}: refusing the secure-aggregation parameters: {exc}"
+            ) from None
 
-    def _check_earlier_attempts(self, run_id: str, rnd: int, attempt: int, survivors: tuple[str, ...]) -> None:
+    def _check_earlier_attempts(
+        self, run_id: str, rnd: int, attempt: int, survivors: tuple[str, ...]
+    ) -> None:
         earlier = self.state.unmask_record(run_id, rnd)
-        if earlier is not None and earlier["attempt"] != attempt and tuple(earlier["survivors"]) != survivors:
+        if (
+            earlier is not None
+            and earlier["attempt"] != attempt
+            and tuple(earlier["survivors"]) != survivors
+        ):
             raise SitOut(
                 f"round {rnd} attempt {attempt}: this silo already answered an unmask request of "
                 f"attempt {earlier['attempt']} over {earlier['survivors']}; signing a different "

@@ -1,4 +1,5 @@
-"""A silo's durable state per run: private adapter + trainer state after every round, run record, last global.
+"""A silo's durable state per run: private adapter + trainer state after every round, run record,
+last global.
 
 Layout under STATE_DIR/runs/RUN_ID/:
   run.json                          the run's spec as received (algorithm, model, seed, index)
@@ -76,7 +77,9 @@ class SiloState:
 
     # ------------------------------------------------------------- run record
     def write_run_record(self, run_id: str, record: Mapping[str, Any]) -> None:
-        atomic_write_bytes(self.run_dir(run_id) / "run.json", json.dumps(dict(record), indent=1).encode())
+        atomic_write_bytes(
+            self.run_dir(run_id) / "run.json", json.dumps(dict(record), indent=1).encode()
+        )
         atomic_write_bytes(self.root / "current_run", run_id.encode())
 
     def read_run_record(self, run_id: str) -> dict[str, Any]:
@@ -137,11 +140,18 @@ class SiloState:
         private = {n: p.detach() for n, p in client.model.private_parameters().items()}
         digest = private_digest(private)
         record: dict[str, Any] = {
-            "run_id": run_id, "round": round_, "private_sha256": digest, "pid": os.getpid()
+            "run_id": run_id,
+            "round": round_,
+            "private_sha256": digest,
+            "pid": os.getpid(),
         }
         atomic_write_bytes(self.run_dir(run_id) / "resume.json", json.dumps(record).encode())
-        logger.info("run %s: resumed from the state after round %d (private adapter %s)",
-                    run_id, round_, digest[:16])
+        logger.info(
+            "run %s: resumed from the state after round %d (private adapter %s)",
+            run_id,
+            round_,
+            digest[:16],
+        )
         return record
 
     # ----------------------------------------------------- secure aggregation
@@ -167,11 +177,16 @@ class SiloState:
         except FileNotFoundError:
             return None
 
-    def record_unmask(self, run_id: str, round_: int, attempt: int, survivors: tuple[str, ...]) -> None:
+    def record_unmask(
+        self, run_id: str, round_: int, attempt: int, survivors: tuple[str, ...]
+    ) -> None:
         """Durably record, before answering it, the survivor set of an unmask request."""
         record = {"attempt": attempt, "survivors": list(survivors)}
-        atomic_write_bytes(self._secagg_dir(run_id) / f"r{round_:05d}.unmask.json",
-                           json.dumps(record).encode(), mode=0o600)
+        atomic_write_bytes(
+            self._secagg_dir(run_id) / f"r{round_:05d}.unmask.json",
+            json.dumps(record).encode(),
+            mode=0o600,
+        )
 
     # ----------------------------------------------------------------- global
     def save_global(self, run_id: str, round_: int, tensors: Mapping[str, Tensor]) -> None:

@@ -41,7 +41,12 @@ class WireRecord:
         return self.runs_root / run_id / FILE_NAME
 
     def _append(self, run_id: str, event: dict[str, Any]) -> None:
-        event = {"time_ms": int(time.time() * 1000), "silo_id": self.silo_id, "run_id": run_id, **event}
+        event = {
+            "time_ms": int(time.time() * 1000),
+            "silo_id": self.silo_id,
+            "run_id": run_id,
+            **event,
+        }
         path = self.path(run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as fh:
@@ -51,21 +56,41 @@ class WireRecord:
         self._append(run_id, {"event": "global", "round": round_, "manifest_digest": digest_hex})
 
     def sent_update(
-        self, run_id: str, round_: int, attempt: int, info: StreamInfo, receipt_digest: bytes,
-        layout: VectorLayout | None = None, instance: str = "",
+        self,
+        run_id: str,
+        round_: int,
+        attempt: int,
+        info: StreamInfo,
+        receipt_digest: bytes,
+        layout: VectorLayout | None = None,
+        instance: str = "",
     ) -> None:
         event: dict[str, Any] = {
-            "event": "update", "round": round_, "attempt": attempt, "kind": str(info.kind),
-            "manifest_digest": info.manifest_digest.hex(), "receipt_digest": receipt_digest.hex(),
+            "event": "update",
+            "round": round_,
+            "attempt": attempt,
+            "kind": str(info.kind),
+            "manifest_digest": info.manifest_digest.hex(),
+            "receipt_digest": receipt_digest.hex(),
             "tensors": [tensor_info_to_dict(t) for t in info.tensors],
         }
         if layout is not None:
-            event.update(layout=layout_to_list(layout), layout_digest=layout.digest(), instance=instance)
+            event.update(
+                layout=layout_to_list(layout), layout_digest=layout.digest(), instance=instance
+            )
         self._append(run_id, event)
 
     def sent_message(self, run_id: str, round_: int, attempt: int, stage: str, nbytes: int) -> None:
-        self._append(run_id, {"event": "secagg", "round": round_, "attempt": attempt,
-                              "stage": stage, "bytes": nbytes})
+        self._append(
+            run_id,
+            {
+                "event": "secagg",
+                "round": round_,
+                "attempt": attempt,
+                "stage": stage,
+                "bytes": nbytes,
+            },
+        )
 
 
 def read_wire_record(path: str | Path) -> Iterator[dict[str, Any]]:

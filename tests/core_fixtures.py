@@ -15,9 +15,18 @@ from pf2lora.common.learning.model import TwoLevelModel, build_two_level_model
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TEXTS = [
-    "a wonderful, moving film", "dull and lifeless", "I loved every minute", "a total mess",
-    "sharp writing and great acting", "boring from start to finish", "pure joy", "awful dialogue",
-    "the best thing this year", "I want my money back", "charming and funny", "painfully slow",
+    "a wonderful, moving film",
+    "dull and lifeless",
+    "I loved every minute",
+    "a total mess",
+    "sharp writing and great acting",
+    "boring from start to finish",
+    "pure joy",
+    "awful dialogue",
+    "the best thing this year",
+    "I want my money back",
+    "charming and funny",
+    "painfully slow",
 ]
 LABELS = [1, 0] * 6
 

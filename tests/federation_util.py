@@ -1,4 +1,6 @@
-"""Helpers for the federation tests: real coordinator and silo processes on loopback, tiny data, a recording proxy."""
+"""Helpers for the federation tests: real coordinator and silo processes on loopback, tiny data, a
+recording proxy.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +27,22 @@ from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc
 
 PY = [sys.executable, "-m", "pf2lora.cli.main", "--log-level", "INFO"]
-POS = ["a wonderful, moving film", "I loved every minute of it", "sharp writing and great acting",
-       "pure joy from start to end", "the best thing this year", "charming and very funny"]
-NEG = ["dull and lifeless", "a total mess of a movie", "boring from start to finish",
-       "awful dialogue throughout", "I want my money back", "painfully slow and long"]
+POS = [
+    "a wonderful, moving film",
+    "I loved every minute of it",
+    "sharp writing and great acting",
+    "pure joy from start to end",
+    "the best thing this year",
+    "charming and very funny",
+]
+NEG = [
+    "dull and lifeless",
+    "a total mess of a movie",
+    "boring from start to finish",
+    "awful dialogue throughout",
+    "I want my money back",
+    "painfully slow and long",
+]
 
 
 def free_port() -> int:
@@ -44,8 +58,14 @@ def tiny_model() -> ModelConfig:
 def run_config(**kw: Any) -> RunConfig:
     train = TrainConfig(local_steps=kw.pop("local_steps", 3), batch_size=8)
     base: dict[str, Any] = dict(
-        algorithm=AlgorithmConfig(train=train), model=tiny_model(), rounds=2, min_silos=2,
-        round_deadline_s=120.0, enroll_window_s=60.0, eval_deadline_s=120.0, seed=7,
+        algorithm=AlgorithmConfig(train=train),
+        model=tiny_model(),
+        rounds=2,
+        min_silos=2,
+        round_deadline_s=120.0,
+        enroll_window_s=60.0,
+        eval_deadline_s=120.0,
+        seed=7,
     )
     base.update(kw)
     return RunConfig(**base)
@@ -74,10 +94,17 @@ class Procs:
         self.root = root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.root / f"{name}.log").open("ab")
-        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                             env={**os.environ, **env} if env else None)
+        p = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            env={**os.environ, **env} if env else None,
+        )
         log.close()
         self.procs[name] = p
         return p
@@ -135,14 +162,23 @@ class Federation:
     certificate's key, which secure rounds (the default) need even over plaintext.
     """
 
-    def __init__(self, root: Path, silos: dict[str, tuple[Path, Path]], *, federation: str = "pf2lora",
-                 silo_extra: dict[str, dict[str, Any]] | None = None,
-                 coordinator_args: list[str] | None = None, tls: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        silos: dict[str, tuple[Path, Path]],
+        *,
+        federation: str = "pf2lora",
+        silo_extra: dict[str, dict[str, Any]] | None = None,
+        coordinator_args: list[str] | None = None,
+        tls: bool = False,
+    ) -> None:
         self.root = root
         self.tls = tls
         self.pki = root / "pki"
         if not (self.pki / "ca.crt").exists():
-            pki_files.provision_federation(self.pki, federation, ("localhost",), silos=sorted(silos), admins=("ops",))
+            pki_files.provision_federation(
+                self.pki, federation, ("localhost",), silos=sorted(silos), admins=("ops",)
+            )
         self.silos = silos
         self.federation = federation
         self.procs = Procs(root)
@@ -164,18 +200,36 @@ class Federation:
             transport = ["--ca-file", ca, "--cert-file", cert, "--key-file", key]
         else:
             transport = ["--insecure"]
-        self.procs.start("coordinator", PY + [
-            "coordinator", "serve", *transport, "--federation", self.federation,
-            "--state-dir", str(self.state_dir), "--allowed-silos", ",".join(sorted(self.silos)),
-            "--silo-api-listen", f"127.0.0.1:{self.silo_port}",
-            "--control-api-listen", f"127.0.0.1:{self.control_port}", "--health-listen", "",
-            *self.coordinator_args,
-        ])
+        self.procs.start(
+            "coordinator",
+            PY
+            + [
+                "coordinator",
+                "serve",
+                *transport,
+                "--federation",
+                self.federation,
+                "--state-dir",
+                str(self.state_dir),
+                "--allowed-silos",
+                ",".join(sorted(self.silos)),
+                "--silo-api-listen",
+                f"127.0.0.1:{self.silo_port}",
+                "--control-api-listen",
+                f"127.0.0.1:{self.control_port}",
+                "--health-listen",
+                "",
+                *self.coordinator_args,
+            ],
+        )
         if self._channel is None:
             if self.tls:
-                creds = grpc_factory.channel_credentials(*grpc_factory.TlsFiles.in_dir(pki_files.admin_dir(self.pki, "ops")).read())
+                creds = grpc_factory.channel_credentials(
+                    *grpc_factory.TlsFiles.in_dir(pki_files.admin_dir(self.pki, "ops")).read()
+                )
                 self._channel = grpc_factory.create_channel(
-                    f"127.0.0.1:{self.control_port}", creds, server_name_override="localhost")
+                    f"127.0.0.1:{self.control_port}", creds, server_name_override="localhost"
+                )
             else:
                 self._channel = grpc.insecure_channel(f"127.0.0.1:{self.control_port}")
             self.stub = control_pb2_grpc.ControlApiStub(self._channel)
@@ -185,8 +239,12 @@ class Federation:
         extra = self.silo_extra.get(silo_id, {})
         address = extra.get("address", f"127.0.0.1:{self.silo_port}")
         lines = [
-            "[silo]", f'id = "{silo_id}"', f'federation = "{self.federation}"',
-            f'state_dir = "{self.root / silo_id}"', "threads = 1", "keep_rounds = 100",
+            "[silo]",
+            f'id = "{silo_id}"',
+            f'federation = "{self.federation}"',
+            f'state_dir = "{self.root / silo_id}"',
+            "threads = 1",
+            "keep_rounds = 100",
             f"exit_after_run = {str(extra.get('exit_after_run', True)).lower()}",
         ]
         if "audit_log" in extra:
@@ -194,23 +252,41 @@ class Federation:
         if "report_metrics" in extra:
             lines.append(f"report_metrics = {str(extra['report_metrics']).lower()}")
         if "require_secure_aggregation" in extra:
-            lines.append(f"require_secure_aggregation = {str(extra['require_secure_aggregation']).lower()}")
+            lines.append(
+                f"require_secure_aggregation = {str(extra['require_secure_aggregation']).lower()}"
+            )
         ca, cert, key = self._tls_files(pki_files.silo_dir(self.pki, silo_id))
         lines += [
-            "[coordinator]", f'address = "{address}"', f"insecure = {str(not self.tls).lower()}",
-            'server_name = "localhost"', "retry_initial_s = 0.2", "retry_max_s = 2.0", "long_poll_s = 2.0",
-            "[tls]", f'ca_file = "{ca}"', f'cert_file = "{cert}"', f'key_file = "{key}"',
-            "[model]", 'path = "minilm"',
-            "[data]", f'train_files = ["{train}"]', f'eval_files = ["{test}"]',
-            "[server]", f'health_listen = "{extra.get("health_listen", "")}"',
+            "[coordinator]",
+            f'address = "{address}"',
+            f"insecure = {str(not self.tls).lower()}",
+            'server_name = "localhost"',
+            "retry_initial_s = 0.2",
+            "retry_max_s = 2.0",
+            "long_poll_s = 2.0",
+            "[tls]",
+            f'ca_file = "{ca}"',
+            f'cert_file = "{cert}"',
+            f'key_file = "{key}"',
+            "[model]",
+            'path = "minilm"',
+            "[data]",
+            f'train_files = ["{train}"]',
+            f'eval_files = ["{test}"]',
+            "[server]",
+            f'health_listen = "{extra.get("health_listen", "")}"',
             f'metrics_listen = "{extra.get("metrics_listen", "")}"',
         ]
         path = self.root / f"{silo_id}.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def start_silo(self, silo_id: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        return self.procs.start(silo_id, PY + ["silo", "serve", "--config", str(self.silo_config(silo_id))], env)
+    def start_silo(
+        self, silo_id: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        return self.procs.start(
+            silo_id, PY + ["silo", "serve", "--config", str(self.silo_config(silo_id))], env
+        )
 
     def start(self) -> None:
         self.start_coordinator()
@@ -252,15 +328,23 @@ class Federation:
             except grpc.RpcError as exc:  # coordinator (re)starting
                 last = exc
             time.sleep(poll)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {what} ({last})\n{self.procs.tails()}")
+        raise AssertionError(
+            f"timed out after {timeout:.0f} s waiting for: {what} ({last})\n{self.procs.tails()}"
+        )
 
     def wait_run_done(self, run_id: str, timeout: float = 300.0) -> cpb.RunStatus:
-        self.wait(lambda: self.status(run_id).state != cpb.RUN_STATE_RUNNING, timeout, f"run {run_id} ends")
+        self.wait(
+            lambda: self.status(run_id).state != cpb.RUN_STATE_RUNNING,
+            timeout,
+            f"run {run_id} ends",
+        )
         return self.status(run_id)
 
 
-def pump(src: socket.socket, dst: socket.socket, on_data: Callable[[bytes], None] | None = None) -> None:
-    """Copy src to dst until either side closes, then shut both down (one direction of a TCP relay)."""
+def pump(
+    src: socket.socket, dst: socket.socket, on_data: Callable[[bytes], None] | None = None
+) -> None:
+    """Copy src to dst until either side closes, then shut both (one direction of a TCP relay)."""
     try:
         while data := src.recv(1 << 16):
             if on_data is not None:
@@ -348,7 +432,9 @@ def secure_simulation(sim_cfg: Any, roster_size: int, clip: float = 4.0) -> Any:
             total = part if total is None else total + part
         assert total is not None and layout is not None
         decoded = total.astype(np.float64) * 2.0**-frac_bits
-        return {k: torch.from_numpy(v.astype(np.float32)) for k, v in unflatten(decoded, layout).items()}
+        return {
+            k: torch.from_numpy(v.astype(np.float32)) for k, v in unflatten(decoded, layout).items()
+        }
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the silos

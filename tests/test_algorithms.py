@@ -1,4 +1,4 @@
-"""Algorithms: pure aggregation from sums, HETLoRA's rank math, every client round on a real model."""
+"""Algorithms: pure aggregation from sums, HETLoRA's rank math, client rounds on a real model."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from pf2lora.common.state_io import load_state, save_state
 
 def test_weighted_mean_is_recovered_from_the_sum_alone() -> None:
     g = torch.Generator().manual_seed(0)
-    states = [{"a": torch.randn(3, 2, generator=g), "b": torch.randn(4, generator=g)} for _ in range(4)]
+    states = [
+        {"a": torch.randn(3, 2, generator=g), "b": torch.randn(4, generator=g)} for _ in range(4)
+    ]
     weights = [0.1, 0.2, 0.3, 0.4]
     summed = sum_payloads(weighted_payload(s, w) for s, w in zip(states, weights, strict=True))
     assert set(summed) == {"a", "b", WEIGHT_KEY}
@@ -35,8 +37,12 @@ def test_weighted_mean_is_recovered_from_the_sum_alone() -> None:
         expected = sum(w * s[k] for s, w in zip(states, weights, strict=True)) / sum(weights)
         torch.testing.assert_close(mean[k], expected)
     # survivors only: drop one payload, the mean renormalises over the rest
-    summed3 = sum_payloads(weighted_payload(s, w) for s, w in zip(states[:3], weights[:3], strict=True))
-    expected3 = sum(w * s["a"] for s, w in zip(states[:3], weights[:3], strict=True)) / sum(weights[:3])
+    summed3 = sum_payloads(
+        weighted_payload(s, w) for s, w in zip(states[:3], weights[:3], strict=True)
+    )
+    expected3 = sum(w * s["a"] for s, w in zip(states[:3], weights[:3], strict=True)) / sum(
+        weights[:3]
+    )
     torch.testing.assert_close(mean_from_sum(summed3, prev)["a"], expected3)
 
 
@@ -83,8 +89,12 @@ def test_hetlora_aggregation_is_norm_weighted_per_module() -> None:
     for s, p in zip(raw, (0.5, 0.5), strict=True):
         weights = {WEIGHT_KEY: p, **{k: p * v for k, v in het.norm_weights(s).items()}}
         payloads.append(weighted_payload(s, weights, het.hetlora_weight_key))
-    out = algo.aggregate(sum_payloads(payloads), {k: torch.zeros_like(v) for k, v in raw[0].items()})
-    norms = [float(torch.linalg.matrix_norm(s["m.lora_B.weight"] @ s["m.lora_A.weight"])) for s in raw]
+    out = algo.aggregate(
+        sum_payloads(payloads), {k: torch.zeros_like(v) for k, v in raw[0].items()}
+    )
+    norms = [
+        float(torch.linalg.matrix_norm(s["m.lora_B.weight"] @ s["m.lora_A.weight"])) for s in raw
+    ]
     for key in raw[0]:
         expected = (norms[0] * raw[0][key] + norms[1] * raw[1][key]) / sum(norms)
         torch.testing.assert_close(out[key], expected)
@@ -145,7 +155,11 @@ def test_every_algorithm_runs_rounds_and_never_sends_private_state(name: str, tm
     save_state(tmp_path / "c0.safetensors", *rts[0].client.state())
     fresh = ClientRuntime(algo, MINI, client_index=0, seed=10, train=data, test=data)
     fresh.client.restore(*load_state(tmp_path / "c0.safetensors"))
-    for (n, p), (_, q) in zip(rts[0].model.private_parameters().items(), fresh.model.private_parameters().items(), strict=True):
+    for (n, p), (_, q) in zip(
+        rts[0].model.private_parameters().items(),
+        fresh.model.private_parameters().items(),
+        strict=True,
+    ):
         assert torch.equal(p, q), n
     if name == "hetlora":
         assert fresh.client.rank == rts[0].client.rank  # type: ignore[attr-defined]
@@ -158,7 +172,9 @@ def test_every_algorithm_runs_rounds_and_never_sends_private_state(name: str, tm
 
 def test_algorithm_layouts_match_the_specification() -> None:
     base = AdapterConfig(shared_rank=8, private_rank=2)
-    layouts = {n: make_algorithm(AlgorithmConfig(name=n), base).model_adapters() for n in ALGORITHMS}
+    layouts = {
+        n: make_algorithm(AlgorithmConfig(name=n), base).model_adapters() for n in ALGORITHMS
+    }
     assert (layouts["pf2lora"].shared_rank, layouts["pf2lora"].private_rank) == (8, 2)
     assert (layouts["homlora"].shared_rank, layouts["homlora"].private_rank) == (8, 0)
     assert (layouts["perfedavg"].shared_rank, layouts["perfedavg"].private_rank) == (8, 0)

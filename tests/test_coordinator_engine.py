@@ -1,4 +1,6 @@
-"""Round engine, SQLite store and checkpoints, driven by events and a fake clock (no gRPC, no model)."""
+"""Round engine, SQLite store and checkpoints, driven by events and a fake clock (no gRPC, no
+model).
+"""
 
 from __future__ import annotations
 
@@ -48,15 +50,26 @@ def initial_state(algorithm, model, seed):  # noqa: ANN001, ANN201
 def make_engine(tmp_path: Path, clock: Clock, allowed=("a", "b", "c")) -> Engine:  # noqa: ANN001
     store = Store(tmp_path / "state.db")
     return Engine(
-        store, CheckpointStore(tmp_path), federation="test", allowed_silos=allowed,
-        initial_state=initial_state, clock=clock, wall=clock,
+        store,
+        CheckpointStore(tmp_path),
+        federation="test",
+        allowed_silos=allowed,
+        initial_state=initial_state,
+        clock=clock,
+        wall=clock,
     )
 
 
 def run_cfg(**kw) -> RunConfig:  # noqa: ANN003
     # The plain-update engine (secure rounds: tests/test_secure_round.py, real servers).
-    base = dict(rounds=2, min_silos=2, round_deadline_s=60.0, enroll_window_s=5.0, seed=0,
-                secure_aggregation=False)
+    base = dict(
+        rounds=2,
+        min_silos=2,
+        round_deadline_s=60.0,
+        enroll_window_s=5.0,
+        seed=0,
+        secure_aggregation=False,
+    )
     base.update(kw)
     return RunConfig(model=ModelConfig(path="unused"), **base)
 

@@ -270,7 +270,9 @@ def test_read_only_home_works(tmp_path: Path) -> None:
     env.pop("HF_HOME", None)
     env.pop("HF_DATASETS_CACHE", None)
     env["PF2LORA_DATA_CACHE"] = str(tmp_path / "cache")
-    code = f"from pf2lora.common.data.files import load_local; print(len(load_local({str(path)!r})))"
+    code = (
+        f"from pf2lora.common.data.files import load_local; print(len(load_local({str(path)!r})))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )

@@ -110,7 +110,9 @@ Doc = dict[str, Any]
 
 @functools.cache
 def _render_text(path: Path) -> str:
-    assert KUBECTL is not None, "kubectl (with kustomize) must be on PATH in CI: it renders deploy/k8s"
+    assert KUBECTL is not None, (
+        "kubectl (with kustomize) must be on PATH in CI: it renders deploy/k8s"
+    )
     proc = subprocess.run(
         [KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60, check=False
     )

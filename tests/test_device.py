@@ -26,7 +26,9 @@ def test_resolve_device() -> None:
 
 
 def _round(device: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    algo = make_algorithm(AlgorithmConfig(train=TrainConfig(local_steps=2, batch_size=6)), MINI.adapters)
+    algo = make_algorithm(
+        AlgorithmConfig(train=TrainConfig(local_steps=2, batch_size=6)), MINI.adapters
+    )
     g = initial_global_state(algo, MINI, run_seed=0)
     data = text_data()
     rt = ClientRuntime(algo, MINI, client_index=0, seed=3, train=data, test=data, device=device)

@@ -1,5 +1,7 @@
-"""The documented `pf2lora ...` commands are real: every subcommand path exists and every flag is one that
-subcommand's parser accepts and its `--help` lists. Commands are read from the fenced code blocks of the
+"""The documented `pf2lora ...` commands are real: every subcommand path exists and every flag is
+one that
+subcommand's parser accepts and its `--help` lists. Commands are read from the fenced code blocks of
+the
 operator-facing docs; nothing is executed."""
 
 from __future__ import annotations
@@ -15,20 +17,45 @@ import pytest
 from pf2lora.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/operations.md", "docs/certificates.md", "docs/federation.md", "deploy/README.md",
-        "docs/benchmarks.md")
+DOCS = (
+    "README.md",
+    "docs/operations.md",
+    "docs/certificates.md",
+    "docs/federation.md",
+    "deploy/README.md",
+    "docs/benchmarks.md",
+)
 # Fewest commands each file must yield: guards against an extractor that silently finds nothing.
-MIN_COMMANDS = {"docs/operations.md": 15, "docs/certificates.md": 4, "docs/federation.md": 8,
-                "deploy/README.md": 3, "docs/benchmarks.md": 1}
+MIN_COMMANDS = {
+    "docs/operations.md": 15,
+    "docs/certificates.md": 4,
+    "docs/federation.md": 8,
+    "deploy/README.md": 3,
+    "docs/benchmarks.md": 1,
+}
 
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
 MENTION = re.compile(r"(?:^|[\s/|;&(])pf2lora(?:\s|$)")  # `pf2lora` as a command word
 OPERATORS = {"|", "||", "&", "&&", ";", ";;", "(", ")"}
 CONSOLE = {"console", "shell-session"}  # `$ ` marks commands; other lines are output
-SHELL = {"", "sh", "bash", "shell", "zsh", *CONSOLE}  # blocks read for commands (not text, toml, ...)
-NO_VALUE = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
-            argparse._CountAction, argparse._HelpAction, argparse._VersionAction,
-            argparse._AppendConstAction, argparse.BooleanOptionalAction)
+SHELL = {
+    "",
+    "sh",
+    "bash",
+    "shell",
+    "zsh",
+    *CONSOLE,
+}  # blocks read for commands (not text, toml, ...)
+NO_VALUE = (
+    argparse._StoreTrueAction,
+    argparse._StoreFalseAction,
+    argparse._StoreConstAction,
+    argparse._CountAction,
+    argparse._HelpAction,
+    argparse._VersionAction,
+    argparse._AppendConstAction,
+    argparse.BooleanOptionalAction,
+)
 
 
 @dataclass(frozen=True)
@@ -41,7 +68,8 @@ class Command:
 
 
 def fenced_lines(text: str) -> list[tuple[int, str, str]]:
-    """(line number, block language, line) for every line inside a fenced shell or console block (also
+    """(line number, block language, line) for every line inside a fenced shell or console block
+    (also
     indented fences in list items)."""
     out: list[tuple[int, str, str]] = []
     fence: str | None = None
@@ -62,7 +90,9 @@ def fenced_lines(text: str) -> list[tuple[int, str, str]]:
 
 
 def logical_lines(text: str) -> list[tuple[int, str]]:
-    """Command lines of the fenced blocks with `\\` continuations joined and console prompts removed."""
+    """Command lines of the fenced blocks with `\\` continuations joined and console prompts
+    removed.
+    """
     out: list[tuple[int, str]] = []
     pending: tuple[int, str] | None = None
     for n, lang, line in fenced_lines(text):
@@ -160,7 +190,8 @@ def check(cmd: Command, parser: argparse.ArgumentParser) -> list[str]:
         if sub is not None:
             if tok not in sub.choices:
                 problems.append(
-                    f"{cmd}: `{' '.join(path)}` has no subcommand {tok!r} (choices: {sorted(sub.choices)})"
+                    f"{cmd}: `{' '.join(path)}` has no subcommand {tok!r} (choices: "
+                    f"{sorted(sub.choices)})"
                 )
                 return problems
             p = sub.choices[tok]
@@ -186,7 +217,9 @@ def test_documented_commands_exist_with_their_flags(doc: str) -> None:
     path = ROOT / doc
     commands, problems = check_text(path.read_text(), doc)
     assert not problems, "\n".join(problems)
-    assert len(commands) >= MIN_COMMANDS.get(doc, 0), f"only {len(commands)} commands found in {doc}"
+    assert len(commands) >= MIN_COMMANDS.get(doc, 0), (
+        f"only {len(commands)} commands found in {doc}"
+    )
 
 
 FIXTURE = """
@@ -211,7 +244,10 @@ $ pf2lora certs revoke --dir pki --silo silo-a
 def test_the_checker_rejects_made_up_flags_and_subcommands() -> None:
     commands, problems = check_text(FIXTURE, "fixture.md")
     assert [c.argv[:2] for c in commands] == [
-        ("run", "start"), ("certs", "revoke"), ("silo", "serve"), ("coordinator",),
+        ("run", "start"),
+        ("certs", "revoke"),
+        ("silo", "serve"),
+        ("coordinator",),
     ]
     text = "\n".join(problems)
     assert "`pf2lora run start` has no option --made-up-flag" in text
@@ -225,7 +261,9 @@ def test_the_checker_rejects_made_up_flags_and_subcommands() -> None:
 
 
 def test_placeholders_and_value_flags_are_understood() -> None:
-    doc = "```console\n$ pf2lora run status --tls-dir pki/admins/ops [RUN_ID] [--json] [--wait]\n" \
-          "$ pf2lora --log-level DEBUG silos --json\n```\n"
+    doc = (
+        "```console\n$ pf2lora run status --tls-dir pki/admins/ops [RUN_ID] [--json] [--wait]\n"
+        "$ pf2lora --log-level DEBUG silos --json\n```\n"
+    )
     commands, problems = check_text(doc, "ok.md")
     assert len(commands) == 2 and not problems, problems

@@ -1,4 +1,6 @@
-"""Daemon configs (including every TOML under deploy/), run files and the admin CLI's error messages."""
+"""Daemon configs (including every TOML under deploy/), run files and the admin CLI's error
+messages.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_deployed_coordinator_configs_load(path: Path) -> None:
     cfg = load_coordinator_config(path)
     assert cfg.tls.configured and not cfg.server.insecure
-    assert cfg.server.silo_api_listen.endswith(":8443") and cfg.server.control_api_listen.endswith(":8444")
+    assert cfg.server.silo_api_listen.endswith(":8443") and cfg.server.control_api_listen.endswith(
+        ":8444"
+    )
     assert cfg.server.metrics_listen.endswith(":9100"), "the pods' prometheus.io/port is 9100"
 
 
@@ -33,11 +37,15 @@ def test_deployed_silo_configs_load(path: Path) -> None:
     assert cfg.data.train_files and cfg.data.eval_files and cfg.model.path
     # The daemon can read what the manifests point it at (common.data.load_local's formats).
     for f in cfg.data.train_files + cfg.data.eval_files:
-        assert Path(f).suffix.lower() in LOCAL_FORMATS, f"{path}: {f} is not a format load_local reads"
+        assert Path(f).suffix.lower() in LOCAL_FORMATS, (
+            f"{path}: {f} is not a format load_local reads"
+        )
     assert cfg.server.metrics_listen.endswith(":9100"), "the pods' prometheus.io/port is 9100"
 
 
-def test_secure_by_default_and_explicit_insecure(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_secure_by_default_and_explicit_insecure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with pytest.raises(ConfigError, match="--insecure"):
         load_coordinator_config(None)
     cfg = load_coordinator_config(None, {"server.insecure": True})
@@ -82,11 +90,11 @@ def test_run_file_and_flag_overrides(tmp_path: Path) -> None:
     assert cfg.algorithm.train.local_steps == 7 and cfg.model.num_labels == 3
     # secure aggregation: on unless switched off explicitly; [secagg] from the file, flags override
     assert cfg.secure_aggregation and cfg.secagg_clip == 4.0 and cfg.round_min_silos == 2
-    run.write_text(run.read_text() + '[secagg]\nclip = 2.0\nthreshold = 3\n')
+    run.write_text(run.read_text() + "[secagg]\nclip = 2.0\nthreshold = 3\n")
     ns.secagg_clip, ns.secure_aggregation = 1.5, False
     cfg = build_run_config(ns)
     assert (cfg.secure_aggregation, cfg.secagg_clip, cfg.secagg.threshold) == (False, 1.5, 3)
-    run.write_text('[secagg]\nneighbours = 3\n')  # odd: refused by name
+    run.write_text("[secagg]\nneighbours = 3\n")  # odd: refused by name
     with pytest.raises(ConfigError, match="secagg.neighbours"):
         build_run_config(argparse.Namespace(run_file=run, **{k: None for k in _run_flags()}))
     run.write_text("roundz = 1\n")

@@ -18,12 +18,31 @@ def test_demo_runs_a_federation_and_prints_the_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], insecure: bool
 ) -> None:
     work = tmp_path / "demo"
-    argv = ["demo", "--workdir", str(work), "--num-layers", "1", "--rounds", "1", "--local-steps", "2",
-            "--max-train", "24", "--max-test", "12", "--max-length", "32", "--threads", "1"]
+    argv = [
+        "demo",
+        "--workdir",
+        str(work),
+        "--num-layers",
+        "1",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "2",
+        "--max-train",
+        "24",
+        "--max-test",
+        "12",
+        "--max-length",
+        "32",
+        "--threads",
+        "1",
+    ]
     assert main(argv + (["--insecure"] if insecure else [])) == 0
     out = capsys.readouterr().out
     assert "round 1/1 complete: 4 silo(s), secure aggregation" in out
-    assert ("plaintext" if insecure else "mutual TLS") in out and "secure aggregation (SecAgg+)" in out
+    assert (
+        "plaintext" if insecure else "mutual TLS"
+    ) in out and "secure aggregation (SecAgg+)" in out
     for silo in ("amazon", "movies", "nyt", "tweets"):
         assert silo in out
         assert (work / "silos" / silo / "data" / "train.jsonl").is_file()

@@ -1,5 +1,6 @@
 """The coordinator's gRPC services driven directly: every bad input refused with its status and no
-state change (under mutual TLS with certificates from common/transport/pki.py), and a 200 MB adapter through
+state change (under mutual TLS with certificates from common/transport/pki.py), and a 200 MB adapter
+through
 the real FetchGlobal/PushUpdate path.
 
 The coordinator runs in this process (Coordinator from coordinator/server.py, real gRPC servers on
@@ -55,11 +56,19 @@ def _tls(d: Path) -> TlsSection:
     return TlsSection(str(d / "ca.crt"), str(d / "tls.crt"), str(d / "tls.key"))
 
 
-def _server_cfg(state_dir: Path, tls: TlsSection, allowed: tuple[str, ...], insecure: bool = False) -> CoordinatorConfig:
+def _server_cfg(
+    state_dir: Path, tls: TlsSection, allowed: tuple[str, ...], insecure: bool = False
+) -> CoordinatorConfig:
     return CoordinatorConfig(
         federation=FederationSection(name=FED, allowed_silos=allowed),
-        server=ServerSection(silo_api_listen="127.0.0.1:0", control_api_listen="127.0.0.1:0",
-                             health_listen="", metrics_listen="", long_poll_s=0.5, insecure=insecure),
+        server=ServerSection(
+            silo_api_listen="127.0.0.1:0",
+            control_api_listen="127.0.0.1:0",
+            health_listen="",
+            metrics_listen="",
+            long_poll_s=0.5,
+            insecure=insecure,
+        ),
         tls=tls,
         storage=StorageSection(state_dir=str(state_dir)),
     )
@@ -74,19 +83,26 @@ def _channel(port: int, role_dir: Path) -> grpc.Channel:
 @pytest.fixture
 def tls_federation(tmp_path: Path) -> Iterator[SimpleNamespace]:
     pki_dir = tmp_path / "pki"
-    pki_files.provision_federation(pki_dir, FED, ("localhost",), silos=(*SILOS, "mallory"), admins=("ops",))
+    pki_files.provision_federation(
+        pki_dir, FED, ("localhost",), silos=(*SILOS, "mallory"), admins=("ops",)
+    )
     state = tmp_path / "coordinator"
     coord = Coordinator(
         _server_cfg(state, _tls(pki_files.coordinator_dir(pki_dir)), SILOS),
         initial_state=lambda algorithm, model, seed: {k: v.clone() for k, v in INITIAL.items()},
     )
     coord.start()
-    channels = {s: _channel(coord.ports["silo_api"], pki_files.silo_dir(pki_dir, s)) for s in (*SILOS, "mallory")}
+    channels = {
+        s: _channel(coord.ports["silo_api"], pki_files.silo_dir(pki_dir, s))
+        for s in (*SILOS, "mallory")
+    }
     admin = _channel(coord.ports["control_api"], pki_files.admin_dir(pki_dir, "ops"))
     silo_on_control = _channel(coord.ports["control_api"], pki_files.silo_dir(pki_dir, "silo-a"))
     try:
         yield SimpleNamespace(
-            coord=coord, state=state, pki=pki_dir,
+            coord=coord,
+            state=state,
+            pki=pki_dir,
             silo={s: silo_pb2_grpc.SiloApiStub(c) for s, c in channels.items()},
             control=control_pb2_grpc.ControlApiStub(admin),
             silo_as_admin=control_pb2_grpc.ControlApiStub(silo_on_control),
@@ -101,18 +117,28 @@ def _snapshot(env: SimpleNamespace) -> tuple[object, list[tuple[str, str]]]:
     """Every DB row (but last-seen times) and every checkpoint file's hash."""
     files = sorted(
         (str(p.relative_to(env.state)), hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in env.state.rglob("*") if p.is_file() and not p.name.startswith("state.db")
+        for p in env.state.rglob("*")
+        if p.is_file() and not p.name.startswith("state.db")
     )
     return env.coord.store.dump(), files
 
 
 def _payload(task: silo_pb2.Task, value: float = 1.0) -> dict[str, torch.Tensor]:
-    return weighted_payload({k: torch.full_like(v, value) for k, v in INITIAL.items()}, task.train.weight)
+    return weighted_payload(
+        {k: torch.full_like(v, value) for k, v in INITIAL.items()}, task.train.weight
+    )
 
 
-def _stream(task: silo_pb2.Task, silo: str, tensors: dict[str, torch.Tensor], **kw: object) -> list[tpb.StreamMessage]:
-    args: dict[str, object] = dict(run_id=task.run_id, round=task.round, kind=streams.StreamKind.UPDATE,
-                                   silo_id=silo, scalars={"attempt": task.train.attempt})
+def _stream(
+    task: silo_pb2.Task, silo: str, tensors: dict[str, torch.Tensor], **kw: object
+) -> list[tpb.StreamMessage]:
+    args: dict[str, object] = dict(
+        run_id=task.run_id,
+        round=task.round,
+        kind=streams.StreamKind.UPDATE,
+        silo_id=silo,
+        scalars={"attempt": task.train.attempt},
+    )
     args.update(kw)
     return list(streams.tensors_to_stream(tensors, **args))  # type: ignore[arg-type]
 
@@ -125,17 +151,31 @@ def _code_of(fn: Callable[[], object]) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def test_every_bad_input_is_refused_with_its_status_and_changes_nothing(tls_federation: SimpleNamespace) -> None:
+def test_every_bad_input_is_refused_with_its_status_and_changes_nothing(
+    tls_federation: SimpleNamespace,
+) -> None:
     env = tls_federation
     silo = env.silo
     # the control API admits admin certificates only
-    assert _code_of(lambda: env.silo_as_admin.ListSilos(cpb.ListSilosRequest(), timeout=10)) == Code.PERMISSION_DENIED
+    assert (
+        _code_of(lambda: env.silo_as_admin.ListSilos(cpb.ListSilosRequest(), timeout=10))
+        == Code.PERMISSION_DENIED
+    )
     # plain updates (secure rounds' messages: tests/test_secure_round.py)
-    cfg = RunConfig(model=ModelConfig(path="unused"), rounds=2, min_silos=2, enroll_window_s=30.0,
-                    secure_aggregation=False)
-    run_id = env.control.StartRun(cpb.StartRunRequest(run_config_json=to_json(cfg), run_id="r1"), timeout=30).run_id
+    cfg = RunConfig(
+        model=ModelConfig(path="unused"),
+        rounds=2,
+        min_silos=2,
+        enroll_window_s=30.0,
+        secure_aggregation=False,
+    )
+    run_id = env.control.StartRun(
+        cpb.StartRunRequest(run_config_json=to_json(cfg), run_id="r1"), timeout=30
+    ).run_id
     for s in SILOS:
-        silo[s].Join(silo_pb2.JoinRequest(silo_id=s, num_samples=10 * (SILOS.index(s) + 1)), timeout=10)
+        silo[s].Join(
+            silo_pb2.JoinRequest(silo_id=s, num_samples=10 * (SILOS.index(s) + 1)), timeout=10
+        )
     for s in SILOS:
         silo[s].GetTask(silo_pb2.GetTaskRequest(silo_id=s, wait_ms=10), timeout=10)
     tasks = {s: silo[s].GetTask(silo_pb2.GetTaskRequest(silo_id=s), timeout=10) for s in SILOS}
@@ -164,35 +204,147 @@ def test_every_bad_input_is_refused_with_its_status_and_changes_nothing(tls_fede
     nan = dict(good, **{"classifier.weight": torch.full((2, 8), float("nan"))})
     inf = dict(good, **{"classifier.weight": torch.full((2, 8), float("inf"))})
     cases: list[tuple[str, Callable[[], object], grpc.StatusCode]] = [
-        ("unknown tensor name", push("silo-a", _stream(ta, "silo-a", renamed())), Code.INVALID_ARGUMENT),
-        ("extra tensor", push("silo-a", _stream(ta, "silo-a", dict(good, extra=torch.ones(3)))), Code.INVALID_ARGUMENT),
-        ("missing tensor", push("silo-a", _stream(ta, "silo-a", {k: v for k, v in good.items() if k != "classifier.weight"})), Code.INVALID_ARGUMENT),
-        ("wrong shape", push("silo-a", _stream(ta, "silo-a", dict(good, **{"classifier.weight": torch.ones(8, 2)}))), Code.INVALID_ARGUMENT),
-        ("wrong dtype", push("silo-a", _stream(ta, "silo-a", {k: v.double() for k, v in good.items()})), Code.INVALID_ARGUMENT),
+        (
+            "unknown tensor name",
+            push("silo-a", _stream(ta, "silo-a", renamed())),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            "extra tensor",
+            push("silo-a", _stream(ta, "silo-a", dict(good, extra=torch.ones(3)))),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            "missing tensor",
+            push(
+                "silo-a",
+                _stream(ta, "silo-a", {k: v for k, v in good.items() if k != "classifier.weight"}),
+            ),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            "wrong shape",
+            push(
+                "silo-a",
+                _stream(ta, "silo-a", dict(good, **{"classifier.weight": torch.ones(8, 2)})),
+            ),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            "wrong dtype",
+            push("silo-a", _stream(ta, "silo-a", {k: v.double() for k, v in good.items()})),
+            Code.INVALID_ARGUMENT,
+        ),
         ("bad digest", push("silo-a", tamper(_stream(ta, "silo-a", good))), Code.INVALID_ARGUMENT),
         ("NaN", push("silo-a", _stream(ta, "silo-a", nan)), Code.INVALID_ARGUMENT),
         ("inf", push("silo-a", _stream(ta, "silo-a", inf)), Code.INVALID_ARGUMENT),
-        ("truncated (no trailer)", push("silo-a", _stream(ta, "silo-a", good)[:-1]), Code.INVALID_ARGUMENT),
-        ("chunk before header", push("silo-a", _stream(ta, "silo-a", good)[1:]), Code.INVALID_ARGUMENT),
-        ("wrong stream kind", push("silo-a", _stream(ta, "silo-a", good, kind=streams.StreamKind.GLOBAL_MODEL)), Code.INVALID_ARGUMENT),
-        ("no attempt", push("silo-a", _stream(ta, "silo-a", good, scalars={})), Code.INVALID_ARGUMENT),
-        ("future round", push("silo-a", _stream(ta, "silo-a", good, round=2)), Code.FAILED_PRECONDITION),
-        ("stale round", push("silo-a", _stream(ta, "silo-a", good, round=0)), Code.FAILED_PRECONDITION),
-        ("stale attempt", push("silo-a", _stream(ta, "silo-a", good, scalars={"attempt": 7})), Code.FAILED_PRECONDITION),
-        ("unknown run", push("silo-a", _stream(ta, "silo-a", good, run_id="r0")), Code.FAILED_PRECONDITION),
-        ("claims another silo's id", push("silo-a", _stream(ta, "silo-b", good)), Code.PERMISSION_DENIED),
-        ("unknown silo pushes", push("mallory", _stream(ta, "mallory", good)), Code.PERMISSION_DENIED),
-        ("unknown silo joins", lambda: silo["mallory"].Join(silo_pb2.JoinRequest(silo_id="mallory", num_samples=5), timeout=10), Code.PERMISSION_DENIED),
-        ("unknown silo asks for work", lambda: silo["mallory"].GetTask(silo_pb2.GetTaskRequest(silo_id="mallory"), timeout=10), Code.PERMISSION_DENIED),
-        ("silo without samples", lambda: silo["silo-a"].Join(silo_pb2.JoinRequest(silo_id="silo-a", num_samples=0), timeout=10), Code.INVALID_ARGUMENT),
-        ("non-finite metric", lambda: silo["silo-a"].ReportMetrics(silo_pb2.ReportMetricsRequest(
-            silo_id="silo-a", run_id=run_id, round=1, kind=silo_pb2.METRICS_KIND_TRAIN, metrics={"loss": float("nan")}), timeout=10),
-         Code.INVALID_ARGUMENT),
-        ("metrics of an unknown run", lambda: silo["silo-a"].ReportMetrics(silo_pb2.ReportMetricsRequest(
-            silo_id="silo-a", run_id="nope", round=1, kind=silo_pb2.METRICS_KIND_TRAIN, metrics={"loss": 1.0}), timeout=10),
-         Code.NOT_FOUND),
-        ("global of a future round", lambda: list(silo["silo-a"].FetchGlobal(
-            silo_pb2.FetchGlobalRequest(silo_id="silo-a", run_id=run_id, round=1), timeout=10)), Code.FAILED_PRECONDITION),
+        (
+            "truncated (no trailer)",
+            push("silo-a", _stream(ta, "silo-a", good)[:-1]),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            "chunk before header",
+            push("silo-a", _stream(ta, "silo-a", good)[1:]),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            "wrong stream kind",
+            push("silo-a", _stream(ta, "silo-a", good, kind=streams.StreamKind.GLOBAL_MODEL)),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            "no attempt",
+            push("silo-a", _stream(ta, "silo-a", good, scalars={})),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            "future round",
+            push("silo-a", _stream(ta, "silo-a", good, round=2)),
+            Code.FAILED_PRECONDITION,
+        ),
+        (
+            "stale round",
+            push("silo-a", _stream(ta, "silo-a", good, round=0)),
+            Code.FAILED_PRECONDITION,
+        ),
+        (
+            "stale attempt",
+            push("silo-a", _stream(ta, "silo-a", good, scalars={"attempt": 7})),
+            Code.FAILED_PRECONDITION,
+        ),
+        (
+            "unknown run",
+            push("silo-a", _stream(ta, "silo-a", good, run_id="r0")),
+            Code.FAILED_PRECONDITION,
+        ),
+        (
+            "claims another silo's id",
+            push("silo-a", _stream(ta, "silo-b", good)),
+            Code.PERMISSION_DENIED,
+        ),
+        (
+            "unknown silo pushes",
+            push("mallory", _stream(ta, "mallory", good)),
+            Code.PERMISSION_DENIED,
+        ),
+        (
+            "unknown silo joins",
+            lambda: silo["mallory"].Join(
+                silo_pb2.JoinRequest(silo_id="mallory", num_samples=5), timeout=10
+            ),
+            Code.PERMISSION_DENIED,
+        ),
+        (
+            "unknown silo asks for work",
+            lambda: silo["mallory"].GetTask(silo_pb2.GetTaskRequest(silo_id="mallory"), timeout=10),
+            Code.PERMISSION_DENIED,
+        ),
+        (
+            "silo without samples",
+            lambda: silo["silo-a"].Join(
+                silo_pb2.JoinRequest(silo_id="silo-a", num_samples=0), timeout=10
+            ),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            "non-finite metric",
+            lambda: silo["silo-a"].ReportMetrics(
+                silo_pb2.ReportMetricsRequest(
+                    silo_id="silo-a",
+                    run_id=run_id,
+                    round=1,
+                    kind=silo_pb2.METRICS_KIND_TRAIN,
+                    metrics={"loss": float("nan")},
+                ),
+                timeout=10,
+            ),
+            Code.INVALID_ARGUMENT,
+        ),
+        (
+            "metrics of an unknown run",
+            lambda: silo["silo-a"].ReportMetrics(
+                silo_pb2.ReportMetricsRequest(
+                    silo_id="silo-a",
+                    run_id="nope",
+                    round=1,
+                    kind=silo_pb2.METRICS_KIND_TRAIN,
+                    metrics={"loss": 1.0},
+                ),
+                timeout=10,
+            ),
+            Code.NOT_FOUND,
+        ),
+        (
+            "global of a future round",
+            lambda: list(
+                silo["silo-a"].FetchGlobal(
+                    silo_pb2.FetchGlobalRequest(silo_id="silo-a", run_id=run_id, round=1),
+                    timeout=10,
+                )
+            ),
+            Code.FAILED_PRECONDITION,
+        ),
     ]
     before = _snapshot(env)
     for name, fn, expected in cases:
@@ -202,7 +354,10 @@ def test_every_bad_input_is_refused_with_its_status_and_changes_nothing(tls_fede
     # a good update is accepted; the same silo's second update is refused and changes nothing
     push("silo-a", _stream(ta, "silo-a", _payload(ta, 1.0)))()
     after_first = _snapshot(env)
-    assert _code_of(push("silo-a", _stream(ta, "silo-a", _payload(ta, 1.0)))) == Code.FAILED_PRECONDITION
+    assert (
+        _code_of(push("silo-a", _stream(ta, "silo-a", _payload(ta, 1.0))))
+        == Code.FAILED_PRECONDITION
+    )
     assert _snapshot(env) == after_first
     push("silo-b", _stream(tasks["silo-b"], "silo-b", _payload(tasks["silo-b"], 2.0)))()
     push("silo-c", _stream(tasks["silo-c"], "silo-c", _payload(tasks["silo-c"], 3.0)))()
@@ -215,9 +370,14 @@ def test_every_bad_input_is_refused_with_its_status_and_changes_nothing(tls_fede
         torch.testing.assert_close(g1[name], torch.full_like(INITIAL[name], expected))
     # an update for the now stale round 1
     after_round = _snapshot(env)
-    assert _code_of(push("silo-b", _stream(tasks["silo-b"], "silo-b", _payload(tasks["silo-b"])))) == Code.FAILED_PRECONDITION
+    assert (
+        _code_of(push("silo-b", _stream(tasks["silo-b"], "silo-b", _payload(tasks["silo-b"]))))
+        == Code.FAILED_PRECONDITION
+    )
     assert _snapshot(env) == after_round
-    manifest = env.control.GetRoundManifest(cpb.GetRoundManifestRequest(run_id=run_id, round=1), timeout=10)
+    manifest = env.control.GetRoundManifest(
+        cpb.GetRoundManifestRequest(run_id=run_id, round=1), timeout=10
+    )
     assert sorted(u.silo_id for u in manifest.updates) == list(SILOS)
     assert {t.name for t in manifest.global_tensors} == set(INITIAL)
 
@@ -235,13 +395,20 @@ def test_a_200mb_adapter_streams_through_fetch_global_and_push_update(tmp_path: 
     )
     coord.start()
     client = CoordinatorClient(
-        SiloConfig(silo=SiloSection(id="silo-a", federation=FED, state_dir=str(tmp_path / "silo")),
-                   coordinator=CoordinatorSection(address=f"127.0.0.1:{coord.ports['silo_api']}", insecure=True)),
+        SiloConfig(
+            silo=SiloSection(id="silo-a", federation=FED, state_dir=str(tmp_path / "silo")),
+            coordinator=CoordinatorSection(
+                address=f"127.0.0.1:{coord.ports['silo_api']}", insecure=True
+            ),
+        ),
         stop=threading.Event(),
     )
     try:
-        run_id = coord.engine.start_run(RunConfig(model=ModelConfig(path="unused"), rounds=1, min_silos=1,
-                                                  secure_aggregation=False))
+        run_id = coord.engine.start_run(
+            RunConfig(
+                model=ModelConfig(path="unused"), rounds=1, min_silos=1, secure_aggregation=False
+            )
+        )
         client.join(100, "test")
         task = client.get_task("")
         while task.__class__.__name__ == "IdleTask":
@@ -254,12 +421,17 @@ def test_a_200mb_adapter_streams_through_fetch_global_and_push_update(tmp_path: 
         receipt = client.push_update(run_id, 1, task.attempt, payload)  # type: ignore[union-attr]
         t2 = time.perf_counter()
         assert receipt.received == 1
-        print(f"200 MB adapter: FetchGlobal {total / (t1 - t0) / 1e6:.0f} MB/s, "
-              f"PushUpdate + aggregation + checkpoint {total / (t2 - t1) / 1e6:.0f} MB/s")
+        print(
+            f"200 MB adapter: FetchGlobal {total / (t1 - t0) / 1e6:.0f} MB/s, "
+            f"PushUpdate + aggregation + checkpoint {total / (t2 - t1) / 1e6:.0f} MB/s"
+        )
         g1 = CheckpointStore(tmp_path / "coordinator").read(run_id, 1)
         for k, v in big.items():
             torch.testing.assert_close(g1[k], v * 0.5)
-        assert task_from_proto(silo_pb2.Task(idle=silo_pb2.IdleTask())).__class__.__name__ == "IdleTask"
+        assert (
+            task_from_proto(silo_pb2.Task(idle=silo_pb2.IdleTask())).__class__.__name__
+            == "IdleTask"
+        )
     finally:
         client.close()
         coord.stop(grace=0)
@@ -270,9 +442,16 @@ def test_health_port_reports_the_services(tmp_path: Path) -> None:
 
     cfg = _server_cfg(tmp_path / "c", TlsSection(), ("silo-a",), insecure=True)
     cfg = CoordinatorConfig(
-        federation=cfg.federation, tls=cfg.tls, storage=cfg.storage,
-        server=ServerSection(silo_api_listen="127.0.0.1:0", control_api_listen="127.0.0.1:0",
-                             health_listen="127.0.0.1:0", metrics_listen="", insecure=True),
+        federation=cfg.federation,
+        tls=cfg.tls,
+        storage=cfg.storage,
+        server=ServerSection(
+            silo_api_listen="127.0.0.1:0",
+            control_api_listen="127.0.0.1:0",
+            health_listen="127.0.0.1:0",
+            metrics_listen="",
+            insecure=True,
+        ),
     )
     coord = Coordinator(cfg)
     coord.start()
@@ -283,14 +462,23 @@ def test_health_port_reports_the_services(tmp_path: Path) -> None:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
             # nothing else is served on the plaintext port: not the silo API, not the control API
-            for method in ("/pf2lora.v1.SiloApi/Join", "/pf2lora.v1.SiloApi/GetTask",
-                           "/pf2lora.v1.ControlApi/ListSilos", "/pf2lora.v1.ControlApi/StartRun"):
-                assert _code_of(lambda m=method: ch.unary_unary(m)(b"", timeout=10)) == Code.UNIMPLEMENTED, method
+            for method in (
+                "/pf2lora.v1.SiloApi/Join",
+                "/pf2lora.v1.SiloApi/GetTask",
+                "/pf2lora.v1.ControlApi/ListSilos",
+                "/pf2lora.v1.ControlApi/StartRun",
+            ):
+                assert (
+                    _code_of(lambda m=method: ch.unary_unary(m)(b"", timeout=10))
+                    == Code.UNIMPLEMENTED
+                ), method
     finally:
         coord.stop(grace=0)
 
 
-def test_tls_and_identity_refusals_against_the_real_coordinator_change_nothing(tls_federation: SimpleNamespace) -> None:
+def test_tls_and_identity_refusals_against_the_real_coordinator_change_nothing(
+    tls_federation: SimpleNamespace,
+) -> None:
     """Every way in without the right certificate, against the real coordinator during a run: the
     call fails with its status and no SQLite row or checkpoint file changes. Each request would
     change state if it were accepted (a new sample count, stopping the run)."""
@@ -298,42 +486,77 @@ def test_tls_and_identity_refusals_against_the_real_coordinator_change_nothing(t
 
     env = tls_federation
     cfg = RunConfig(model=ModelConfig(path="unused"), rounds=2, min_silos=2, enroll_window_s=30.0)
-    run_id = env.control.StartRun(cpb.StartRunRequest(run_config_json=to_json(cfg), run_id="r2"), timeout=30).run_id
+    run_id = env.control.StartRun(
+        cpb.StartRunRequest(run_config_json=to_json(cfg), run_id="r2"), timeout=30
+    ).run_id
     for s in SILOS:
         env.silo[s].Join(silo_pb2.JoinRequest(silo_id=s, num_samples=10), timeout=10)
     port = env.coord.ports["silo_api"]
     ca_pem = (env.pki / "ca.crt").read_bytes()
     ca = pki_files.load_ca(env.pki)
     now = dt.datetime.now(dt.UTC)
-    expired = pki.issue_silo_cert(ca, "silo-a", not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1))
-    stranger = pki.issue_silo_cert(pki.create_ca(FED), "silo-a")  # same federation name and id, another CA
+    expired = pki.issue_silo_cert(
+        ca, "silo-a", not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)
+    )
+    stranger = pki.issue_silo_cert(
+        pki.create_ca(FED), "silo-a"
+    )  # same federation name and id, another CA
 
     def stub(cert: pki.IssuedCertificate | None, port: int = port) -> silo_pb2_grpc.SiloApiStub:
-        creds = grpc_factory.channel_credentials(ca_pem, cert.cert_pem(), cert.key_pem()) if cert else \
-            grpc_factory.channel_credentials(ca_pem)
-        return silo_pb2_grpc.SiloApiStub(grpc_factory.create_channel(
-            f"127.0.0.1:{port}", creds, server_name_override="localhost"))
+        creds = (
+            grpc_factory.channel_credentials(ca_pem, cert.cert_pem(), cert.key_pem())
+            if cert
+            else grpc_factory.channel_credentials(ca_pem)
+        )
+        return silo_pb2_grpc.SiloApiStub(
+            grpc_factory.create_channel(
+                f"127.0.0.1:{port}", creds, server_name_override="localhost"
+            )
+        )
 
     def join(s: silo_pb2_grpc.SiloApiStub, silo: str = "silo-a") -> Callable[[], object]:
         return lambda: s.Join(silo_pb2.JoinRequest(silo_id=silo, num_samples=999), timeout=10)
 
-    keys_as_b = silo_pb2.AdvertiseKeysRequest(header=silo_pb2.SecAggHeader(silo_id="silo-b", run_id=run_id, round=1, attempt=1))
+    keys_as_b = silo_pb2.AdvertiseKeysRequest(
+        header=silo_pb2.SecAggHeader(silo_id="silo-b", run_id=run_id, round=1, attempt=1)
+    )
     cases: list[tuple[str, Callable[[], object], grpc.StatusCode]] = [
         ("no client certificate", join(stub(None)), Code.UNAVAILABLE),
         ("a certificate from another CA", join(stub(stranger)), Code.UNAVAILABLE),
         ("an expired certificate", join(stub(expired)), Code.UNAVAILABLE),
-        ("silo-a's certificate claiming silo-b (Join)", join(env.silo["silo-a"], "silo-b"), Code.PERMISSION_DENIED),
-        ("silo-a's certificate claiming silo-b (AdvertiseKeys)",
-         lambda: env.silo["silo-a"].AdvertiseKeys(keys_as_b, timeout=10), Code.PERMISSION_DENIED),
-        ("a silo certificate on the control API (StopRun)",
-         lambda: env.silo_as_admin.StopRun(cpb.StopRunRequest(run_id=run_id), timeout=10), Code.PERMISSION_DENIED),
-        ("a silo certificate on the control API (StartRun)",
-         lambda: env.silo_as_admin.StartRun(cpb.StartRunRequest(run_config_json=to_json(cfg)), timeout=10),
-         Code.PERMISSION_DENIED),
-        ("a silo not on the allow-list", join(env.silo["mallory"], "mallory"), Code.PERMISSION_DENIED),
+        (
+            "silo-a's certificate claiming silo-b (Join)",
+            join(env.silo["silo-a"], "silo-b"),
+            Code.PERMISSION_DENIED,
+        ),
+        (
+            "silo-a's certificate claiming silo-b (AdvertiseKeys)",
+            lambda: env.silo["silo-a"].AdvertiseKeys(keys_as_b, timeout=10),
+            Code.PERMISSION_DENIED,
+        ),
+        (
+            "a silo certificate on the control API (StopRun)",
+            lambda: env.silo_as_admin.StopRun(cpb.StopRunRequest(run_id=run_id), timeout=10),
+            Code.PERMISSION_DENIED,
+        ),
+        (
+            "a silo certificate on the control API (StartRun)",
+            lambda: env.silo_as_admin.StartRun(
+                cpb.StartRunRequest(run_config_json=to_json(cfg)), timeout=10
+            ),
+            Code.PERMISSION_DENIED,
+        ),
+        (
+            "a silo not on the allow-list",
+            join(env.silo["mallory"], "mallory"),
+            Code.PERMISSION_DENIED,
+        ),
     ]
     before = _snapshot(env)
     for name, fn, expected in cases:
         assert _code_of(fn) == expected, name
         assert _snapshot(env) == before, f"{name} changed the coordinator's state"
-    assert env.control.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id), timeout=10).state == cpb.RUN_STATE_RUNNING
+    assert (
+        env.control.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id), timeout=10).state
+        == cpb.RUN_STATE_RUNNING
+    )

@@ -1,4 +1,5 @@
-"""One real federation (coordinator + 3 silo processes, loopback gRPC, MiniLM cut to one layer) run to
+"""One real federation (coordinator + 3 silo processes, loopback gRPC, MiniLM cut to one layer) run
+to
 completion with secure aggregation (the default), then checked five ways: completion, parity with
 `pf2lora simulate` (within the fixed-point bound), privacy of what each silo sent (only masked
 vectors of the payload spec's layout, which look uniform, and no private byte), the audit of both
@@ -46,18 +47,38 @@ pytestmark = pytest.mark.slow
 SILOS = ("silo-0", "silo-1", "silo-2")
 SIZES = (24, 32, 40)  # different sample counts: non-trivial FedAvg weights
 WITHHOLDS = "silo-2"  # report_metrics = false: it sends the coordinator no scalar metrics
-SILO_METHODS = {f"/pf2lora.v1.SiloApi/{m}": m for m in (
-    "Join", "GetTask", "FetchGlobal", "PushUpdate", "ReportMetrics",
-    "AdvertiseKeys", "ShareKeys", "ConsistencyCheck", "Unmask")}
-SECAGG_REQUESTS = {"AdvertiseKeys": "AdvertiseKeysRequest", "ShareKeys": "ShareKeysRequest",
-                   "ConsistencyCheck": "ConsistencyCheckRequest", "Unmask": "UnmaskRequest"}
+SILO_METHODS = {
+    f"/pf2lora.v1.SiloApi/{m}": m
+    for m in (
+        "Join",
+        "GetTask",
+        "FetchGlobal",
+        "PushUpdate",
+        "ReportMetrics",
+        "AdvertiseKeys",
+        "ShareKeys",
+        "ConsistencyCheck",
+        "Unmask",
+    )
+}
+SECAGG_REQUESTS = {
+    "AdvertiseKeys": "AdvertiseKeysRequest",
+    "ShareKeys": "ShareKeysRequest",
+    "ConsistencyCheck": "ConsistencyCheckRequest",
+    "Unmask": "UnmaskRequest",
+}
 
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     root = tmp_path_factory.mktemp("federation")
-    silos = {s: write_silo_data(root / "data" / s, k, n) for k, (s, n) in enumerate(zip(SILOS, SIZES, strict=True))}
-    extra: dict[str, dict[str, object]] = {s: {"audit_log": str(root / f"{s}.audit")} for s in SILOS}
+    silos = {
+        s: write_silo_data(root / "data" / s, k, n)
+        for k, (s, n) in enumerate(zip(SILOS, SIZES, strict=True))
+    }
+    extra: dict[str, dict[str, object]] = {
+        s: {"audit_log": str(root / f"{s}.audit")} for s in SILOS
+    }
     extra[WITHHOLDS]["report_metrics"] = False
     fed = Federation(root, silos, silo_extra=extra)
     proxy: RecordingProxy | None = None
@@ -72,7 +93,9 @@ def done(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
         run_id = fed.start_run(cfg, "parity")
         status = fed.wait_run_done(run_id, timeout=400)
         fed.wait(lambda: not any(fed.procs.alive(s) for s in SILOS), 60, "silos exit after the run")
-        yield SimpleNamespace(fed=fed, root=root, run_id=run_id, status=status, cfg=cfg, silos=silos, proxy=proxy)
+        yield SimpleNamespace(
+            fed=fed, root=root, run_id=run_id, status=status, cfg=cfg, silos=silos, proxy=proxy
+        )
     finally:
         fed.close()
         if proxy is not None:
@@ -95,22 +118,36 @@ def test_full_run_completes(done: SimpleNamespace) -> None:
     assert all(done.fed.procs.procs[s].returncode == 0 for s in SILOS)
     for h in st.history:  # every round was securely aggregated, nobody dropped
         assert h.secure_aggregation and not h.dropped
-        assert {"advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask"} <= set(h.stage_seconds)
+        assert {
+            "advertise_keys",
+            "share_keys",
+            "masked_input",
+            "consistency_check",
+            "unmask",
+        } <= set(h.stage_seconds)
     ck = CheckpointStore(done.root / "coordinator")
     assert ck.rounds_on_disk(done.run_id) == [0, 1, 2]
     store = Store(done.root / "coordinator" / "state.db")
     try:
         rows = store.rounds(done.run_id)
-        assert [(r.round, r.state) for r in rows] == [(0, "complete"), (1, "complete"), (2, "complete")]
+        assert [(r.round, r.state) for r in rows] == [
+            (0, "complete"),
+            (1, "complete"),
+            (2, "complete"),
+        ]
         for r in rows:  # every checkpoint matches the digest committed for it
             ck.read(done.run_id, r.round, r.checkpoint_digest)
         weights = {p.silo_id: p.weight for p in store.participants(done.run_id, 1)}
-        assert weights == pytest.approx({s: n / sum(SIZES) for s, n in zip(SILOS, SIZES, strict=True)})
+        assert weights == pytest.approx(
+            {s: n / sum(SIZES) for s, n in zip(SILOS, SIZES, strict=True)}
+        )
     finally:
         store.close()
 
 
-def test_a_silo_with_report_metrics_false_sends_the_coordinator_no_scalars(done: SimpleNamespace) -> None:
+def test_a_silo_with_report_metrics_false_sends_the_coordinator_no_scalars(
+    done: SimpleNamespace,
+) -> None:
     """Its update still counts (parity below covers all three), but the coordinator holds no
     metric of it beyond the withheld marker, and nothing else left the silo in a metrics report."""
     store = Store(done.root / "coordinator" / "state.db")
@@ -122,11 +159,14 @@ def test_a_silo_with_report_metrics_false_sends_the_coordinator_no_scalars(done:
     assert mine == {(2, WITHHOLDS, "evaluate"): {"metrics_withheld": 1.0}}
     others = {key[1] for key in rows if key[2] == "train"}
     assert others == set(SILOS) - {WITHHOLDS}  # the other silos did report
-    reports = [silo_pb2.ReportMetricsRequest.FromString(data)
-               for method, data in read_audit_log(done.root / f"{WITHHOLDS}.audit")
-               if method.endswith("/ReportMetrics")]
+    reports = [
+        silo_pb2.ReportMetricsRequest.FromString(data)
+        for method, data in read_audit_log(done.root / f"{WITHHOLDS}.audit")
+        if method.endswith("/ReportMetrics")
+    ]
     assert [(r.kind, dict(r.metrics)) for r in reports] == [
-        (silo_pb2.METRICS_KIND_EVALUATE, {"metrics_withheld": 1.0})]
+        (silo_pb2.METRICS_KIND_EVALUATE, {"metrics_withheld": 1.0})
+    ]
     for h in done.status.history:
         assert WITHHOLDS in h.reported  # its update was part of every round's sum
 
@@ -137,8 +177,13 @@ def test_parity_with_the_in_process_simulation(done: SimpleNamespace) -> None:
     trains = [str(done.silos[s][0]) for s in SILOS]
     tests = [str(done.silos[s][1]) for s in SILOS]
     sim_cfg = SimulationConfig(
-        algorithm=cfg.algorithm, model=cfg.model, rounds=cfg.rounds, seed=cfg.seed,
-        data=DataConfig(source="files", num_clients=3, train_files=tuple(trains), test_files=tuple(tests)),
+        algorithm=cfg.algorithm,
+        model=cfg.model,
+        rounds=cfg.rounds,
+        seed=cfg.seed,
+        data=DataConfig(
+            source="files", num_clients=3, train_files=tuple(trains), test_files=tuple(tests)
+        ),
     )
     sim = secure_simulation(sim_cfg, roster_size=3)  # the sums secure aggregation reveals
     fed_global = CheckpointStore(done.root / "coordinator").read(done.run_id, cfg.rounds)
@@ -162,12 +207,18 @@ def test_parity_with_the_in_process_simulation(done: SimpleNamespace) -> None:
     for k, s in enumerate(SILOS):
         if s == WITHHOLDS:
             continue
-        assert fed_eval[s]["personal_accuracy"] == pytest.approx(sim.clients[k]["personal_accuracy"])
-        assert fed_eval[s]["personal_loss"] == pytest.approx(sim.clients[k]["personal_loss"], rel=1e-4)
+        assert fed_eval[s]["personal_accuracy"] == pytest.approx(
+            sim.clients[k]["personal_accuracy"]
+        )
+        assert fed_eval[s]["personal_loss"] == pytest.approx(
+            sim.clients[k]["personal_loss"], rel=1e-4
+        )
 
 
 def _windows(t: torch.Tensor, count: int = 24, size: int = 32) -> list[bytes]:
-    """Byte windows spread over a tensor's raw bytes, skipping low-entropy ones (zeros match anything)."""
+    """Byte windows spread over a tensor's raw bytes, skipping low-entropy ones (zeros match
+    anything).
+    """
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     if len(raw) < size:
         return []
@@ -220,7 +271,9 @@ def test_privacy_only_masked_shared_tensors_leave_a_silo(done: SimpleNamespace) 
                 msg = getattr(silo_pb2, SECAGG_REQUESTS[kind]).FromString(data)
                 assert msg.header.silo_id == silo and len(data) < 16384
             elif kind != "PushUpdate":
-                getattr(silo_pb2, f"{kind}Request" if kind != "FetchGlobal" else "FetchGlobalRequest").FromString(data)
+                getattr(
+                    silo_pb2, f"{kind}Request" if kind != "FetchGlobal" else "FetchGlobalRequest"
+                ).FromString(data)
         streams = _streams(records)
         assert len(streams) == cfg.rounds  # one update per round, nothing else carried tensors
         sent: list[torch.Tensor] = []
@@ -233,8 +286,12 @@ def test_privacy_only_masked_shared_tensors_leave_a_silo(done: SimpleNamespace) 
         # the same test tells a plain update apart: the fixed-point code of a weighted payload
         # (the final global state times this silo's weight) is far from uniform
         final = CheckpointStore(done.root / "coordinator").read(done.run_id, cfg.rounds)
-        weight = next(p.weight for p in done.status.participants) if done.status.participants else 1 / 3
-        plain, _ = flatten({**{k: v * weight for k, v in final.items()}, "__weight__": torch.tensor(weight)})
+        weight = (
+            next(p.weight for p in done.status.participants) if done.status.participants else 1 / 3
+        )
+        plain, _ = flatten(
+            {**{k: v * weight for k, v in final.items()}, "__weight__": torch.tensor(weight)}
+        )
         encoded, _ = fixedpoint.encode(plain, 4.0, 26)
         assert _p_uniform(encoded) < 1e-12
         # byte level: no window of any private tensor, at any saved round, was ever sent
@@ -254,21 +311,39 @@ def test_privacy_only_masked_shared_tensors_leave_a_silo(done: SimpleNamespace) 
             assert found >= 0.9 * len(sent_windows) > 0
 
 
-def test_audit_of_every_silo_finds_nothing(done: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
-    """`pf2lora run audit` against the real coordinator: each silo's wire record (and its audit log of
+def test_audit_of_every_silo_finds_nothing(
+    done: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pf2lora run audit` against the real coordinator: each silo's wire record (and its audit log
+    of
     sent messages) agrees with the coordinator's manifests; a tampered record is a finding."""
     from pf2lora.cli.main import main
 
-    base = ["run", "audit", done.run_id, "--insecure", "--coordinator", f"127.0.0.1:{done.fed.control_port}"]
+    base = [
+        "run",
+        "audit",
+        done.run_id,
+        "--insecure",
+        "--coordinator",
+        f"127.0.0.1:{done.fed.control_port}",
+    ]
     for silo in SILOS:
-        argv = [*base, "--silo-state", str(done.root / silo), "--audit-log", str(done.root / f"{silo}.audit")]
+        argv = [
+            *base,
+            "--silo-state",
+            str(done.root / silo),
+            "--audit-log",
+            str(done.root / f"{silo}.audit"),
+        ]
         code = main(argv)
         out = capsys.readouterr().out
         assert code == 0, out
         assert "0 finding(s)" in out and out.count("MASKED_UPDATE") == 2
     wire = done.root / "silo-1" / "runs" / done.run_id / "wire.jsonl"
     tampered = done.root / "tampered.jsonl"
-    tampered.write_text(wire.read_text().replace('"name": "masked"', '"name": "enc.private.weight"', 1))
+    tampered.write_text(
+        wire.read_text().replace('"name": "masked"', '"name": "enc.private.weight"', 1)
+    )
     assert main([*base, "--silo-state", str(tampered)]) == 1
     assert "FINDING" in capsys.readouterr().out
 

@@ -1,4 +1,5 @@
-"""Secure aggregation with real processes over mutual TLS (certificates made in the test): one of five
+"""Secure aggregation with real processes over mutual TLS (certificates made in the test): one of
+five
 silos is killed (SIGKILL) after the key-sharing stage; the round completes with the survivors, its
 pairwise masks are removed with the survivors' shares, and the global state equals the weighted mean
 of the four survivors (the in-process simulation of those four silos). The plaintext health ports
@@ -30,32 +31,54 @@ VICTIM = "silo-4"  # the last index: the survivors are clients 0..3, as in a 4-c
 def _only_health(port: int) -> None:
     """SERVING over plaintext, and the silo/control APIs are not served on that port."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        reply = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        for method in ("/pf2lora.v1.SiloApi/Join", "/pf2lora.v1.SiloApi/GetTask", "/pf2lora.v1.ControlApi/ListSilos",
-                       "/pf2lora.v1.ControlApi/StartRun"):
+        for method in (
+            "/pf2lora.v1.SiloApi/Join",
+            "/pf2lora.v1.SiloApi/GetTask",
+            "/pf2lora.v1.ControlApi/ListSilos",
+            "/pf2lora.v1.ControlApi/StartRun",
+        ):
             with pytest.raises(grpc.RpcError) as exc:
                 ch.unary_unary(method)(b"", timeout=10)
             assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED, method
 
 
-def test_silo_killed_after_key_sharing_round_completes_with_the_survivors_mean(tmp_path: Path) -> None:
+def test_silo_killed_after_key_sharing_round_completes_with_the_survivors_mean(
+    tmp_path: Path,
+) -> None:
     silos = {s: write_silo_data(tmp_path / "data" / s, k, 16 + 4 * k) for k, s in enumerate(SILOS)}
     coord_health, silo_health = free_port(), free_port()
-    fed = Federation(tmp_path, silos, tls=True, coordinator_args=["--health-listen", f"127.0.0.1:{coord_health}"],
-                     silo_extra={"silo-0": {"health_listen": f"127.0.0.1:{silo_health}"}})
+    fed = Federation(
+        tmp_path,
+        silos,
+        tls=True,
+        coordinator_args=["--health-listen", f"127.0.0.1:{coord_health}"],
+        silo_extra={"silo-0": {"health_listen": f"127.0.0.1:{silo_health}"}},
+    )
     try:
         fed.start_coordinator()
         for s in SILOS:
-            fed.start_silo(s, env={FAILPOINT_ENV: "stop-before:masked_input"} if s == VICTIM else None)
+            fed.start_silo(
+                s, env={FAILPOINT_ENV: "stop-before:masked_input"} if s == VICTIM else None
+            )
         fed.wait_for_silos(180)
         _only_health(coord_health)
         _only_health(silo_health)
-        cfg = run_config(rounds=1, min_silos=4, round_deadline_s=300.0, local_steps=2,
-                         secagg=SecAggSettings(stage_deadline_s=8.0))
+        cfg = run_config(
+            rounds=1,
+            min_silos=4,
+            round_deadline_s=300.0,
+            local_steps=2,
+            secagg=SecAggSettings(stage_deadline_s=8.0),
+        )
         run_id = fed.start_run(cfg, "dropout")
         # the victim shared its keys, received its shares and stopped itself before masking
-        fed.wait(lambda: fed.procs.stopped(VICTIM), 240, f"{VICTIM} stopped before its masked input")
+        fed.wait(
+            lambda: fed.procs.stopped(VICTIM), 240, f"{VICTIM} stopped before its masked input"
+        )
         st = fed.status(run_id)
         assert st.secagg_stage == "masked_input", st
         fed.procs.kill9(VICTIM)
@@ -63,7 +86,11 @@ def test_silo_killed_after_key_sharing_round_completes_with_the_survivors_mean(t
         assert final.state == cpb.RUN_STATE_COMPLETED, fed.procs.tails()
         h = final.history[0]
         assert h.attempt == 1 and h.secure_aggregation
-        assert sorted(h.participants) == SILOS and sorted(h.reported) == SILOS[:4] and list(h.dropped) == [VICTIM]
+        assert (
+            sorted(h.participants) == SILOS
+            and sorted(h.reported) == SILOS[:4]
+            and list(h.dropped) == [VICTIM]
+        )
         store = Store(tmp_path / "coordinator" / "state.db")
         try:
             stages = {st.stage: st.silos for st in store.stages(run_id, 1, 1)}
@@ -74,11 +101,21 @@ def test_silo_killed_after_key_sharing_round_completes_with_the_survivors_mean(t
         fed.close()
     # The sum the coordinator unmasked is the four survivors' weighted payloads, renormalised by
     # their summed weight: the simulation of those four silos alone, within the fixed-point bound.
-    sim = secure_simulation(SimulationConfig(
-        algorithm=cfg.algorithm, model=cfg.model, rounds=1, seed=cfg.seed,
-        data=DataConfig(source="files", num_clients=4, train_files=tuple(str(silos[s][0]) for s in SILOS[:4]),
-                        test_files=tuple(str(silos[s][1]) for s in SILOS[:4])),
-    ), roster_size=5)  # F is chosen for the round's roster of 5, not for the survivors
+    sim = secure_simulation(
+        SimulationConfig(
+            algorithm=cfg.algorithm,
+            model=cfg.model,
+            rounds=1,
+            seed=cfg.seed,
+            data=DataConfig(
+                source="files",
+                num_clients=4,
+                train_files=tuple(str(silos[s][0]) for s in SILOS[:4]),
+                test_files=tuple(str(silos[s][1]) for s in SILOS[:4]),
+            ),
+        ),
+        roster_size=5,
+    )  # F is chosen for the round's roster of 5, not for the survivors
     fed_global = CheckpointStore(tmp_path / "coordinator").read(run_id, 1)
     worst = max(float((fed_global[k] - sim.final_global[k]).abs().max()) for k in fed_global)
     print(f"dropout: max |federation - simulation of the 4 survivors| = {worst:.3g}")

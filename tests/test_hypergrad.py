@@ -70,9 +70,7 @@ def test_implicit_matches_finite_differences_of_the_true_hyperobjective() -> Non
     def hyper(w):  # type: ignore[no-untyped-def]
         return loss(w, y_star(w), zeta)
 
-    res = hg.implicit(
-        loss_fn, {"w": W}, {"v": v_opt}, xi, zeta, beta=1e-12, terms=400, scale=0.2
-    )
+    res = hg.implicit(loss_fn, {"w": W}, {"v": v_opt}, xi, zeta, beta=1e-12, terms=400, scale=0.2)
     g = torch.Generator().manual_seed(2)
     for _ in range(3):
         d = torch.randn(W.shape, generator=g, dtype=torch.float64)

@@ -35,7 +35,8 @@ SERVICE = "pf2lora.test.Probe"
 TIMEOUT_S = 10
 
 
-# --- the servers under test: raw-bytes methods, requests carry the claimed silo id -----------------
+# --- the servers under test: raw-bytes methods, requests carry the claimed silo id
+# -----------------
 
 
 def _silo(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -97,7 +98,9 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
         d, FED, ["localhost"], silos=["hospital-a", "hospital-b", "hospital-c"], admins=["ops"]
     )
     ca = pki_files.load_ca(d)
-    creds = grpc_factory.server_credentials(*pki_files.load_tls_material(pki_files.coordinator_dir(d)))
+    creds = grpc_factory.server_credentials(
+        *pki_files.load_tls_material(pki_files.coordinator_dir(d))
+    )
     servers = []
     ports = []
     for interceptors, tls in (
@@ -209,9 +212,14 @@ def test_expired_certificate_is_refused(fed: Federation) -> None:
 def test_silo_refuses_a_server_without_the_dialed_name(fed: Federation) -> None:
     a = _role(fed, "silos/hospital-a")
     code, _ = _code(
-        _call, fed.silo_port, "Silo", b"hospital-a", ca_pem=fed.ca.cert_pem(), client=a,
+        _call,
+        fed.silo_port,
+        "Silo",
+        b"hospital-a",
+        ca_pem=fed.ca.cert_pem(),
+        client=a,
         server_name="coordinator.evil.example",
-    )  # fmt: skip
+    )
     assert code == grpc.StatusCode.UNAVAILABLE
 
 
@@ -271,9 +279,14 @@ def test_certificate_with_two_identities_is_denied(fed: Federation) -> None:
     # Our CA never issues one; if a CA did, the identity would be ambiguous.
     uris = ["spiffe://acme/silo/hospital-a", "spiffe://acme/silo/hospital-b"]
     two = pki._issue_leaf(
-        fed.ca, ["two"], [x509.UniformResourceIdentifier(u) for u in uris],
-        ExtendedKeyUsageOID.CLIENT_AUTH, 1, None, None,
-    )  # fmt: skip
+        fed.ca,
+        ["two"],
+        [x509.UniformResourceIdentifier(u) for u in uris],
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        1,
+        None,
+        None,
+    )
     with pytest.raises(InvalidArgument, match="2 SPIFFE URIs"):
         identity_from_cert(two.cert)
     code, details = _code(

@@ -1,5 +1,7 @@
-"""Prometheus metrics: the engine's hooks on a fake clock, separate registries, and both /metrics endpoints
-scraped over HTTP before, during and after a real loopback federation (coordinator + 2 silo processes)."""
+"""Prometheus metrics: the engine's hooks on a fake clock, separate registries, and both /metrics
+endpoints
+scraped over HTTP before, during and after a real loopback federation (coordinator + 2 silo
+processes)."""
 
 from __future__ import annotations
 
@@ -62,9 +64,14 @@ class Clock:
 
 def _engine(tmp_path: Path, clock: Clock, metrics: CoordinatorMetrics) -> Engine:
     eng = Engine(
-        Store(tmp_path / "state.db"), CheckpointStore(tmp_path), federation="test",
-        allowed_silos=("a", "b", "c"), initial_state=lambda a, m, s: {k: v.clone() for k, v in STATE.items()},
-        clock=clock, wall=clock, metrics=metrics,
+        Store(tmp_path / "state.db"),
+        CheckpointStore(tmp_path),
+        federation="test",
+        allowed_silos=("a", "b", "c"),
+        initial_state=lambda a, m, s: {k: v.clone() for k, v in STATE.items()},
+        clock=clock,
+        wall=clock,
+        metrics=metrics,
     )
     for s, n in zip("abc", (10, 20, 30), strict=True):
         eng.join(s, n, "test")
@@ -84,14 +91,26 @@ def _sealed_tasks(eng: Engine) -> dict[str, TrainTask]:
     return tasks  # type: ignore[return-value]
 
 
-def test_engine_hooks_count_rounds_durations_participants_dropouts_and_reopenings(tmp_path: Path) -> None:
+def test_engine_hooks_count_rounds_durations_participants_dropouts_and_reopenings(
+    tmp_path: Path,
+) -> None:
     clock, m = Clock(), CoordinatorMetrics()
     eng = _engine(tmp_path, clock, m)
-    cfg = RunConfig(model=ModelConfig(path="unused"), rounds=2, min_silos=2, round_deadline_s=60.0,
-                    enroll_window_s=5.0, seed=0, secure_aggregation=False)  # plain updates pushed here
+    cfg = RunConfig(
+        model=ModelConfig(path="unused"),
+        rounds=2,
+        min_silos=2,
+        round_deadline_s=60.0,
+        enroll_window_s=5.0,
+        seed=0,
+        secure_aggregation=False,
+    )  # plain updates pushed here
     eng.start_run(cfg)
     value = m.registry.get_sample_value
-    assert value("pf2lora_coordinator_run_active") == 1 and value("pf2lora_coordinator_current_round") == 1
+    assert (
+        value("pf2lora_coordinator_run_active") == 1
+        and value("pf2lora_coordinator_current_round") == 1
+    )
 
     # Round 1, attempt 1: only "a" reports by the deadline (< min_silos): re-opened, 2 dropouts.
     tasks = _sealed_tasks(eng)
@@ -124,7 +143,10 @@ def test_engine_hooks_count_rounds_durations_participants_dropouts_and_reopening
     assert value("pf2lora_coordinator_dropouts_total") == 3
     assert value("pf2lora_coordinator_round_duration_seconds_count") == 2
     eng.stop_run(eng.active_run_id())
-    assert value("pf2lora_coordinator_run_active") == 0 and value("pf2lora_coordinator_current_round") == 0
+    assert (
+        value("pf2lora_coordinator_run_active") == 0
+        and value("pf2lora_coordinator_current_round") == 0
+    )
 
 
 def test_secagg_stage_hook_and_separate_registries() -> None:
@@ -134,12 +156,17 @@ def test_secagg_stage_hook_and_separate_registries() -> None:
         pass
     a.observe_secagg_stage("unmask", 0.25)
     get = a.registry.get_sample_value
-    assert get("pf2lora_coordinator_secagg_stage_duration_seconds_count", {"stage": "share_keys"}) == 1
+    assert (
+        get("pf2lora_coordinator_secagg_stage_duration_seconds_count", {"stage": "share_keys"}) == 1
+    )
     assert get("pf2lora_coordinator_secagg_stage_duration_seconds_sum", {"stage": "unmask"}) == 0.25
     for stage in SECAGG_STAGES:  # every stage has a series from the start
-        assert b.registry.get_sample_value(
-            "pf2lora_coordinator_secagg_stage_duration_seconds_count", {"stage": stage}
-        ) == 0
+        assert (
+            b.registry.get_sample_value(
+                "pf2lora_coordinator_secagg_stage_duration_seconds_count", {"stage": stage}
+            )
+            == 0
+        )
     assert not [n for n in REGISTRY._names_to_collectors if n.startswith("pf2lora")]
 
 
@@ -154,7 +181,10 @@ def test_listen_addresses_and_a_busy_port() -> None:
     try:
         m.evaluated({"personal_accuracy": 0.75, "shared_accuracy": 0.5})
         got = scrape(server.port)
-        assert got["pf2lora_silo_personal_accuracy"] == 0.75 and got["pf2lora_silo_evaluations_total"] == 1
+        assert (
+            got["pf2lora_silo_personal_accuracy"] == 0.75
+            and got["pf2lora_silo_evaluations_total"] == 1
+        )
         with pytest.raises(ConfigError, match="cannot listen"):
             start_metrics_server(f"127.0.0.1:{server.port}", m.registry)
     finally:
@@ -172,8 +202,12 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNames
     silos = {s: write_silo_data(root / "data" / s, k, 16) for k, s in enumerate(SILOS)}
     ports = {name: free_port() for name in ("coordinator", *SILOS)}
     extra = {s: {"metrics_listen": f"127.0.0.1:{ports[s]}", "exit_after_run": False} for s in SILOS}
-    fed = Federation(root, silos, silo_extra=extra,
-                     coordinator_args=["--metrics-listen", f"127.0.0.1:{ports['coordinator']}"])
+    fed = Federation(
+        root,
+        silos,
+        silo_extra=extra,
+        coordinator_args=["--metrics-listen", f"127.0.0.1:{ports['coordinator']}"],
+    )
     try:
         fed.start()
         fed.wait_for_silos()
@@ -188,7 +222,10 @@ def test_endpoints_move_during_a_real_federation(federation: SimpleNamespace) ->
     before = {name: scrape(port) for name, port in ports.items()}
     c0 = before["coordinator"]
     assert c0["pf2lora_coordinator_rounds_completed_total"] == 0
-    assert c0["pf2lora_coordinator_received_bytes_total"] == 0 and c0["pf2lora_coordinator_run_active"] == 0
+    assert (
+        c0["pf2lora_coordinator_received_bytes_total"] == 0
+        and c0["pf2lora_coordinator_run_active"] == 0
+    )
     assert any(k.startswith('pf2lora_coordinator_info{federation="pf2lora",version=') for k in c0)
     for s in SILOS:
         assert before[s]["pf2lora_silo_train_seconds_count"] == 0
@@ -223,13 +260,18 @@ def test_endpoints_move_during_a_real_federation(federation: SimpleNamespace) ->
     evaluation = {e.silo_id: dict(e.metrics) for e in status.evaluation}
     for s in SILOS:
         m = after[s]
-        assert m["pf2lora_silo_train_seconds_count"] == 2 and m["pf2lora_silo_train_seconds_sum"] > 0
+        assert (
+            m["pf2lora_silo_train_seconds_count"] == 2 and m["pf2lora_silo_train_seconds_sum"] > 0
+        )
         assert m['pf2lora_silo_transfer_seconds_count{direction="push"}'] == 2
-        assert m["pf2lora_silo_rounds_participated_total"] == 2 and m["pf2lora_silo_last_round"] == 2
+        assert (
+            m["pf2lora_silo_rounds_participated_total"] == 2 and m["pf2lora_silo_last_round"] == 2
+        )
         assert m["pf2lora_silo_train_loss"] > 0
         assert m["pf2lora_silo_evaluations_total"] == 1
         # The accuracy gauges hold exactly what the silo reported to the coordinator.
-        assert m["pf2lora_silo_personal_accuracy"] == pytest.approx(evaluation[s]["personal_accuracy"])
+        assert m["pf2lora_silo_personal_accuracy"] == pytest.approx(
+            evaluation[s]["personal_accuracy"]
+        )
         assert m["pf2lora_silo_shared_accuracy"] == pytest.approx(evaluation[s]["shared_accuracy"])
         assert any(k.startswith("pf2lora_silo_info{") and f'silo="{s}"' in k for k in m)
-

@@ -93,7 +93,7 @@ def test_private_disabled_is_w0_plus_shared() -> None:
     with m.private_disabled():
         shared_only = m.forward_batch(batch)[1]
     base = batch["x"] @ m.peft.base_model.model.linear.base_layer.weight.T
-    (delta_name, _), = m.delta_weights().items()
+    ((delta_name, _),) = m.delta_weights().items()
     layer = m.peft.base_model.model.linear
     ba = layer.scaling[SHARED] * layer.lora_B[SHARED].weight @ layer.lora_A[SHARED].weight
     torch.testing.assert_close(shared_only, base + batch["x"] @ ba.T)
@@ -139,8 +139,13 @@ def test_causal_lm_path_targets_q_v_and_trains(tmp_path) -> None:  # type: ignor
 
     tok = tokenizer()
     cfg = LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")

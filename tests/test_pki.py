@@ -36,9 +36,13 @@ SILOS = ("hospital-a", "hospital-b")
 def fed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki") / "federation"
     pki_files.provision_federation(
-        d, FED, ["localhost", "coord.acme.svc"], server_ips=["127.0.0.1"], silos=SILOS,
+        d,
+        FED,
+        ["localhost", "coord.acme.svc"],
+        server_ips=["127.0.0.1"],
+        silos=SILOS,
         admins=["ops"],
-    )  # fmt: skip
+    )
     return d
 
 
@@ -217,9 +221,20 @@ def test_good_names_are_accepted(good: str) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "*.acme.org", "a..b", "coord.", ".coord", "a_b.org", "x" * 64 + ".org", "127.0.0.1",
-     "::1", "coörd.org", "a" * 250 + ".org"],
-)  # fmt: skip
+    [
+        "",
+        "*.acme.org",
+        "a..b",
+        "coord.",
+        ".coord",
+        "a_b.org",
+        "x" * 64 + ".org",
+        "127.0.0.1",
+        "::1",
+        "coörd.org",
+        "a" * 250 + ".org",
+    ],
+)
 def test_bad_server_dns_names_are_rejected(bad: str) -> None:
     ca = pki.create_ca(FED)
     with pytest.raises(ConfigError, match="server DNS name"):
@@ -284,13 +299,17 @@ def test_existing_keys_are_not_overwritten_without_force(tmp_path: Path) -> None
     assert _snapshot(d) == before  # refused before anything was written
     ca = pki_files.load_ca(d)
     with pytest.raises(ConfigError, match="--force"):
-        pki_files.write_role(pki_files.silo_dir(d, "hospital-a"), pki.issue_silo_cert(ca, "hospital-a"),
-                       ca.cert)  # fmt: skip
+        pki_files.write_role(
+            pki_files.silo_dir(d, "hospital-a"), pki.issue_silo_cert(ca, "hospital-a"), ca.cert
+        )
     with pytest.raises(ConfigError, match="--force"):
         pki_files.write_ca(d, pki.create_ca(FED))
     assert _snapshot(d) == before
     pki_files.write_role(
-        pki_files.silo_dir(d, "hospital-a"), pki.issue_silo_cert(ca, "hospital-a"), ca.cert, force=True
+        pki_files.silo_dir(d, "hospital-a"),
+        pki.issue_silo_cert(ca, "hospital-a"),
+        ca.cert,
+        force=True,
     )
     after = _snapshot(d)
     assert after["silos/hospital-a/tls.key"] != before["silos/hospital-a/tls.key"]
@@ -303,8 +322,12 @@ def test_ca_loaded_from_disk_issues_more_leaves(tmp_path: Path) -> None:
     ca_pem = (d / "ca.crt").read_bytes()
     ca = pki_files.load_ca(d)
     assert ca.federation == FED and ca.cert_pem() == ca_pem
-    pki_files.write_role(pki_files.silo_dir(d, "hospital-c"), pki.issue_silo_cert(ca, "hospital-c"), ca.cert)
-    pki_files.write_role(pki_files.coordinator_dir(d), pki.issue_server_cert(ca), ca.cert, force=True)
+    pki_files.write_role(
+        pki_files.silo_dir(d, "hospital-c"), pki.issue_silo_cert(ca, "hospital-c"), ca.cert
+    )
+    pki_files.write_role(
+        pki_files.coordinator_dir(d), pki.issue_server_cert(ca), ca.cert, force=True
+    )
     assert (d / "ca.crt").read_bytes() == ca_pem
     trusted = _cert(d / "ca.crt")
     silo_c = _cert(d / "silos/hospital-c/tls.crt")
@@ -358,8 +381,22 @@ def _certs_only(argv: list[str]) -> int:
 @pytest.mark.parametrize("run", [_main, _certs_only], ids=["main", "certs-parser"])
 def test_cli_init_issue_rotate_show(run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     d = tmp_path / "pki"
-    argv = ["certs", "init", "--dir", str(d), "--federation", FED, "--server-name", "localhost",
-            "--server-name", "coord.acme.svc", "--silo", "hospital-a", "--admin", "ops"]  # fmt: skip
+    argv = [
+        "certs",
+        "init",
+        "--dir",
+        str(d),
+        "--federation",
+        FED,
+        "--server-name",
+        "localhost",
+        "--server-name",
+        "coord.acme.svc",
+        "--silo",
+        "hospital-a",
+        "--admin",
+        "ops",
+    ]
     assert run(argv) == 0
     assert run(argv) == 2  # keys exist: refused without --force
     assert "use --force" in capsys.readouterr().err
@@ -373,8 +410,12 @@ def test_cli_init_issue_rotate_show(run, tmp_path: Path, capsys: pytest.CaptureF
     capsys.readouterr()
     assert run(["certs", "show", "--dir", str(d)]) == 0
     out = capsys.readouterr().out
-    for uri in ("spiffe://acme/silo/hospital-a", "spiffe://acme/silo/hospital-b",
-                "spiffe://acme/admin/ops", "spiffe://acme/admin/alice"):  # fmt: skip
+    for uri in (
+        "spiffe://acme/silo/hospital-a",
+        "spiffe://acme/silo/hospital-b",
+        "spiffe://acme/admin/ops",
+        "spiffe://acme/admin/alice",
+    ):
         assert uri in out
     assert "localhost, coord.acme.svc" in out  # rotate-server kept the names
 

@@ -1,4 +1,6 @@
-"""The committed generated protobuf code matches the .proto files, and generate.py --check catches drift."""
+"""The committed generated protobuf code matches the .proto files, and generate.py --check catches
+drift.
+"""
 
 from __future__ import annotations
 

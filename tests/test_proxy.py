@@ -1,5 +1,7 @@
-"""A silo behind an HTTP proxy: which proxy settings the silo's channel (grpc_factory.create_channel) honours,
-checked with a real CONNECT proxy in front of a mutual-TLS server (what docs/operations.md states)."""
+"""A silo behind an HTTP proxy: which proxy settings the silo's channel
+(grpc_factory.create_channel) honours,
+checked with a real CONNECT proxy in front of a mutual-TLS server (what docs/operations.md
+states)."""
 
 from __future__ import annotations
 
@@ -18,8 +20,18 @@ from tlsutil import make_pki
 
 from pf2lora.common.transport import grpc_factory
 
-PROXY_VARS = ("grpc_proxy", "https_proxy", "http_proxy", "no_grpc_proxy", "no_proxy",
-              "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY", "NO_GRPC_PROXY", "NO_PROXY")
+PROXY_VARS = (
+    "grpc_proxy",
+    "https_proxy",
+    "http_proxy",
+    "no_grpc_proxy",
+    "no_proxy",
+    "GRPC_PROXY",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_GRPC_PROXY",
+    "NO_PROXY",
+)
 
 
 @dataclass
@@ -73,7 +85,9 @@ class ConnectProxy:
 
 @pytest.fixture(scope="module")
 def tls_server() -> Iterator[tuple[int, bytes, bytes, bytes]]:
-    """A mutual-TLS server (cert for localhost) with the health service; (port, ca, cert, key) of a silo."""
+    """A mutual-TLS server (cert for localhost) with the health service; (port, ca, cert, key) of a
+    silo.
+    """
     pki = make_pki()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
@@ -92,9 +106,11 @@ def proxy() -> Iterator[ConnectProxy]:
 
 
 def call(tls_server: tuple[int, bytes, bytes, bytes]) -> grpc.StatusCode:
-    """One call the way a silo dials: its channel factory, mutual TLS, the name in the certificate."""
+    """One call as a silo dials: its channel factory, mutual TLS, the name in the certificate."""
     port, ca, cert, key = tls_server
-    channel = grpc_factory.create_channel(f"localhost:{port}", grpc_factory.channel_credentials(ca, cert, key))
+    channel = grpc_factory.create_channel(
+        f"localhost:{port}", grpc_factory.channel_credentials(ca, cert, key)
+    )
     try:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         return grpc.StatusCode.OK
@@ -112,16 +128,23 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("var", ["https_proxy", "http_proxy", "grpc_proxy"])
 def test_lower_case_proxy_variables_tunnel_mutual_tls(
-    var: str, tls_server: tuple[int, bytes, bytes, bytes], proxy: ConnectProxy, monkeypatch: pytest.MonkeyPatch
+    var: str,
+    tls_server: tuple[int, bytes, bytes, bytes],
+    proxy: ConnectProxy,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(var, f"http://127.0.0.1:{proxy.port}")
     assert call(tls_server) == grpc.StatusCode.OK
     # One tunnel to the NAME the silo dialled: the proxy resolves it, TLS runs end to end inside.
-    assert [h.split("\r\n")[0] for h in proxy.heads] == [f"CONNECT localhost:{tls_server[0]} HTTP/1.1"]
+    assert [h.split("\r\n")[0] for h in proxy.heads] == [
+        f"CONNECT localhost:{tls_server[0]} HTTP/1.1"
+    ]
 
 
 def test_proxy_credentials_are_sent_as_basic_auth(
-    tls_server: tuple[int, bytes, bytes, bytes], proxy: ConnectProxy, monkeypatch: pytest.MonkeyPatch
+    tls_server: tuple[int, bytes, bytes, bytes],
+    proxy: ConnectProxy,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("https_proxy", f"http://silo-a:s3cret@127.0.0.1:{proxy.port}")
     assert call(tls_server) == grpc.StatusCode.OK
@@ -141,7 +164,9 @@ def test_proxy_credentials_are_sent_as_basic_auth(
     ids=["HTTPS_PROXY", "no-scheme", "https-scheme", "no_proxy", "no_grpc_proxy"],
 )
 def test_settings_that_bypass_the_proxy(
-    env: dict[str, str], tls_server: tuple[int, bytes, bytes, bytes], proxy: ConnectProxy,
+    env: dict[str, str],
+    tls_server: tuple[int, bytes, bytes, bytes],
+    proxy: ConnectProxy,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for var, value in env.items():

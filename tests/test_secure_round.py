@@ -1,4 +1,5 @@
-"""Secure aggregation in the round, through the real coordinator (gRPC servers on loopback, mutual TLS
+"""Secure aggregation in the round, through the real coordinator (gRPC servers on loopback, mutual
+TLS
 with certificates made in the test) and the silo's real client and SecureRoundDriver, with fixed
 payloads instead of training: the aggregate is the weighted mean, what the coordinator stores and
 serves matches the silos' records (`pf2lora run audit`), bad secure-aggregation messages are
@@ -79,12 +80,19 @@ def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     pki_files.provision_federation(pki_dir, FED, ("localhost",), silos=silos, admins=("ops",))
     cfg = CoordinatorConfig(
         federation=FederationSection(name=FED, allowed_silos=silos),
-        server=ServerSection(silo_api_listen="127.0.0.1:0", control_api_listen="127.0.0.1:0",
-                             health_listen="", metrics_listen="", long_poll_s=0.5),
+        server=ServerSection(
+            silo_api_listen="127.0.0.1:0",
+            control_api_listen="127.0.0.1:0",
+            health_listen="",
+            metrics_listen="",
+            long_poll_s=0.5,
+        ),
         tls=_tls(pki_files.coordinator_dir(pki_dir)),
         storage=StorageSection(state_dir=str(tmp_path / "coordinator")),
     )
-    coord = Coordinator(cfg, initial_state=lambda a, m, s: {k: v.clone() for k, v in INITIAL.items()})
+    coord = Coordinator(
+        cfg, initial_state=lambda a, m, s: {k: v.clone() for k, v in INITIAL.items()}
+    )
     coord.start()
     try:
         yield Env(coord=coord, pki=pki_dir, root=tmp_path, silos=silos)
@@ -96,8 +104,13 @@ def _silo_cfg(env: Env, silo: str) -> SiloConfig:
     return SiloConfig(
         silo=SiloSection(id=silo, federation=FED, state_dir=str(env.root / silo)),
         coordinator=CoordinatorSection(
-            address=f"127.0.0.1:{env.coord.ports['silo_api']}", server_name="localhost", long_poll_s=0.5,
-            call_timeout_s=10.0, retry_initial_s=0.1, retry_max_s=0.5),
+            address=f"127.0.0.1:{env.coord.ports['silo_api']}",
+            server_name="localhost",
+            long_poll_s=0.5,
+            call_timeout_s=10.0,
+            retry_initial_s=0.1,
+            retry_max_s=0.5,
+        ),
         tls=_tls(pki_files.silo_dir(env.pki, silo)),
     )
 
@@ -126,7 +139,9 @@ class PayloadSilo:
         raise AssertionError(f"{self.silo}: no TRAIN task")
 
     def payload(self, task: TrainTask) -> dict[str, torch.Tensor]:
-        return weighted_payload({k: torch.full_like(v, self.value) for k, v in INITIAL.items()}, task.weight)
+        return weighted_payload(
+            {k: torch.full_like(v, self.value) for k, v in INITIAL.items()}, task.weight
+        )
 
     def take_part(self, run_id: str) -> None:
         try:
@@ -142,15 +157,25 @@ class PayloadSilo:
 
 def _admin(env: Env) -> control_pb2_grpc.ControlApiStub:
     ca, cert, key = grpc_factory.TlsFiles.in_dir(pki_files.admin_dir(env.pki, "ops")).read()
-    ch = grpc_factory.create_channel(f"127.0.0.1:{env.coord.ports['control_api']}",
-                                     grpc_factory.channel_credentials(ca, cert, key), server_name_override="localhost")
+    ch = grpc_factory.create_channel(
+        f"127.0.0.1:{env.coord.ports['control_api']}",
+        grpc_factory.channel_credentials(ca, cert, key),
+        server_name_override="localhost",
+    )
     return control_pb2_grpc.ControlApiStub(ch)
 
 
 def _start(env: Env, **kw: Any) -> tuple[str, list[PayloadSilo]]:
     settings = kw.pop("secagg", SecAggSettings(stage_deadline_s=5.0))
-    cfg = RunConfig(model=ModelConfig(path="unused"), rounds=1, min_silos=2, enroll_window_s=30.0,
-                    round_deadline_s=30.0, secagg=settings, **kw)
+    cfg = RunConfig(
+        model=ModelConfig(path="unused"),
+        rounds=1,
+        min_silos=2,
+        enroll_window_s=30.0,
+        round_deadline_s=30.0,
+        secagg=settings,
+        **kw,
+    )
     run_id = env.coord.engine.start_run(cfg, "sec")
     silos = [PayloadSilo(env, s, 10 * (k + 1), float(k + 1)) for k, s in enumerate(env.silos)]
     for s in silos:
@@ -170,7 +195,10 @@ def _run_all(silos: list[PayloadSilo], run_id: str, timeout: float = 60.0) -> No
 def _train_tasks(silos: list[PayloadSilo], run_id: str) -> dict[str, TrainTask]:
     """Every silo asks for work at once (enrollment waits for all allowed silos)."""
     tasks: dict[str, TrainTask] = {}
-    threads = [threading.Thread(target=lambda s=s: tasks.__setitem__(s.silo, s.train_task(run_id))) for s in silos]
+    threads = [
+        threading.Thread(target=lambda s=s: tasks.__setitem__(s.silo, s.train_task(run_id)))
+        for s in silos
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -191,20 +219,32 @@ def test_secure_round_aggregates_the_weighted_mean_and_both_records_agree(env: E
         g1 = CheckpointStore(env.root / "coordinator").read(run_id, 1)
         mean = _expected_mean(silos)
         for name in INITIAL:  # within the fixed-point bound N * 2^-(F+1)
-            torch.testing.assert_close(g1[name], torch.full_like(INITIAL[name], mean), rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                g1[name], torch.full_like(INITIAL[name], mean), rtol=0, atol=1e-6
+            )
         admin = _admin(env)
         status = admin.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id), timeout=10)
         h = status.history[0]
         assert h.secure_aggregation and sorted(h.reported) == list(env.silos) and not h.dropped
-        assert {"enroll", "advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask",
-                "aggregate"} <= set(h.stage_seconds)
-        manifest = admin.GetRoundManifest(cpb.GetRoundManifestRequest(run_id=run_id, round=1), timeout=10)
+        assert {
+            "enroll",
+            "advertise_keys",
+            "share_keys",
+            "masked_input",
+            "consistency_check",
+            "unmask",
+            "aggregate",
+        } <= set(h.stage_seconds)
+        manifest = admin.GetRoundManifest(
+            cpb.GetRoundManifestRequest(run_id=run_id, round=1), timeout=10
+        )
         assert manifest.secure_aggregation and sorted(manifest.summed) == list(env.silos)
         assert {e.name for e in manifest.payload_layout} == set(INITIAL) | {"__weight__"}
         size = sum(int(np.prod(e.shape)) for e in manifest.payload_layout)
         for u in manifest.updates:  # the wire carried one uint32 vector per silo, nothing else
-            assert u.kind == "MASKED_UPDATE" and [(t.name, t.dtype, list(t.shape)) for t in u.tensors] == [
-                ("masked", tpb.DTYPE_UINT32, [size])]
+            assert u.kind == "MASKED_UPDATE" and [
+                (t.name, t.dtype, list(t.shape)) for t in u.tensors
+            ] == [("masked", tpb.DTYPE_UINT32, [size])]
         for s in silos:  # pf2lora run audit's comparison: no finding for any silo
             events = list(read_wire_record(s.wire.path(run_id)))
             findings, notes = audit_round(s.silo, manifest, events)
@@ -214,7 +254,9 @@ def test_secure_round_aggregates_the_weighted_mean_and_both_records_agree(env: E
         # a doctored silo record is caught: a private tensor in the layout, a changed digest
         events = list(read_wire_record(silos[0].wire.path(run_id)))
         upd = next(e for e in events if e["event"] == "update")
-        upd["layout"] = upd["layout"] + [{"name": "enc.query.lora_A.private.weight", "shape": [4, 8], "offset": 0}]
+        upd["layout"] = upd["layout"] + [
+            {"name": "enc.query.lora_A.private.weight", "shape": [4, 8], "offset": 0}
+        ]
         upd["manifest_digest"] = "00" * 32
         findings, _ = audit_round(silos[0].silo, manifest, events)
         assert len(findings) >= 2
@@ -225,8 +267,11 @@ def test_secure_round_aggregates_the_weighted_mean_and_both_records_agree(env: E
 
 def _snapshot(env: Env) -> tuple[object, list[tuple[str, str]]]:
     state = env.root / "coordinator"
-    files = sorted((str(p.relative_to(state)), hashlib.sha256(p.read_bytes()).hexdigest())
-                   for p in state.rglob("*") if p.is_file() and not p.name.startswith("state.db"))
+    files = sorted(
+        (str(p.relative_to(state)), hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in state.rglob("*")
+        if p.is_file() and not p.name.startswith("state.db")
+    )
     return env.coord.store.dump(), files
 
 
@@ -247,33 +292,100 @@ def test_bad_secure_aggregation_messages_are_refused_and_change_nothing(env: Env
         assert ta.secure is not None and ta.secure.roster == env.silos
         sp = ta.secure
         signing = load_signing_material(a.cfg)
-        proto_silo = SecAggSilo(sp.instance_id, ta.round, "silo-a", sp.roster, signing.key, signing.certificate_der,
-                                signing.verifier, SecAggConfig(clip=sp.clip, frac_bits=sp.frac_bits, threshold=sp.threshold))
+        proto_silo = SecAggSilo(
+            sp.instance_id,
+            ta.round,
+            "silo-a",
+            sp.roster,
+            signing.key,
+            signing.certificate_der,
+            signing.verifier,
+            SecAggConfig(clip=sp.clip, frac_bits=sp.frac_bits, threshold=sp.threshold),
+        )
         keys = proto_silo.advertise_keys()
 
-        def advertise(stub: str, header_silo: str, k: SignedKeys, attempt: int = ta.attempt, rnd: int = 1) -> Callable[[], object]:
-            req = silo_pb2.AdvertiseKeysRequest(header=task_proto.secagg_header_to_proto(header_silo, run_id, rnd, attempt),
-                                                keys=task_proto.keys_to_proto(k))
+        def advertise(
+            stub: str, header_silo: str, k: SignedKeys, attempt: int = ta.attempt, rnd: int = 1
+        ) -> Callable[[], object]:
+            req = silo_pb2.AdvertiseKeysRequest(
+                header=task_proto.secagg_header_to_proto(header_silo, run_id, rnd, attempt),
+                keys=task_proto.keys_to_proto(k),
+            )
             return lambda: stubs[stub].AdvertiseKeys(req, timeout=10)
 
-        good = dict(weighted_payload({k: torch.ones_like(v) for k, v in INITIAL.items()}, ta.weight))
-        plain = list(streams.tensors_to_stream(good, run_id=run_id, round=1, kind=streams.StreamKind.UPDATE,
-                                             silo_id="silo-a", scalars={"attempt": ta.attempt}))
-        masked = list(streams.tensors_to_stream({"masked": torch.zeros(sp.vector_length, dtype=torch.uint32)},
-                                              run_id=run_id, round=1, kind=streams.StreamKind.MASKED_UPDATE,
-                                              silo_id="silo-a", scalars={"attempt": ta.attempt}))
+        good = dict(
+            weighted_payload({k: torch.ones_like(v) for k, v in INITIAL.items()}, ta.weight)
+        )
+        plain = list(
+            streams.tensors_to_stream(
+                good,
+                run_id=run_id,
+                round=1,
+                kind=streams.StreamKind.UPDATE,
+                silo_id="silo-a",
+                scalars={"attempt": ta.attempt},
+            )
+        )
+        masked = list(
+            streams.tensors_to_stream(
+                {"masked": torch.zeros(sp.vector_length, dtype=torch.uint32)},
+                run_id=run_id,
+                round=1,
+                kind=streams.StreamKind.MASKED_UPDATE,
+                silo_id="silo-a",
+                scalars={"attempt": ta.attempt},
+            )
+        )
         other_keys = SignedKeys(**{**keys.__dict__, "silo_id": "silo-b"})
-        shares = silo_pb2.ShareKeysRequest(header=task_proto.secagg_header_to_proto("silo-a", run_id, 1, ta.attempt))
+        shares = silo_pb2.ShareKeysRequest(
+            header=task_proto.secagg_header_to_proto("silo-a", run_id, 1, ta.attempt)
+        )
         cases = [
-            ("keys claiming another silo's id in the header", advertise("silo-a", "silo-b", keys), Code.PERMISSION_DENIED),
-            ("keys naming another silo inside", advertise("silo-a", "silo-a", other_keys), Code.PERMISSION_DENIED),
-            ("keys of another attempt", advertise("silo-a", "silo-a", keys, attempt=ta.attempt + 1), Code.FAILED_PRECONDITION),
-            ("keys of another round", advertise("silo-a", "silo-a", keys, rnd=2), Code.FAILED_PRECONDITION),
-            ("shares before the key stage closed", lambda: stubs["silo-a"].ShareKeys(shares, timeout=10), Code.FAILED_PRECONDITION),
-            ("a plain update in a secure round", lambda: stubs["silo-a"].PushUpdate(iter(plain), timeout=10), Code.INVALID_ARGUMENT),
-            ("a masked update before its stage", lambda: stubs["silo-a"].PushUpdate(iter(masked), timeout=10), Code.FAILED_PRECONDITION),
-            ("malformed keys", lambda: stubs["silo-a"].AdvertiseKeys(silo_pb2.AdvertiseKeysRequest(
-                header=task_proto.secagg_header_to_proto("silo-a", run_id, 1, ta.attempt)), timeout=10), Code.INVALID_ARGUMENT),
+            (
+                "keys claiming another silo's id in the header",
+                advertise("silo-a", "silo-b", keys),
+                Code.PERMISSION_DENIED,
+            ),
+            (
+                "keys naming another silo inside",
+                advertise("silo-a", "silo-a", other_keys),
+                Code.PERMISSION_DENIED,
+            ),
+            (
+                "keys of another attempt",
+                advertise("silo-a", "silo-a", keys, attempt=ta.attempt + 1),
+                Code.FAILED_PRECONDITION,
+            ),
+            (
+                "keys of another round",
+                advertise("silo-a", "silo-a", keys, rnd=2),
+                Code.FAILED_PRECONDITION,
+            ),
+            (
+                "shares before the key stage closed",
+                lambda: stubs["silo-a"].ShareKeys(shares, timeout=10),
+                Code.FAILED_PRECONDITION,
+            ),
+            (
+                "a plain update in a secure round",
+                lambda: stubs["silo-a"].PushUpdate(iter(plain), timeout=10),
+                Code.INVALID_ARGUMENT,
+            ),
+            (
+                "a masked update before its stage",
+                lambda: stubs["silo-a"].PushUpdate(iter(masked), timeout=10),
+                Code.FAILED_PRECONDITION,
+            ),
+            (
+                "malformed keys",
+                lambda: stubs["silo-a"].AdvertiseKeys(
+                    silo_pb2.AdvertiseKeysRequest(
+                        header=task_proto.secagg_header_to_proto("silo-a", run_id, 1, ta.attempt)
+                    ),
+                    timeout=10,
+                ),
+                Code.INVALID_ARGUMENT,
+            ),
         ]
         before = _snapshot(env)
         for name, fn, expected in cases:
@@ -301,8 +413,12 @@ def test_substituted_key_is_refused_end_to_end(env: Env, monkeypatch: pytest.Mon
     def substituting(self: SecureRound, silo_id: str) -> Any:
         task = real(self, silo_id)
         if task is not None and type(task).__name__ == "ShareKeysTask":
-            keys = tuple(SignedKeys(**{**k.__dict__, "mask_public_key": evil}) if k.silo_id == "silo-b" else k
-                         for k in task.keys)
+            keys = tuple(
+                SignedKeys(**{**k.__dict__, "mask_public_key": evil})
+                if k.silo_id == "silo-b"
+                else k
+                for k in task.keys
+            )
             return type(task)(task.run_id, task.round, task.attempt, keys)
         return task
 
@@ -322,21 +438,31 @@ def test_substituted_key_is_refused_end_to_end(env: Env, monkeypatch: pytest.Mon
         assert all(r.reported_ms is None for r in rows)  # no masked input was ever sent
         assert env.coord.store.round_row(run_id, 1).state == "open"  # type: ignore[union-attr]
         assert engine.snapshot()[1].attempt == 2  # type: ignore[union-attr]
-        assert [st.stage for st in env.coord.store.stages(run_id, 1, 1)] == ["enroll", "advertise_keys", "share_keys"]
+        assert [st.stage for st in env.coord.store.stages(run_id, 1, 1)] == [
+            "enroll",
+            "advertise_keys",
+            "share_keys",
+        ]
     finally:
         for s in silos:
             s.close()
 
 
-def test_proposal_naming_a_silo_alive_and_dropped_is_refused_end_to_end(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_proposal_naming_a_silo_alive_and_dropped_is_refused_end_to_end(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The coordinator proposes silo-c as both a survivor and dropped (to get both b_c and sk_c):
     no silo signs, so no unmask request can exist and nothing is revealed."""
     real = SecAggServer.close_masked_inputs
 
     def lying(self: SecAggServer) -> UnmaskProposal:
         honest = real(self)
-        forged = UnmaskProposal(run_id=honest.run_id, round=honest.round, survivors=honest.survivors,
-                                dropped=("silo-c",))
+        forged = UnmaskProposal(
+            run_id=honest.run_id,
+            round=honest.round,
+            survivors=honest.survivors,
+            dropped=("silo-c",),
+        )
         self._proposal = forged
         return forged
 
@@ -345,8 +471,12 @@ def test_proposal_naming_a_silo_alive_and_dropped_is_refused_end_to_end(env: Env
     try:
         _run_all(silos, run_id)
         for s in silos:
-            assert isinstance(s.error, PermissionDenied) and "both alive and dropped" in str(s.error), s.error
-        assert all(s.state.unmask_record(run_id, 1) is None for s in silos)  # no share left any silo
+            assert isinstance(s.error, PermissionDenied) and "both alive and dropped" in str(
+                s.error
+            ), s.error
+        assert all(
+            s.state.unmask_record(run_id, 1) is None for s in silos
+        )  # no share left any silo
         stages = [st.stage for st in env.coord.store.stages(run_id, 1, 1)]
         deadline = time.monotonic() + 20
         while "consistency_check" not in stages and time.monotonic() < deadline:
@@ -361,7 +491,9 @@ def test_proposal_naming_a_silo_alive_and_dropped_is_refused_end_to_end(env: Env
             s.close()
 
 
-def test_a_silo_sits_out_a_clipped_weight_and_an_attempt_it_advertised_keys_for_before_a_restart(env: Env) -> None:
+def test_a_silo_sits_out_a_clipped_weight_and_an_attempt_it_advertised_keys_for_before_a_restart(
+    env: Env,
+) -> None:
     run_id, silos = _start(env)
     try:
         a = silos[0]
@@ -379,7 +511,9 @@ def test_a_silo_sits_out_a_clipped_weight_and_an_attempt_it_advertised_keys_for_
 
 
 def test_plain_runs_need_the_explicit_switch(env: Env, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = RunConfig(model=ModelConfig(path="unused"), rounds=1, min_silos=2, secure_aggregation=False)
+    cfg = RunConfig(
+        model=ModelConfig(path="unused"), rounds=1, min_silos=2, secure_aggregation=False
+    )
     env.coord.engine.start_run(cfg, "plain")
     assert "secure_aggregation = false" in caplog.text
     assert RunConfig().secure_aggregation and RunConfig().round_min_silos == 2
@@ -387,7 +521,9 @@ def test_plain_runs_need_the_explicit_switch(env: Env, caplog: pytest.LogCapture
     env.coord.engine.stop_run("plain")
     bad = RunConfig(model=ModelConfig(path="unused"), secagg=SecAggSettings(clip=4.0, frac_bits=30))
     admin = _admin(env)
-    code = _code_of(lambda: admin.StartRun(cpb.StartRunRequest(run_config_json=to_json(bad)), timeout=10))
+    code = _code_of(
+        lambda: admin.StartRun(cpb.StartRunRequest(run_config_json=to_json(bad)), timeout=10)
+    )
     assert code == Code.INVALID_ARGUMENT
 
 
@@ -405,15 +541,21 @@ def test_every_algorithm_aggregates_the_securely_summed_payload(env: Env, algori
     gen = torch.Generator().manual_seed(3)
     payloads: dict[str, dict[str, torch.Tensor]] = {}
     for k, s in enumerate(env.silos):  # weights in (0, 1], values as weighted adapters are: small
-        payloads[s] = {name: (torch.rand((), generator=gen) * 0.5 + 0.1 * (k + 1)) if name.startswith("__weight__")
-                       else torch.randn(shape, generator=gen) * 0.05 for name, (shape, _) in spec.items()}
+        payloads[s] = {
+            name: (torch.rand((), generator=gen) * 0.5 + 0.1 * (k + 1))
+            if name.startswith("__weight__")
+            else torch.randn(shape, generator=gen) * 0.05
+            for name, (shape, _) in spec.items()
+        }
     run_id, silos = _start(env, algorithm=cfg_algo)
     try:
         for s in silos:
             s.payload = lambda task, s=s: payloads[s.silo]  # type: ignore[method-assign]
         _run_all(silos, run_id)
         assert all(s.error is None for s in silos), [s.error for s in silos]
-        expected = algo.aggregate(sum_payloads(payloads.values()), {k: v.clone() for k, v in INITIAL.items()})
+        expected = algo.aggregate(
+            sum_payloads(payloads.values()), {k: v.clone() for k, v in INITIAL.items()}
+        )
         g1 = CheckpointStore(env.root / "coordinator").read(run_id, 1)
         assert set(g1) == set(expected)
         for name in g1:  # fixed point: 3 silos, clip 4 (256 for hetlora), well within 1e-5

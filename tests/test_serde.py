@@ -1,4 +1,4 @@
-"""serde: named tensors <-> StreamMessage streams; round trips and every refusal, on real messages."""
+"""Tensor streams: named tensors <-> StreamMessage; round trips and every refusal, real messages."""
 
 from __future__ import annotations
 
@@ -204,9 +204,7 @@ def test_header_records_the_manifest_digest():
     messages = _stream(tensors)
     info, _ = streams.stream_to_tensors(messages)
     specs = [tensor_spec(n, t) for n, t in tensors.items()]
-    assert (
-        info.manifest_digest == manifest_digest(specs) == messages[-1].trailer.manifest_digest
-    )
+    assert info.manifest_digest == manifest_digest(specs) == messages[-1].trailer.manifest_digest
 
 
 # -- refusals --------------------------------------------------------------------------------

@@ -25,12 +25,16 @@ SHORT_S = 60  # lifetime of the first certificate, from its issue (startup and j
 
 def test_rotated_silo_certificate_is_used_without_a_restart(tmp_path: Path) -> None:
     # two silos: a secure round needs more than one; only silo-0's certificate rotates
-    silos = {s: write_silo_data(tmp_path / "data" / s, k, 24) for k, s in enumerate(("silo-0", "silo-1"))}
+    silos = {
+        s: write_silo_data(tmp_path / "data" / s, k, 24) for k, s in enumerate(("silo-0", "silo-1"))
+    }
     fed = Federation(tmp_path, silos, tls=True)
     ca = pki_files.load_ca(fed.pki)
     now = dt.datetime.now(dt.UTC)
     expires = now + dt.timedelta(seconds=SHORT_S)
-    short = pki.issue_silo_cert(ca, "silo-0", not_before=now - dt.timedelta(minutes=5), not_after=expires)
+    short = pki.issue_silo_cert(
+        ca, "silo-0", not_before=now - dt.timedelta(minutes=5), not_after=expires
+    )
     pki_files.write_role(pki_files.silo_dir(fed.pki, "silo-0"), short, ca.cert, force=True)
     try:
         fed.start_coordinator()
@@ -38,8 +42,17 @@ def test_rotated_silo_certificate_is_used_without_a_restart(tmp_path: Path) -> N
         fed.start_silo("silo-1")
         fed.wait_for_silos(timeout=SHORT_S - 10)
         # rotate: a new key and a long-lived certificate for the same identity
-        pki_files.write_role(pki_files.silo_dir(fed.pki, "silo-0"), pki.issue_silo_cert(ca, "silo-0"), ca.cert, force=True)
-        fed.wait(lambda: "TLS files changed" in fed.procs.tail("silo-0", 200), 30, "the silo to load the new files")
+        pki_files.write_role(
+            pki_files.silo_dir(fed.pki, "silo-0"),
+            pki.issue_silo_cert(ca, "silo-0"),
+            ca.cert,
+            force=True,
+        )
+        fed.wait(
+            lambda: "TLS files changed" in fed.procs.tail("silo-0", 200),
+            30,
+            "the silo to load the new files",
+        )
         # let the first certificate expire, then force a new handshake
         time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 2.0)
         fed.procs.kill9("coordinator")

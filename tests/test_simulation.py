@@ -1,4 +1,4 @@
-"""In-process simulation: synthetic rank recovery, and `pf2lora simulate` end to end on real data."""
+"""In-process simulation: synthetic rank recovery, `pf2lora simulate` end to end on real data."""
 
 from __future__ import annotations
 
@@ -19,12 +19,19 @@ def _synthetic(name: str, rounds: int = 150) -> SimulationConfig:
     return SimulationConfig(
         algorithm=AlgorithmConfig(
             name=name,
-            train=TrainConfig(local_steps=20, batch_size=64, ll_lr=0.2, ul_lr=0.005, max_grad_norm=None),
+            train=TrainConfig(
+                local_steps=20, batch_size=64, ll_lr=0.2, ul_lr=0.005, max_grad_norm=None
+            ),
         ),
-        model=ModelConfig(path="", task="regression", adapters=AdapterConfig(shared_rank=4, private_rank=1)),
+        model=ModelConfig(
+            path="", task="regression", adapters=AdapterConfig(shared_rank=4, private_rank=1)
+        ),
         data=DataConfig(
-            source="synthetic-rank", synthetic_dim=16, synthetic_true_ranks=(3, 4, 5),
-            synthetic_train_samples=500, synthetic_test_samples=200,
+            source="synthetic-rank",
+            synthetic_dim=16,
+            synthetic_true_ranks=(3, 4, 5),
+            synthetic_train_samples=500,
+            synthetic_test_samples=200,
         ),
         rounds=rounds,
         seed=0,
@@ -40,7 +47,9 @@ def test_pf2lora_recovers_every_true_rank_and_homlora_reports_one() -> None:
         hom = run_simulation(_synthetic("homlora", rounds=60))
     finally:
         torch.set_num_threads(threads)
-    assert [c["learned_rank"] for c in pf.clients] == [c["true_rank"] for c in pf.clients] == [3, 4, 5]
+    assert (
+        [c["learned_rank"] for c in pf.clients] == [c["true_rank"] for c in pf.clients] == [3, 4, 5]
+    )
     for c in pf.clients:
         assert c["test_mse"] < 0.05
         sv = c["singular_values"]
@@ -52,11 +61,33 @@ def test_pf2lora_recovers_every_true_rank_and_homlora_reports_one() -> None:
 
 def test_cli_simulate_on_vader_writes_json(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "result.json"
-    code = main([
-        "simulate", "--algorithm", "pf2lora", "--data", "vader", "--clients", "4",
-        "--rounds", "2", "--local-steps", "2", "--batch-size", "8", "--num-layers", "1",
-        "--max-length", "32", "--max-train", "24", "--max-test", "16", "--json", str(out),
-    ])
+    code = main(
+        [
+            "simulate",
+            "--algorithm",
+            "pf2lora",
+            "--data",
+            "vader",
+            "--clients",
+            "4",
+            "--rounds",
+            "2",
+            "--local-steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--num-layers",
+            "1",
+            "--max-length",
+            "32",
+            "--max-train",
+            "24",
+            "--max-test",
+            "16",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "personalised acc" in printed and "round 2/2" in printed
@@ -74,8 +105,8 @@ def test_cli_config_file_with_flag_override_and_clear_errors(tmp_path, capsys) -
     cfg = tmp_path / "run.toml"
     cfg.write_text(
         'rounds = 5\n[algorithm]\nname = "homlora"\n[algorithm.train]\nlocal_steps = 1\n'
-        '[model]\nnum_hidden_layers = 1\nmax_length = 16\n'
-        '[data]\nnum_clients = 4\nmax_train_per_client = 8\nmax_test_per_client = 8\n'
+        "[model]\nnum_hidden_layers = 1\nmax_length = 16\n"
+        "[data]\nnum_clients = 4\nmax_train_per_client = 8\nmax_test_per_client = 8\n"
     )
     out = tmp_path / "r.json"
     assert main(["simulate", "--config", str(cfg), "--rounds", "1", "--json", str(out)]) == 0

@@ -1,4 +1,6 @@
-"""Tensor streams over real gRPC servers from grpc_factory: 200 MB round trip, refusals, mutual TLS, rotation."""
+"""Tensor streams over real gRPC servers from grpc_factory: 200 MB round trip, refusals, mutual TLS,
+rotation.
+"""
 
 from __future__ import annotations
 

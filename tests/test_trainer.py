@@ -1,4 +1,4 @@
-"""The bilevel local trainer: every estimator trains; state saved mid-run resumes bit-identically."""
+"""The bilevel local trainer: every estimator trains; a state saved mid-run resumes exactly."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ def test_state_saved_mid_run_continues_bit_identically(tmp_path, hypergrad: str)
     shared_after_1 = m2.shared_state()
     save_state(tmp_path / "state.safetensors", *t2.state_tensors())
     del m2, t2
-    m3 = mini_model(shared_seed=99, private_seed=98)  # different init: everything must come from disk
+    m3 = mini_model(
+        shared_seed=99, private_seed=98
+    )  # different init: everything must come from disk
     m3.load_shared_state(shared_after_1)  # the shared adapter comes from the coordinator
     t3 = BilevelTrainer(m3, cfg, seed=0)
     t3.load_state_tensors(*load_state(tmp_path / "state.safetensors"))
@@ -107,7 +109,9 @@ def test_lower_level_clip_bounds_every_private_step() -> None:
         with torch.no_grad():
             for p in m.private_parameters().values():
                 p.normal_(0, 1.0)  # far from the optimum: large lower-level gradients
-        cfg = TrainConfig(local_steps=1, batch_size=32, ll_lr=0.05, ul_lr=0.01, ll_max_grad_norm=clip)
+        cfg = TrainConfig(
+            local_steps=1, batch_size=32, ll_lr=0.05, ul_lr=0.01, ll_max_grad_norm=clip
+        )
         tr = BilevelTrainer(m, cfg, seed=0)
         src = source(data, 32)
         steps = []

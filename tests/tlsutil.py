@@ -1,4 +1,6 @@
-"""Test PKI on top of the project's own `pf2lora.common.transport.pki` (no keys committed, none duplicated)."""
+"""Test PKI on top of the project's own `pf2lora.common.transport.pki` (no keys committed, none
+duplicated).
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,3 @@
-"""pf2lora.common.algorithms: PF2LoRA and its baselines as client updates plus pure server aggregations."""
+"""pf2lora.common.algorithms: PF2LoRA and its baselines as client updates plus pure server
+aggregations.
+"""

@@ -31,7 +31,9 @@ def global_weight_key(_: str) -> str:
 
 
 def weighted_payload(
-    tensors: Mapping[str, Tensor], weight: float | Mapping[str, float], weight_key: WeightKeyFn = global_weight_key
+    tensors: Mapping[str, Tensor],
+    weight: float | Mapping[str, float],
+    weight_key: WeightKeyFn = global_weight_key,
 ) -> dict[str, Tensor]:
     """x -> {name: w * x} plus {weight_key: w}; `weight` per weight key or one for all."""
     out: dict[str, Tensor] = {}
@@ -59,7 +61,9 @@ def sum_payloads(payloads: Iterable[Mapping[str, Tensor]]) -> dict[str, Tensor]:
             raise ValueError(f"payload keys differ: {sorted(set(p) ^ set(total))[:5]}")
         for k, v in p.items():
             if v.shape != total[k].shape:
-                raise ValueError(f"payload {k!r}: shape {tuple(v.shape)} != {tuple(total[k].shape)}")
+                raise ValueError(
+                    f"payload {k!r}: shape {tuple(v.shape)} != {tuple(total[k].shape)}"
+                )
             total[k] += v.to(torch.float32)
     if total is None:
         raise ValueError("no payloads to sum")
@@ -79,7 +83,9 @@ def mean_from_sum(
         if name not in previous:
             raise ValueError(f"aggregate has unknown tensor {name!r}")
         if value.shape != previous[name].shape:
-            raise ValueError(f"aggregate {name!r}: shape {tuple(value.shape)} != {tuple(previous[name].shape)}")
+            raise ValueError(
+                f"aggregate {name!r}: shape {tuple(value.shape)} != {tuple(previous[name].shape)}"
+            )
         total = float(summed[weight_key(name)])
         if total > MIN_TOTAL_WEIGHT:
             out[name] = (value / total).to(previous[name].dtype)
@@ -87,7 +93,8 @@ def mean_from_sum(
 
 
 def payload_spec(
-    global_spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]], weight_key: WeightKeyFn = global_weight_key
+    global_spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    weight_key: WeightKeyFn = global_weight_key,
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of a client payload for a given global state spec."""
     spec = {k: (tuple(s), torch.float32) for k, (s, _) in global_spec.items()}

@@ -181,12 +181,16 @@ class Algorithm:
     def weight_key(self, name: str) -> str:
         return global_weight_key(name)
 
-    def payload_spec(self, global_spec: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict[str, Any]:
+    def payload_spec(
+        self, global_spec: Mapping[str, tuple[tuple[int, ...], Any]]
+    ) -> dict[str, Any]:
         if not self.communicates:
             return {}
         return payload_spec(global_spec, self.weight_key)
 
-    def aggregate(self, summed: Mapping[str, Tensor], previous: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def aggregate(
+        self, summed: Mapping[str, Tensor], previous: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
         """The new global shared state from the SUM of payloads (pure)."""
         if not self.communicates:
             return {k: v.clone() for k, v in previous.items()}

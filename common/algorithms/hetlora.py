@@ -91,7 +91,9 @@ def tail_norm(a: Tensor, b: Tensor, rank: int, gamma: float) -> Tensor:
     return torch.linalg.norm(b[:, cut:rank]) * torch.linalg.norm(a[cut:rank, :])
 
 
-def prune_rank(rank: int, gamma: float, tail_now: float, tail_before: float | None, min_rank: int = 1) -> int:
+def prune_rank(
+    rank: int, gamma: float, tail_now: float, tail_before: float | None, min_rank: int = 1
+) -> int:
     """r -> floor(gamma r) when the tail's norm shrank since the last round; never regrows."""
     if tail_before is not None and tail_now < tail_before:
         return max(min_rank, math.floor(gamma * rank))
@@ -111,7 +113,9 @@ def assigned_rank(client_index: int, num_ranks: tuple[int, int], seed: int) -> i
 class HETLoRAClient(ClientAlgorithm):
     objective: ClassVar[Objective] = "plain"
 
-    def __init__(self, algorithm: Algorithm, model: TwoLevelModel, client_index: int, seed: int) -> None:
+    def __init__(
+        self, algorithm: Algorithm, model: TwoLevelModel, client_index: int, seed: int
+    ) -> None:
         assert isinstance(algorithm, HETLoRA)
         self.het = algorithm
         self.rank = assigned_rank(client_index, algorithm.rank_range, algorithm.rank_seed)
@@ -121,8 +125,12 @@ class HETLoRAClient(ClientAlgorithm):
 
     def make_trainer(self, seed: int) -> BilevelTrainer:
         return BilevelTrainer(
-            self.model, self.algorithm.cfg.train, seed, objective=self.objective,
-            extra_loss=self._regulariser, grad_mask=self._mask_grads,
+            self.model,
+            self.algorithm.cfg.train,
+            seed,
+            objective=self.objective,
+            extra_loss=self._regulariser,
+            grad_mask=self._mask_grads,
         )
 
     def _pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
@@ -135,21 +143,23 @@ class HETLoRAClient(ClientAlgorithm):
 
     def _regulariser(self) -> Tensor:
         lam = self.het.cfg.hetlora_lambda
-        total = sum(tail_norm(a, b, self.rank, self.het.cfg.hetlora_gamma) for a, b in self._pairs())
+        total = sum(
+            tail_norm(a, b, self.rank, self.het.cfg.hetlora_gamma) for a, b in self._pairs()
+        )
         return lam * total  # type: ignore[return-value]
 
     def _mask_grads(self, grads: dict[str, Tensor]) -> None:
         for name, g in grads.items():
             if ".lora_A." in name:
-                g[self.rank:, :] = 0
+                g[self.rank :, :] = 0
             elif ".lora_B." in name:
-                g[:, self.rank:] = 0
+                g[:, self.rank :] = 0
 
     def _truncate_in_place(self) -> None:
         with torch.no_grad():
             for a, b in self._pairs():
-                a[self.rank:, :] = 0
-                b[:, self.rank:] = 0
+                a[self.rank :, :] = 0
+                b[:, self.rank :] = 0
 
     def receive_global(self, global_state: Mapping[str, Tensor]) -> None:
         super().receive_global(global_state)
@@ -158,7 +168,11 @@ class HETLoRAClient(ClientAlgorithm):
     def local_round(self, source: BatchSource) -> dict[str, float]:
         metrics = self.trainer.train_round(source)
         with torch.no_grad():
-            tail = float(sum(tail_norm(a, b, self.rank, self.het.cfg.hetlora_gamma) for a, b in self._pairs()))
+            tail = float(
+                sum(
+                    tail_norm(a, b, self.rank, self.het.cfg.hetlora_gamma) for a, b in self._pairs()
+                )
+            )
         new_rank = prune_rank(self.rank, self.het.cfg.hetlora_gamma, tail, self.prev_tail)
         if new_rank != self.rank:
             logger.info("silo %d prunes its rank %d -> %d", self.client_index, self.rank, new_rank)
@@ -197,8 +211,16 @@ class HETLoRA(Algorithm):
 
     def __init__(self, cfg: AlgorithmConfig, adapters: AdapterConfig) -> None:
         super().__init__(cfg, adapters)
-        lo = cfg.hetlora_min_rank if cfg.hetlora_min_rank is not None else adapters.shared_rank - adapters.private_rank
-        hi = cfg.hetlora_max_rank if cfg.hetlora_max_rank is not None else adapters.shared_rank + adapters.private_rank
+        lo = (
+            cfg.hetlora_min_rank
+            if cfg.hetlora_min_rank is not None
+            else adapters.shared_rank - adapters.private_rank
+        )
+        hi = (
+            cfg.hetlora_max_rank
+            if cfg.hetlora_max_rank is not None
+            else adapters.shared_rank + adapters.private_rank
+        )
         if not 1 <= lo <= hi:
             raise ConfigError(f"hetlora ranks [{lo}, {hi}]: need 1 <= min <= max")
         self.rank_range = (lo, hi)

@@ -1,4 +1,4 @@
-"""Per-FedAvg-LoRA: the MAML objective on the shared LoRA (Hessian-free), personalised at test time."""
+"""Per-FedAvg-LoRA: the MAML objective on the shared LoRA (Hessian-free), personalised at test."""
 
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ class PerFedAvgClient(ClientAlgorithm):
 
     def make_trainer(self, seed: int) -> BilevelTrainer:
         return BilevelTrainer(
-            self.model, self.algorithm.cfg.train, seed, objective=self.objective,
+            self.model,
+            self.algorithm.cfg.train,
+            seed,
+            objective=self.objective,
             maml_alpha=self.algorithm.cfg.perfedavg_alpha,
         )
 

@@ -1,4 +1,6 @@
-"""PF2LoRA: shared LoRA (rank r) averaged by the server, private LoRA (rank r_hat) per silo, bilevel."""
+"""PF2LoRA: shared LoRA (rank r) averaged by the server, private LoRA (rank r_hat) per silo,
+bilevel.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ class PF2LoRAClient(ClientAlgorithm):
 
 
 class PF2LoRA(Algorithm):
-    """Two-level LoRA; `train.hypergrad` picks the estimator (`joint` is the no-bilevel ablation)."""
+    """Two-level LoRA; `train.hypergrad` picks the estimator (`joint`: the no-bilevel ablation)."""
 
     name = "pf2lora"
     client_class = PF2LoRAClient

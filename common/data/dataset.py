@@ -1,4 +1,6 @@
-"""The dataset every loader returns (text, label, domain columns) and reading a file through `datasets`."""
+"""The dataset every loader returns (text, label, domain columns) and reading a file through
+`datasets`.
+"""
 
 from __future__ import annotations
 

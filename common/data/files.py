@@ -1,4 +1,6 @@
-"""Local data files (JSONL, CSV, TSV, Parquet) read with `datasets`: texts and labels, errors naming file, row and column."""
+"""Local data files (JSONL, CSV, TSV, Parquet) read with `datasets`: texts and labels, errors naming
+file, row and column.
+"""
 
 from __future__ import annotations
 
@@ -112,7 +114,8 @@ def load_local(
     domain: str | None = None,
     cache_dir: Path | None = None,
 ) -> Dataset:
-    """A .jsonl/.json/.csv/.tsv/.parquet file as text/label/domain (domain defaults to the file stem).
+    """A .jsonl/.json/.csv/.tsv/.parquet file as text/label/domain (domain defaults to the file
+    stem).
 
     String labels map to their index in `labels` (default: sorted unique values, logged);
     integer labels must lie in [0, len(labels)) (default: [0, max]).

@@ -217,7 +217,8 @@ def client_data_from_files(
     max_test_per_client: int | None = None,
     cache_dir: Path | None = None,
 ) -> list[ClientData]:
-    """One client per local train file, with its test file (or a stratified split of the train file).
+    """One client per local train file, with its test file (or a stratified split of the train
+    file).
 
     The label mapping is shared by all clients: `labels`, or the sorted union over all files.
     Client names default to the train files' stems.

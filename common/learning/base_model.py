@@ -1,4 +1,6 @@
-"""Base models: the packaged models by name, loading a local Hugging Face model offline, tokenizers, and the default LoRA targets and task heads per architecture."""
+"""Base models: the packaged models by name, loading a local Hugging Face model offline, tokenizers,
+and the default LoRA targets and task heads per architecture.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def resolve_model_path(path: str) -> str:
         raise ConfigError(f"model path {path!r} does not exist (give a local Hugging Face folder)")
     return path
 
+
 def load_base_model(cfg: ModelConfig) -> nn.Module:
     """Load a Hugging Face model from a local folder for the configured task (offline)."""
     from transformers import AutoConfig
@@ -55,6 +58,7 @@ def load_base_model(cfg: ModelConfig) -> nn.Module:
         finally:
             hf_logging.set_verbosity(verbosity)
 
+
 def _from_pretrained(cfg: ModelConfig, path: str, hf_config: Any) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -69,6 +73,7 @@ def _from_pretrained(cfg: ModelConfig, path: str, hf_config: Any) -> nn.Module:
         )
     raise ConfigError(f"task={cfg.task!r} needs a plain torch module, not a model path")
 
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The model's tokenizer (offline); a decoder without a pad token pads with its EOS token."""
     from transformers import AutoTokenizer
@@ -78,11 +83,13 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         tok.pad_token = tok.eos_token
     return tok
 
+
 # Attention query/value projections per architecture family (ALGORITHM.md §1).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "value"),
     "llama": ("q_proj", "v_proj"),
 }
+
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
     """The attention query/value projections of the model's architecture family."""
@@ -94,6 +101,7 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     raise ConfigError(
         f"no default LoRA targets for model type {model_type!r}; set target_modules explicitly"
     )
+
 
 def head_modules(model: nn.Module, task: str) -> list[str]:
     """Names of the task head that must train (a new classifier); none for LM and regression."""

@@ -1,4 +1,4 @@
-"""Encoded client data and deterministic minibatches: a batch depends only on (seed, step, stream)."""
+"""Encoded client data and deterministic minibatches: a batch depends on (seed, step, stream)."""
 
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def to_device(batch: dict[str, Tensor], device: torch.device | str) -> dict[str,
 
 
 def resolve_device(spec: str) -> torch.device:
-    """"auto": the first CUDA GPU when torch sees one, else the CPU; or "cpu", "cuda", "cuda:N"."""
+    """ "auto": the first CUDA GPU when torch sees one, else the CPU; or "cpu", "cuda", "cuda:N"."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -96,7 +96,9 @@ class TrainConfig:
             v = getattr(self, name)
             _check(math.isfinite(v) and v > 0, name, v, "must be a finite number > 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.hypergrad in HYPERGRADS, "hypergrad", self.hypergrad, f"use one of {HYPERGRADS}")
+        _check(
+            self.hypergrad in HYPERGRADS, "hypergrad", self.hypergrad, f"use one of {HYPERGRADS}"
+        )
         _check(self.neumann_terms >= 0, "neumann_terms", self.neumann_terms, "must be >= 0")
         for name in ("max_grad_norm", "ll_max_grad_norm"):
             v = getattr(self, name)

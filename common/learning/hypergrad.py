@@ -52,7 +52,12 @@ def clip_named(grads: Named, max_norm: float | None) -> Named:
 
 
 def lower_level_step(
-    loss_fn: LossFn, y: Params, batch_ll: Mapping[str, Tensor], beta: float, *, create_graph: bool,
+    loss_fn: LossFn,
+    y: Params,
+    batch_ll: Mapping[str, Tensor],
+    beta: float,
+    *,
+    create_graph: bool,
     max_norm: float | None = None,
 ) -> tuple[Named, float]:
     """y_hat = y - beta * clip(grad_y g(x, y; xi)); with create_graph, y_hat stays a function
@@ -64,32 +69,53 @@ def lower_level_step(
 
 
 def unroll(
-    loss_fn: LossFn, x: Params, y: Params, batch_ll: Mapping[str, Tensor],
-    batch_ul: Mapping[str, Tensor], beta: float, *, ll_max_norm: float | None = None,
+    loss_fn: LossFn,
+    x: Params,
+    y: Params,
+    batch_ll: Mapping[str, Tensor],
+    batch_ul: Mapping[str, Tensor],
+    beta: float,
+    *,
+    ll_max_norm: float | None = None,
 ) -> HyperStep:
     """h = d/dx f(x, y_hat(x); zeta), differentiating through the SGD step (one HVP)."""
     y_hat, ll_loss = lower_level_step(
-        loss_fn, y, batch_ll, beta, create_graph=True, max_norm=ll_max_norm)
+        loss_fn, y, batch_ll, beta, create_graph=True, max_norm=ll_max_norm
+    )
     ul = loss_fn(y_hat, batch_ul)
     h = grad_named(ul, x)
     return HyperStep(h, {n: t.detach() for n, t in y_hat.items()}, ll_loss, float(ul.detach()))
 
 
 def first_order(
-    loss_fn: LossFn, x: Params, y: Params, batch_ll: Mapping[str, Tensor],
-    batch_ul: Mapping[str, Tensor], beta: float, *, ll_max_norm: float | None = None,
+    loss_fn: LossFn,
+    x: Params,
+    y: Params,
+    batch_ll: Mapping[str, Tensor],
+    batch_ul: Mapping[str, Tensor],
+    beta: float,
+    *,
+    ll_max_norm: float | None = None,
 ) -> HyperStep:
     """h = grad_x f(x, y_hat; zeta) with y_hat treated as a constant."""
     y_hat, ll_loss = lower_level_step(
-        loss_fn, y, batch_ll, beta, create_graph=False, max_norm=ll_max_norm)
+        loss_fn, y, batch_ll, beta, create_graph=False, max_norm=ll_max_norm
+    )
     y_hat = {n: t.detach() for n, t in y_hat.items()}
     ul = loss_fn(y_hat, batch_ul)
     return HyperStep(grad_named(ul, x), y_hat, ll_loss, float(ul.detach()))
 
 
 def implicit(
-    loss_fn: LossFn, x: Params, y: Params, batch_ll: Mapping[str, Tensor],
-    batch_ul: Mapping[str, Tensor], beta: float, *, terms: int = 3, scale: float = 0.01,
+    loss_fn: LossFn,
+    x: Params,
+    y: Params,
+    batch_ll: Mapping[str, Tensor],
+    batch_ul: Mapping[str, Tensor],
+    beta: float,
+    *,
+    terms: int = 3,
+    scale: float = 0.01,
     ll_max_norm: float | None = None,
 ) -> HyperStep:
     """h = grad_x f - grad2_xy g . v,  v ~ [grad2_yy g]^-1 grad_y f (Neumann series, HVPs only).
@@ -97,7 +123,8 @@ def implicit(
     v = scale * sum_{k=0..terms} (I - scale * H_yy)^k grad_y f, evaluated at (x, y_hat).
     """
     y_hat, ll_loss = lower_level_step(
-        loss_fn, y, batch_ll, beta, create_graph=False, max_norm=ll_max_norm)
+        loss_fn, y, batch_ll, beta, create_graph=False, max_norm=ll_max_norm
+    )
     y_hat = {n: t.detach().requires_grad_(True) for n, t in y_hat.items()}
     ul = loss_fn(y_hat, batch_ul)
     both = {**x, **{f"\0y:{n}": t for n, t in y_hat.items()}}

@@ -1,4 +1,4 @@
-"""The two-level LoRA model: a base model with a `shared` and a `private` PEFT adapter, both active."""
+"""The two-level LoRA model: a base model with `shared` and `private` PEFT adapters, both active."""
 
 from __future__ import annotations
 
@@ -157,7 +157,11 @@ class TwoLevelModel(nn.Module):
         c = self.parameter_counts()
         logger.info(
             "trainable: shared %d tensors / %d params, private %d tensors / %d params; frozen %d",
-            len(self.groups.shared), c["shared"], len(self.groups.private), c["private"], c["frozen"],
+            len(self.groups.shared),
+            c["shared"],
+            len(self.groups.private),
+            c["private"],
+            c["frozen"],
         )
 
     def reinit_adapter(self, adapter: str, seed: int) -> None:
@@ -190,7 +194,9 @@ class TwoLevelModel(nn.Module):
         missing = sorted(set(expected) - set(state))
         unknown = sorted(set(state) - set(expected))
         if missing or unknown:
-            raise InvalidArgument(f"shared state mismatch: missing {missing[:5]}, unknown {unknown[:5]}")
+            raise InvalidArgument(
+                f"shared state mismatch: missing {missing[:5]}, unknown {unknown[:5]}"
+            )
         params = dict(self.peft.named_parameters())
         with torch.no_grad():
             for key, full in expected.items():
@@ -213,12 +219,18 @@ class TwoLevelModel(nn.Module):
                 key = key[: -len(SHARED) - 1]
             key = key.replace(".modules_to_save", "")
             out[key] = full
-        peft_keys = set(get_peft_model_state_dict(self.peft, adapter_name=SHARED)) if self.has_shared else set()
+        peft_keys = (
+            set(get_peft_model_state_dict(self.peft, adapter_name=SHARED))
+            if self.has_shared
+            else set()
+        )
         assert set(out) == peft_keys, (sorted(out)[:3], sorted(peft_keys)[:3])
         return out
 
     # ------------------------------------------------------------------ forward/loss
-    def loss(self, batch: Mapping[str, Tensor], overrides: Mapping[str, Tensor] | None = None) -> Tensor:
+    def loss(
+        self, batch: Mapping[str, Tensor], overrides: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
         """Task loss on a batch; `overrides` substitutes parameters (functional_call)."""
         out = self.forward_batch(batch, overrides)
         return out[0]
@@ -243,7 +255,9 @@ class TwoLevelModel(nn.Module):
     @contextlib.contextmanager
     def private_disabled(self) -> Iterator[None]:
         """Evaluate W0 + shared only: temporarily zero the private branch's scaling."""
-        layers = [m for m in self.peft.modules() if isinstance(m, LoraLayer) and PRIVATE in m.scaling]
+        layers = [
+            m for m in self.peft.modules() if isinstance(m, LoraLayer) and PRIVATE in m.scaling
+        ]
         saved = [m.scaling[PRIVATE] for m in layers]
         try:
             for m in layers:

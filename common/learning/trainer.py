@@ -86,7 +86,9 @@ class BilevelTrainer:
 
     def _adamw(self, params: Mapping[str, nn.Parameter]) -> torch.optim.AdamW:
         return torch.optim.AdamW(
-            list(params.values()), lr=self.cfg.ul_lr, weight_decay=self.cfg.weight_decay,
+            list(params.values()),
+            lr=self.cfg.ul_lr,
+            weight_decay=self.cfg.weight_decay,
             foreach=False,  # the same kernel on every run: bit-identical resume
         )
 
@@ -152,8 +154,15 @@ class BilevelTrainer:
             res = hg.unroll(loss_fn, x, y, ll_batch, ul_batch, beta, ll_max_norm=clip)
         elif cfg.hypergrad == "implicit":
             res = hg.implicit(
-                loss_fn, x, y, ll_batch, ul_batch, beta,
-                terms=cfg.neumann_terms, scale=cfg.neumann_scale, ll_max_norm=clip,
+                loss_fn,
+                x,
+                y,
+                ll_batch,
+                ul_batch,
+                beta,
+                terms=cfg.neumann_terms,
+                scale=cfg.neumann_scale,
+                ll_max_norm=clip,
             )
         else:
             res = hg.first_order(loss_fn, x, y, ll_batch, ul_batch, beta, ll_max_norm=clip)
@@ -172,7 +181,9 @@ class BilevelTrainer:
         for n in self.ul_names:
             params[n].grad = grads[n].detach().clone()
         if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([params[n] for n in self.ul_names], self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(
+                [params[n] for n in self.ul_names], self.cfg.max_grad_norm
+            )
         self.ul_opt.step()
         self.ul_opt.zero_grad(set_to_none=True)
 
@@ -180,7 +191,9 @@ class BilevelTrainer:
     def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Everything that stays on the silo, as (tensors, JSON-able metadata): private adapter,
         UL optimizer state, counters. The format of a silo's state file."""
-        tensors: dict[str, Tensor] = {f"{PRIVATE_PREFIX}{n}": p.detach().clone() for n, p in self.y.items()}
+        tensors: dict[str, Tensor] = {
+            f"{PRIVATE_PREFIX}{n}": p.detach().clone() for n, p in self.y.items()
+        }
         if self.ul_opt is not None:
             params = {**self.x, **self.y}
             for n in self.ul_names:
@@ -225,6 +238,7 @@ class BilevelTrainer:
         self.step = int(meta["step"])
         self.rounds = int(meta["rounds"])
         self.seed = int(meta["seed"])
+
 
 def _opt_tensor(key: str, t: Tensor, device: torch.device) -> Tensor:
     """AdamW keeps `step` on the CPU (unless capturable) and moments next to the parameter."""

@@ -1,1 +1,3 @@
-"""pf2lora.common.secagg: SecAgg+ secure aggregation (masks, Shamir shares, fixed point, signed keys)."""
+"""pf2lora.common.secagg: SecAgg+ secure aggregation (masks, Shamir shares, fixed point, signed
+keys).
+"""

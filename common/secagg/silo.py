@@ -220,7 +220,8 @@ class SecAggSilo:
                 raise PermissionDenied(f"silo {self.silo_id}: got a share for {share.receiver}")
             if share.sender not in self._peer_keys:
                 raise PermissionDenied(
-                    f"silo {self.silo_id}: share from {share.sender!r}, whose keys it did not accept"
+                    f"silo {self.silo_id}: share from {share.sender!r}, whose keys it did not "
+                    "accept"
                 )
             if share.sender in received:
                 raise PermissionDenied(f"silo {self.silo_id}: two shares from {share.sender}")

@@ -1,4 +1,6 @@
-"""Config sections both daemons share ([tls]) and address checks; each daemon's own sections live in its package."""
+"""Config sections both daemons share ([tls]) and address checks; each daemon's own sections live in
+its package.
+"""
 
 from __future__ import annotations
 

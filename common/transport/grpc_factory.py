@@ -1,4 +1,6 @@
-"""The one place that creates gRPC servers, channels and TLS credentials, each option with its reason."""
+"""The one place that creates gRPC servers, channels and TLS credentials, each option with its
+reason.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ DEFAULT_MAX_CONNECTION_AGE_S = 3600.0
 # After the age is reached, calls in flight get this long to finish before the connection closes.
 MAX_CONNECTION_AGE_GRACE_S = 300.0
 
-# File names of the mounted TLS Secret (docs/CONTRACTS.md: /etc/pf2lora/tls/{ca.crt,tls.crt,tls.key}).
+# File names of the mounted TLS Secret (docs/CONTRACTS.md:
+# /etc/pf2lora/tls/{ca.crt,tls.crt,tls.key}).
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
 
 

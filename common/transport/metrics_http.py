@@ -1,4 +1,6 @@
-"""The plaintext HTTP `/metrics` endpoint both daemons serve from their own prometheus-client registry."""
+"""The plaintext HTTP `/metrics` endpoint both daemons serve from their own prometheus-client
+registry.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class MetricsServer:
 def split_listen(listen: str) -> tuple[str, int]:
     """HOST:PORT (HOST may be empty for all IPv4 addresses, or [IPv6]) -> (host, port)."""
     if not is_address(listen):
-        raise ConfigError(f"metrics_listen={listen!r}: use HOST:PORT, or \"\" for off")
+        raise ConfigError(f'metrics_listen={listen!r}: use HOST:PORT, or "" for off')
     host, port = listen.rsplit(":", 1)
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     return host or "0.0.0.0", int(port)

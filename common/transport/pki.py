@@ -36,7 +36,6 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 ORGANIZATION = "pf2lora"
 
 
-
 # --- validation ----------------------------------------------------------------------------------
 
 

@@ -171,7 +171,9 @@ def manifest_digest(specs: Sequence[TensorInfo]) -> bytes:
 def expected_manifest(
     tensors: Mapping[str, torch.Tensor],
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The Spec (the `expected` argument of stream_to_tensors) that matches these (template) tensors."""
+    """The Spec (the `expected` argument of stream_to_tensors) that matches these (template)
+    tensors.
+    """
     return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
 
 

@@ -262,7 +262,8 @@ class StreamAssembler:
             self._on_header(message.header)
         elif self.info is None:
             raise InvalidArgument(
-                f"stream must start with a header, got {f'a {body}' if body else 'an empty'} message"
+                f"stream must start with a header, got {f'a {body}' if body else 'an empty'} "
+                "message"
             )
         elif body == "chunk":
             self._on_chunk(message.chunk)
@@ -272,7 +273,7 @@ class StreamAssembler:
             raise InvalidArgument("stream message without a body")
 
     def result(self) -> tuple[StreamInfo, dict[str, torch.Tensor]]:
-        """(header, tensors in manifest order) of a complete stream; InvalidArgument if truncated."""
+        """(header, tensors in manifest order) of a complete stream; InvalidArgument if cut."""
         if self.info is None:
             raise InvalidArgument("empty stream: no header")
         if not self._done:
@@ -324,7 +325,8 @@ class StreamAssembler:
         specs = self.info.tensors
         if chunk.tensor_index >= len(specs):
             raise InvalidArgument(
-                f"chunk for tensor index {chunk.tensor_index}, but the manifest has {len(specs)} tensors"
+                f"chunk for tensor index {chunk.tensor_index}, but the manifest has {len(specs)} "
+                "tensors"
             )
         target = specs[chunk.tensor_index]
         data = chunk.data
@@ -339,7 +341,8 @@ class StreamAssembler:
         if chunk.tensor_index != self._index:
             if chunk.tensor_index < self._index:
                 raise InvalidArgument(
-                    f"tensor {target.name!r}: chunk arrived after the tensor was complete (out of order)"
+                    f"tensor {target.name!r}: chunk arrived after the tensor was complete (out of "
+                    "order)"
                 )
             current = specs[self._index]
             raise InvalidArgument(

@@ -1,4 +1,5 @@
-"""Every task value <-> pf2lora.v1 protobuf conversion: tasks, run specs, metric kinds, update attempts, SecAgg messages.
+"""Every task value <-> pf2lora.v1 protobuf conversion: tasks, run specs, metric kinds, update
+attempts, SecAgg messages.
 
 The coordinator's silo servicer and the silo's client are the only callers (wire at the edges):
 both ends convert with the same functions and the same constants. Every secure-aggregation
@@ -50,8 +51,11 @@ _METRICS_KIND_FROM_PROTO: dict[int, str] = {int(v): k for k, v in METRICS_KIND_T
 # ------------------------------------------------------------------------------- tasks
 def run_info_to_proto(info: RunInfo) -> silo_pb2.RunSpec:
     return silo_pb2.RunSpec(
-        run_id=info.run_id, algorithm_json=info.algorithm_json, model_json=info.model_json,
-        seed=info.seed, rounds=info.rounds,
+        run_id=info.run_id,
+        algorithm_json=info.algorithm_json,
+        model_json=info.model_json,
+        seed=info.seed,
+        rounds=info.rounds,
     )
 
 
@@ -62,7 +66,9 @@ def run_info_from_proto(msg: silo_pb2.RunSpec) -> RunInfo:
 def task_to_proto(task: Task) -> silo_pb2.Task:
     if isinstance(task, IdleTask):
         return silo_pb2.Task(
-            idle=silo_pb2.IdleTask(retry_after_ms=int(task.retry_after_s * 1000), reason=task.reason)
+            idle=silo_pb2.IdleTask(
+                retry_after_ms=int(task.retry_after_s * 1000), reason=task.reason
+            )
         )
     if isinstance(task, StopTask):
         return silo_pb2.Task(
@@ -73,8 +79,10 @@ def task_to_proto(task: Task) -> silo_pb2.Task:
             run_id=task.run.run_id,
             round=task.round,
             train=silo_pb2.TrainTask(
-                run=run_info_to_proto(task.run), attempt=task.attempt,
-                client_index=task.client_index, weight=task.weight,
+                run=run_info_to_proto(task.run),
+                attempt=task.attempt,
+                client_index=task.client_index,
+                weight=task.weight,
                 deadline_unix_ms=task.deadline_unix_ms,
                 global_manifest_digest=bytes.fromhex(task.global_digest),
                 secure_aggregation=params_to_proto(task.secure),
@@ -85,7 +93,8 @@ def task_to_proto(task: Task) -> silo_pb2.Task:
             run_id=task.run.run_id,
             round=task.round,
             evaluate=silo_pb2.EvaluateTask(
-                run=run_info_to_proto(task.run), client_index=task.client_index,
+                run=run_info_to_proto(task.run),
+                client_index=task.client_index,
                 global_manifest_digest=bytes.fromhex(task.global_digest),
                 deadline_unix_ms=task.deadline_unix_ms,
             ),
@@ -98,16 +107,23 @@ def task_from_proto(msg: silo_pb2.Task) -> Task:
     if body == "train":
         t = msg.train
         return TrainTask(
-            run=run_info_from_proto(t.run), round=msg.round, attempt=t.attempt,
-            client_index=t.client_index, weight=t.weight, deadline_unix_ms=t.deadline_unix_ms,
+            run=run_info_from_proto(t.run),
+            round=msg.round,
+            attempt=t.attempt,
+            client_index=t.client_index,
+            weight=t.weight,
+            deadline_unix_ms=t.deadline_unix_ms,
             global_digest=t.global_manifest_digest.hex(),
             secure=params_from_proto(t.secure_aggregation),
         )
     if body == "evaluate":
         e = msg.evaluate
         return EvaluateTask(
-            run=run_info_from_proto(e.run), round=msg.round, client_index=e.client_index,
-            deadline_unix_ms=e.deadline_unix_ms, global_digest=e.global_manifest_digest.hex(),
+            run=run_info_from_proto(e.run),
+            round=msg.round,
+            client_index=e.client_index,
+            deadline_unix_ms=e.deadline_unix_ms,
+            global_digest=e.global_manifest_digest.hex(),
         )
     if body == "stop":
         return StopTask(msg.run_id, msg.stop.state, msg.stop.reason)
@@ -140,28 +156,44 @@ def metrics_kind_from_proto(value: int) -> str:
 # ---------------------------------------------------------------------------- messages
 def keys_to_proto(m: SignedKeys) -> silo_pb2.SignedKeys:
     return silo_pb2.SignedKeys(
-        run_id=m.run_id, round=m.round, silo_id=m.silo_id, mask_public_key=m.mask_public_key,
-        share_public_key=m.share_public_key, signature=m.signature, certificate=m.certificate,
+        run_id=m.run_id,
+        round=m.round,
+        silo_id=m.silo_id,
+        mask_public_key=m.mask_public_key,
+        share_public_key=m.share_public_key,
+        signature=m.signature,
+        certificate=m.certificate,
     )
 
 
 def keys_from_proto(m: silo_pb2.SignedKeys) -> SignedKeys:
     return SignedKeys(
-        run_id=m.run_id, round=m.round, silo_id=m.silo_id, mask_public_key=bytes(m.mask_public_key),
-        share_public_key=bytes(m.share_public_key), signature=bytes(m.signature),
+        run_id=m.run_id,
+        round=m.round,
+        silo_id=m.silo_id,
+        mask_public_key=bytes(m.mask_public_key),
+        share_public_key=bytes(m.share_public_key),
+        signature=bytes(m.signature),
         certificate=bytes(m.certificate),
     )
 
 
 def share_to_proto(m: EncryptedShare) -> silo_pb2.EncryptedShare:
     return silo_pb2.EncryptedShare(
-        run_id=m.run_id, round=m.round, sender=m.sender, receiver=m.receiver, ciphertext=m.ciphertext
+        run_id=m.run_id,
+        round=m.round,
+        sender=m.sender,
+        receiver=m.receiver,
+        ciphertext=m.ciphertext,
     )
 
 
 def share_from_proto(m: silo_pb2.EncryptedShare) -> EncryptedShare:
     return EncryptedShare(
-        run_id=m.run_id, round=m.round, sender=m.sender, receiver=m.receiver,
+        run_id=m.run_id,
+        round=m.round,
+        sender=m.sender,
+        receiver=m.receiver,
         ciphertext=bytes(m.ciphertext),
     )
 
@@ -180,29 +212,43 @@ def proposal_from_proto(m: silo_pb2.UnmaskProposal) -> UnmaskProposal:
 
 def signature_to_proto(m: ConsistencySignature) -> silo_pb2.ConsistencySignature:
     return silo_pb2.ConsistencySignature(
-        run_id=m.run_id, round=m.round, silo_id=m.silo_id, signature=m.signature,
+        run_id=m.run_id,
+        round=m.round,
+        silo_id=m.silo_id,
+        signature=m.signature,
         certificate=m.certificate,
     )
 
 
 def signature_from_proto(m: silo_pb2.ConsistencySignature) -> ConsistencySignature:
     return ConsistencySignature(
-        run_id=m.run_id, round=m.round, silo_id=m.silo_id, signature=bytes(m.signature),
+        run_id=m.run_id,
+        round=m.round,
+        silo_id=m.silo_id,
+        signature=bytes(m.signature),
         certificate=bytes(m.certificate),
     )
 
 
 def response_to_proto(m: UnmaskResponse) -> silo_pb2.UnmaskResponse:
     return silo_pb2.UnmaskResponse(
-        run_id=m.run_id, round=m.round, silo_id=m.silo_id,
-        self_mask_shares=[silo_pb2.OwnedShare(owner=s.owner, share=s.share) for s in m.self_mask_shares],
-        mask_key_shares=[silo_pb2.OwnedShare(owner=s.owner, share=s.share) for s in m.mask_key_shares],
+        run_id=m.run_id,
+        round=m.round,
+        silo_id=m.silo_id,
+        self_mask_shares=[
+            silo_pb2.OwnedShare(owner=s.owner, share=s.share) for s in m.self_mask_shares
+        ],
+        mask_key_shares=[
+            silo_pb2.OwnedShare(owner=s.owner, share=s.share) for s in m.mask_key_shares
+        ],
     )
 
 
 def response_from_proto(m: silo_pb2.UnmaskResponse) -> UnmaskResponse:
     return UnmaskResponse(
-        run_id=m.run_id, round=m.round, silo_id=m.silo_id,
+        run_id=m.run_id,
+        round=m.round,
+        silo_id=m.silo_id,
         self_mask_shares=tuple(OwnedShare(s.owner, bytes(s.share)) for s in m.self_mask_shares),
         mask_key_shares=tuple(OwnedShare(s.owner, bytes(s.share)) for s in m.mask_key_shares),
     )
@@ -213,9 +259,15 @@ def params_to_proto(p: SecureAggregation | None) -> silo_pb2.SecureAggregationPa
     if p is None:
         return silo_pb2.SecureAggregationParams(enabled=False)
     return silo_pb2.SecureAggregationParams(
-        enabled=True, clip=p.clip, frac_bits=p.frac_bits, threshold=p.threshold,
-        neighbours=p.neighbours or 0, roster=list(p.roster), instance_id=p.instance_id,
-        vector_length=p.vector_length, layout_digest=p.layout_digest,
+        enabled=True,
+        clip=p.clip,
+        frac_bits=p.frac_bits,
+        threshold=p.threshold,
+        neighbours=p.neighbours or 0,
+        roster=list(p.roster),
+        instance_id=p.instance_id,
+        vector_length=p.vector_length,
+        layout_digest=p.layout_digest,
     )
 
 
@@ -228,8 +280,13 @@ def params_from_proto(m: silo_pb2.SecureAggregationParams) -> SecureAggregation 
             f"vector_length {m.vector_length}, {len(m.roster)} silos"
         )
     return SecureAggregation(
-        instance_id=m.instance_id, roster=tuple(m.roster), clip=m.clip, frac_bits=m.frac_bits,
-        threshold=m.threshold, neighbours=m.neighbours or None, vector_length=m.vector_length,
+        instance_id=m.instance_id,
+        roster=tuple(m.roster),
+        clip=m.clip,
+        frac_bits=m.frac_bits,
+        threshold=m.threshold,
+        neighbours=m.neighbours or None,
+        vector_length=m.vector_length,
         layout_digest=m.layout_digest,
     )
 
@@ -237,20 +294,34 @@ def params_from_proto(m: silo_pb2.SecureAggregationParams) -> SecureAggregation 
 # ------------------------------------------------------------------------ stage tasks
 def stage_task_to_proto(task: StageTask) -> silo_pb2.Task:
     if isinstance(task, ShareKeysTask):
-        body = {"share_keys": silo_pb2.ShareKeysTask(
-            neighbour_keys=[keys_to_proto(k) for k in task.keys], attempt=task.attempt)}
+        body = {
+            "share_keys": silo_pb2.ShareKeysTask(
+                neighbour_keys=[keys_to_proto(k) for k in task.keys], attempt=task.attempt
+            )
+        }
     elif isinstance(task, MaskedInputTask):
-        body = {"masked_input": silo_pb2.MaskedInputTask(
-            shares=[share_to_proto(s) for s in task.shares], attempt=task.attempt)}
+        body = {
+            "masked_input": silo_pb2.MaskedInputTask(
+                shares=[share_to_proto(s) for s in task.shares], attempt=task.attempt
+            )
+        }
     elif isinstance(task, ConsistencyCheckTask):
-        body = {"consistency_check": silo_pb2.ConsistencyCheckTask(
-            proposal=proposal_to_proto(task.proposal), attempt=task.attempt)}
+        body = {
+            "consistency_check": silo_pb2.ConsistencyCheckTask(
+                proposal=proposal_to_proto(task.proposal), attempt=task.attempt
+            )
+        }
     else:
         r = task.request
-        body = {"unmask": silo_pb2.UnmaskTask(
-            survivors=list(r.survivors), dropped=list(r.dropped),
-            signatures=[signature_to_proto(s) for s in r.signatures], attempt=task.attempt,
-            instance_id=r.run_id)}
+        body = {
+            "unmask": silo_pb2.UnmaskTask(
+                survivors=list(r.survivors),
+                dropped=list(r.dropped),
+                signatures=[signature_to_proto(s) for s in r.signatures],
+                attempt=task.attempt,
+                instance_id=r.run_id,
+            )
+        }
     return silo_pb2.Task(run_id=task.run_id, round=task.round, **body)  # type: ignore[arg-type]
 
 
@@ -259,22 +330,33 @@ def stage_task_from_proto(msg: silo_pb2.Task) -> StageTask | None:
     body = msg.WhichOneof("body")
     if body == "share_keys":
         t = msg.share_keys
-        return ShareKeysTask(msg.run_id, msg.round, t.attempt, tuple(keys_from_proto(k) for k in t.neighbour_keys))
+        return ShareKeysTask(
+            msg.run_id, msg.round, t.attempt, tuple(keys_from_proto(k) for k in t.neighbour_keys)
+        )
     if body == "masked_input":
         m = msg.masked_input
-        return MaskedInputTask(msg.run_id, msg.round, m.attempt, tuple(share_from_proto(s) for s in m.shares))
+        return MaskedInputTask(
+            msg.run_id, msg.round, m.attempt, tuple(share_from_proto(s) for s in m.shares)
+        )
     if body == "consistency_check":
         c = msg.consistency_check
-        return ConsistencyCheckTask(msg.run_id, msg.round, c.attempt, proposal_from_proto(c.proposal))
+        return ConsistencyCheckTask(
+            msg.run_id, msg.round, c.attempt, proposal_from_proto(c.proposal)
+        )
     if body == "unmask":
         u = msg.unmask
         request = UnmaskRequest(
-            run_id=u.instance_id, round=msg.round, survivors=tuple(u.survivors),
-            dropped=tuple(u.dropped), signatures=tuple(signature_from_proto(s) for s in u.signatures),
+            run_id=u.instance_id,
+            round=msg.round,
+            survivors=tuple(u.survivors),
+            dropped=tuple(u.dropped),
+            signatures=tuple(signature_from_proto(s) for s in u.signatures),
         )
         return UnmaskTask(msg.run_id, msg.round, u.attempt, request)
     return None
 
 
-def secagg_header_to_proto(silo_id: str, run_id: str, round_: int, attempt: int) -> silo_pb2.SecAggHeader:
+def secagg_header_to_proto(
+    silo_id: str, run_id: str, round_: int, attempt: int
+) -> silo_pb2.SecAggHeader:
     return silo_pb2.SecAggHeader(silo_id=silo_id, run_id=run_id, round=round_, attempt=attempt)
