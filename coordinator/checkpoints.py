@@ -40,6 +40,8 @@ class CheckpointStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        # The last checkpoint read by read_cached: silos that rejoin late fetch the same one.
+        self._cached: tuple[str, int, str, dict[str, Tensor]] | None = None
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
@@ -73,6 +75,15 @@ class CheckpointStore:
                 f"({expected_digest[:16]}...): the file was changed or damaged"
             )
         return ordered
+
+    def read_cached(self, run_id: str, round_: int, expected_digest: str) -> dict[str, Tensor]:
+        """`read`, keeping the last checkpoint read this way in memory (checked once)."""
+        cached = self._cached
+        if cached is not None and cached[:3] == (run_id, round_, expected_digest):
+            return cached[3]
+        tensors = self.read(run_id, round_, expected_digest)
+        self._cached = (run_id, round_, expected_digest, tensors)
+        return tensors
 
     def rounds_on_disk(self, run_id: str) -> list[int]:
         d = self.run_dir(run_id)

@@ -49,12 +49,13 @@ from pf2lora.common.wire.tasks import (
     StageTask,
     UnmaskTask,
 )
+from pf2lora.coordinator.views import ParticipantState
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask")
 # What a participant's status says once it completed each stage.
-PROGRESS = {
+PROGRESS: dict[str, ParticipantState] = {
     "advertise_keys": "keys_sent",
     "share_keys": "shares_sent",
     "masked_input": "reported",
@@ -136,7 +137,7 @@ class SecureRound:
         self._started_ms = now_ms
         self.expected: set[str] = set(roster)  # who the current stage waits for
         self.done: set[str] = set()  # who completed the current stage
-        self.progress: dict[str, str] = {}
+        self.progress: dict[str, ParticipantState] = {}
         self.timings: list[StageTiming] = []
         self._keys: dict[str, tuple[SignedKeys, ...]] = {}
         self._shares: dict[str, tuple[EncryptedShare, ...]] = {}

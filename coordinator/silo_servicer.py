@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 
@@ -24,6 +25,24 @@ from pf2lora.v1 import silo_pb2, silo_pb2_grpc
 from pf2lora.v1 import tensors_pb2 as tpb
 
 logger = logging.getLogger(__name__)
+
+MAX_METRICS = 256
+MAX_METRIC_NAME = 128
+
+
+def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Scalar metrics as floats; InvalidArgument for too many, bad names or non-finite values."""
+    if len(metrics) > MAX_METRICS:
+        raise InvalidArgument(f"{len(metrics)} metrics: at most {MAX_METRICS} per report")
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_METRIC_NAME:
+            raise InvalidArgument(f"metric name {name!r}: must be 1-{MAX_METRIC_NAME} characters")
+        v = float(value)
+        if not math.isfinite(v):
+            raise InvalidArgument(f"metric {name!r} is {v}: must be finite")
+        out[name] = v
+    return out
 
 
 class SiloServicer(silo_pb2_grpc.SiloApiServicer):
@@ -194,5 +213,6 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
     ) -> silo_pb2.ReportMetricsReply:
         silo = self._silo(context, request.silo_id)
         kind = task_proto.metrics_kind_from_proto(request.kind)
-        self.engine.report_metrics(silo, request.run_id, request.round, kind, dict(request.metrics))
+        values = check_metrics(request.metrics)
+        self.engine.report_metrics(silo, request.run_id, request.round, kind, values)
         return silo_pb2.ReportMetricsReply()

@@ -16,12 +16,18 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pf2lora.common.errors import ConfigError, NotFound
+from pf2lora.common.wire.tasks import MetricsKind
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
+# The values the schema's CHECK constraints allow (tests hold the two to each other), with
+# MetricsKind (common/wire/tasks.py) for metrics.kind.
+RunState = Literal["running", "completed", "stopped", "failed"]
+RoundState = Literal["open", "complete"]
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -109,7 +115,7 @@ class SiloRow:
 class RunRow:
     run_id: str
     config_json: str
-    state: str
+    state: RunState
     completed_rounds: int
     created_ms: int
     finished_ms: int | None
@@ -121,7 +127,7 @@ class RoundRow:
     run_id: str
     round: int
     attempt: int
-    state: str
+    state: RoundState
     opened_ms: int
     completed_ms: int | None
     checkpoint: str | None
@@ -244,10 +250,6 @@ class Store:
                     (num_samples, version, now_ms, silo_id),
                 )
 
-    def touch_silo(self, silo_id: str, now_ms: int) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE silos SET last_seen_ms=? WHERE silo_id=?", (now_ms, silo_id))
-
     def silos(self) -> list[SiloRow]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM silos ORDER BY join_order").fetchall()
@@ -301,7 +303,7 @@ class Store:
             ).fetchall()
         return [str(r["run_id"]) for r in rows]
 
-    def finish_run(self, run_id: str, state: str, reason: str, now_ms: int) -> None:
+    def finish_run(self, run_id: str, state: RunState, reason: str, now_ms: int) -> None:
         with self._tx() as db:
             db.execute(
                 "UPDATE runs SET state=?, reason=?, finished_ms=? WHERE run_id=?",
@@ -436,7 +438,12 @@ class Store:
 
     # -------------------------------------------------------------- metrics
     def put_metrics(
-        self, run_id: str, round_: int, silo_id: str, kind: str, metrics: Mapping[str, float]
+        self,
+        run_id: str,
+        round_: int,
+        silo_id: str,
+        kind: MetricsKind,
+        metrics: Mapping[str, float],
     ) -> None:
         """Insert or replace a silo's metrics of one round (a re-run round reports again)."""
         with self._tx() as db:
@@ -446,7 +453,7 @@ class Store:
             )
 
     def metrics(
-        self, run_id: str, kind: str | None = None, round_: int | None = None
+        self, run_id: str, kind: MetricsKind | None = None, round_: int | None = None
     ) -> dict[tuple[int, str, str], dict[str, float]]:
         """{(round, silo_id, kind): {name: value}}."""
         query = "SELECT * FROM metrics WHERE run_id=?"

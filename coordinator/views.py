@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pf2lora.common.secagg.layout import VectorLayout
 from pf2lora.common.wire.manifest import TensorInfo
+
+# A participant's progress through its round attempt: assigned -> fetched -> reported for plain
+# updates; with secure aggregation keys_sent, shares_sent, reported (masked input), signed and
+# unmasked follow the stages (coordinator/secure_round.py).
+ParticipantState = Literal[
+    "assigned", "fetched", "keys_sent", "shares_sent", "reported", "signed", "unmasked"
+]
 
 
 class Phase(enum.StrEnum):
@@ -33,7 +41,7 @@ class UpdateReceipt:
 class ParticipantView:
     silo_id: str
     weight: float
-    state: str  # assigned | fetched | reported
+    state: ParticipantState
 
 
 @dataclass(frozen=True)

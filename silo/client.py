@@ -28,7 +28,7 @@ from pf2lora.common.secagg.messages import (
 )
 from pf2lora.common.transport import grpc_factory
 from pf2lora.common.wire import streams, task_proto
-from pf2lora.common.wire.tasks import Task
+from pf2lora.common.wire.tasks import MetricsKind, Task
 from pf2lora.silo.audit import AuditInterceptor, AuditLog
 from pf2lora.silo.config import SiloConfig
 from pf2lora.v1 import silo_pb2, silo_pb2_grpc
@@ -275,7 +275,7 @@ class CoordinatorClient:
         return req.ByteSize()
 
     def report_metrics(
-        self, run_id: str, round_: int, kind: str, metrics: Mapping[str, float]
+        self, run_id: str, round_: int, kind: MetricsKind, metrics: Mapping[str, float]
     ) -> None:
         req = silo_pb2.ReportMetricsRequest(
             silo_id=self.silo_id,

@@ -20,7 +20,6 @@ from pf2lora.common.transport import grpc_factory, pki, pki_files
 from pf2lora.common.transport.identity import (
     Identity,
     PermissionInterceptor,
-    abort_on_permission_denied,
     admin_only_interceptor,
     identity_from_cert,
     parse_spiffe_uri,
@@ -51,7 +50,6 @@ def _silo_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[byte
         yield f"{ident.name}:{i}".encode()
 
 
-@abort_on_permission_denied
 def _admin(request: bytes, context: grpc.ServicerContext) -> bytes:
     return require_admin(context, FED).uri.encode()
 

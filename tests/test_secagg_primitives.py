@@ -13,7 +13,7 @@ from pf2lora.common.errors import ConfigError, InvalidArgument
 from pf2lora.common.secagg import fixedpoint, shamir
 from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.layout import flatten, unflatten
-from pf2lora.common.secagg.prg import MaskExpander, add_mask, subtract_mask
+from pf2lora.common.secagg.prg import MaskExpander
 
 # --- PRG -----------------------------------------------------------------------------------------
 
@@ -30,9 +30,9 @@ def test_mask_is_deterministic_chunk_independent_and_cancels() -> None:
 
     x = np.arange(length, dtype=np.uint32)
     y = x.copy()
-    add_mask(y, seed)
+    MaskExpander().apply(y, seed, 1)
     assert np.count_nonzero(y == x) < 10
-    subtract_mask(y, seed)
+    MaskExpander().apply(y, seed, -1)
     np.testing.assert_array_equal(y, x)
 
 

@@ -12,7 +12,6 @@ numpy's random generators are not cryptographic and are never used for masks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -81,11 +80,6 @@ class MaskExpander:
             op(part, self._scratch[:n], out=part)
         encryptor.finalize()
 
-    def apply_many(self, target: np.ndarray, signed_seeds: Iterable[tuple[bytes, int]]) -> None:
-        """Apply several masks: ``signed_seeds`` yields (seed, sign) pairs."""
-        for seed, sign in signed_seeds:
-            self.apply(target, seed, sign)
-
     def expand(self, seed: bytes, length: int) -> np.ndarray:
         """A fresh uint32 vector holding PRG(seed)[:length] (for tests and diagnostics)."""
         if length < 0:
@@ -93,13 +87,3 @@ class MaskExpander:
         out = np.zeros(length, dtype=np.uint32)
         self.apply(out, seed, 1)
         return out
-
-
-def add_mask(target: np.ndarray, seed: bytes) -> None:
-    """target += PRG(seed) mod 2^32, in place (allocates a scratch buffer; prefer MaskExpander)."""
-    MaskExpander().apply(target, seed, 1)
-
-
-def subtract_mask(target: np.ndarray, seed: bytes) -> None:
-    """target -= PRG(seed) mod 2^32, in place (allocates a scratch buffer; prefer MaskExpander)."""
-    MaskExpander().apply(target, seed, -1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import re
 from collections.abc import Callable, Collection, Iterator
@@ -209,33 +208,6 @@ def _abort(context: grpc.ServicerContext, exc: PermissionDenied) -> NoReturn:
     logger.warning("permission denied for %s: %s", context.peer(), exc)
     context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
-
-
-def abort_on_permission_denied(fn: F) -> F:
-    """Decorate a servicer method or handler behaviour: PermissionDenied -> PERMISSION_DENIED.
-
-    Works for plain and generator (response-streaming) functions, bound or not; the context is
-    the last positional argument, as gRPC calls behaviours `(request, context)`.
-    """
-    if inspect.isgeneratorfunction(fn):
-
-        @functools.wraps(fn)
-        def gen_wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
-            try:
-                yield from fn(*args, **kwargs)
-            except PermissionDenied as exc:
-                _abort(args[-1], exc)
-
-        return cast(F, gen_wrapper)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except PermissionDenied as exc:
-            _abort(args[-1], exc)
-
-    return cast(F, wrapper)
 
 
 Behaviour = Callable[[Any, grpc.ServicerContext], Any]

@@ -26,6 +26,7 @@ from pf2lora.common.wire.tasks import (
     EvaluateTask,
     IdleTask,
     MaskedInputTask,
+    MetricsKind,
     RunInfo,
     SecureAggregation,
     ShareKeysTask,
@@ -41,11 +42,13 @@ from pf2lora.v1 import tensors_pb2 as tpb
 MAX_INSTANCE_ID = 256
 # The update stream's header scalar that carries the task's attempt (PushUpdate).
 ATTEMPT_SCALAR = "attempt"
-METRICS_KIND_TO_PROTO: dict[str, silo_pb2.MetricsKind] = {
+METRICS_KIND_TO_PROTO: dict[MetricsKind, silo_pb2.MetricsKind] = {
     "train": silo_pb2.METRICS_KIND_TRAIN,
     "evaluate": silo_pb2.METRICS_KIND_EVALUATE,
 }
-_METRICS_KIND_FROM_PROTO: dict[int, str] = {int(v): k for k, v in METRICS_KIND_TO_PROTO.items()}
+_METRICS_KIND_FROM_PROTO: dict[int, MetricsKind] = {
+    int(v): k for k, v in METRICS_KIND_TO_PROTO.items()
+}
 
 
 # ------------------------------------------------------------------------------- tasks
@@ -146,7 +149,7 @@ def attempt_of(header: tpb.StreamHeader) -> int:
     return int(value)
 
 
-def metrics_kind_from_proto(value: int) -> str:
+def metrics_kind_from_proto(value: int) -> MetricsKind:
     kind = _METRICS_KIND_FROM_PROTO.get(value)
     if kind is None:
         raise InvalidArgument(f"metrics kind {value}: use TRAIN or EVALUATE")

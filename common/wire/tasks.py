@@ -6,6 +6,7 @@ The coordinator's silo servicer and the silo's client convert them to and from p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pf2lora.common.secagg.messages import (
     EncryptedShare,
@@ -13,6 +14,8 @@ from pf2lora.common.secagg.messages import (
     UnmaskProposal,
     UnmaskRequest,
 )
+
+MetricsKind = Literal["train", "evaluate"]  # what a silo's scalar metrics report on
 
 
 @dataclass(frozen=True)
