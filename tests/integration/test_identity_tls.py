@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,11 +90,8 @@ class Federation:
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    d = tmp_path_factory.mktemp("tls") / "federation"
-    pki_files.provision_federation(
-        d, FED, ["localhost"], silos=["hospital-a", "hospital-b", "hospital-c"], admins=["ops"]
-    )
+def fed(pki_factory: Callable[..., Path]) -> Iterator[Federation]:
+    d = pki_factory(FED, ["hospital-a", "hospital-b", "hospital-c"])
     ca = pki_files.load_ca(d)
     creds = grpc_factory.server_credentials(
         *pki_files.load_tls_material(pki_files.coordinator_dir(d))
@@ -331,11 +328,12 @@ def test_insecure_mode_trusts_the_claim_only_where_asked(fed: Federation) -> Non
     assert code == grpc.StatusCode.PERMISSION_DENIED and "mutual TLS required" in details
 
 
-def test_rotated_server_certificate_reaches_new_connections(tmp_path: Path) -> None:
+def test_rotated_server_certificate_reaches_new_connections(
+    pki_factory: Callable[..., Path],
+) -> None:
     # pf2lora certs rotate-server writes the coordinator directory in place; the coordinator's
     # rotating credentials serve the new certificate on new connections, with the same CA.
-    d = tmp_path / "federation"
-    pki_files.provision_federation(d, FED, ["localhost"], silos=["hospital-a"])
+    d = pki_factory(FED, ["hospital-a"], [])
     ca = pki_files.load_ca(d)
     server = grpc_factory.create_server(2, interceptors=[PermissionInterceptor()])
     server.add_generic_rpc_handlers([_handlers()])

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "deploy" / "docker"
 HADOLINT_CONFIG = DOCKER / ".hadolint.yaml"
 FIXTURE = REPO / "tests" / "fixtures" / "deploy" / "docker" / "Dockerfile.insecure"

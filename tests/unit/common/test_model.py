@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_fixtures import linear_model, mini_model, regression_data, text_data
 
 from pf2lora.common.errors import ConfigError, InvalidArgument
 from pf2lora.common.learning.config import AdapterConfig
 from pf2lora.common.learning.model import PRIVATE, SHARED
+from tests.helpers import tiny
+from tests.helpers.tiny import linear_model, mini_model, regression_data, text_data
 
 
 def _fill_private_with_sentinel(model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -128,7 +129,6 @@ def test_parameter_counts_and_loss_on_text() -> None:
 
 def test_causal_lm_path_targets_q_v_and_trains(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A small randomly initialised Llama (SmolLM2's architecture) through the same code path."""
-    from core_fixtures import TEXTS, tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pf2lora.common.learning.batching import encode_texts
@@ -136,6 +136,7 @@ def test_causal_lm_path_targets_q_v_and_trains(tmp_path) -> None:  # type: ignor
     from pf2lora.common.learning.evaluation import evaluate
     from pf2lora.common.learning.model import build_two_level_model
     from pf2lora.common.learning.trainer import BilevelTrainer
+    from tests.helpers.tiny import TEXTS, tokenizer
 
     tok = tokenizer()
     cfg = LlamaConfig(
@@ -156,7 +157,7 @@ def test_causal_lm_path_targets_q_v_and_trains(tmp_path) -> None:  # type: ignor
     data = encode_texts(TEXTS, None, tok, 16, "causal-lm")
     before = evaluate(m, data)["loss"]
     BilevelTrainer(m, TrainConfig(local_steps=8, batch_size=6, ul_lr=3e-2), seed=0).train_round(
-        __import__("core_fixtures").source(data, 6)
+        tiny.source(data, 6)
     )
     after = evaluate(m, data)
     assert after["loss"] < before and 0.0 <= after["accuracy"] <= 1.0

@@ -16,7 +16,7 @@ import pytest
 
 from pf2lora.cli.main import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = (
     "README.md",
     "docs/operations.md",

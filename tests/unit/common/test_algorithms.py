@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from core_fixtures import MINI, source, text_data
 
 from pf2lora.common.algorithms import hetlora as het
 from pf2lora.common.algorithms.aggregate import (
@@ -21,6 +20,7 @@ from pf2lora.common.client_runtime import ClientRuntime, initial_global_state
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.config import AdapterConfig, TrainConfig
 from pf2lora.common.state_io import load_state, save_state
+from tests.helpers.tiny import MINI, source, text_data
 
 
 def test_weighted_mean_is_recovered_from_the_sum_alone() -> None:

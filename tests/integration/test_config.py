@@ -8,7 +8,6 @@ import argparse
 from pathlib import Path
 
 import pytest
-from federation_util import free_port
 
 from pf2lora.cli.main import main
 from pf2lora.cli.run import build_run_config
@@ -16,8 +15,9 @@ from pf2lora.common.data.files import LOCAL_FORMATS
 from pf2lora.common.errors import ConfigError
 from pf2lora.coordinator.config import load_coordinator_config
 from pf2lora.silo.config import load_silo_config
+from tests.helpers.federation import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "deploy").rglob("coordinator.toml")), ids=str)

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from federation_util import pump
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tlsutil import make_pki
 
 from pf2lora.common.transport import grpc_factory
+from tests.helpers.federation import pump
+from tests.helpers.tls import make_pki
 
 PROXY_VARS = (
     "grpc_proxy",

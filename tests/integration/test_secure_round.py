@@ -32,26 +32,20 @@ from pf2lora.common.secagg.messages import SignedKeys, UnmaskProposal
 from pf2lora.common.secagg.server import SecAggServer
 from pf2lora.common.secagg.silo import SecAggSilo
 from pf2lora.common.transport import grpc_factory, pki_files
-from pf2lora.common.transport.daemon_config import TlsSection
 from pf2lora.common.wire import streams, task_proto
 from pf2lora.common.wire.tasks import IdleTask, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore
-from pf2lora.coordinator.config import (
-    CoordinatorConfig,
-    FederationSection,
-    ServerSection,
-    StorageSection,
-)
 from pf2lora.coordinator.secure_round import SecureRound
 from pf2lora.coordinator.server import Coordinator
 from pf2lora.silo.client import CoordinatorClient
-from pf2lora.silo.config import CoordinatorSection, SiloConfig, SiloSection
+from pf2lora.silo.config import SiloConfig
 from pf2lora.silo.secure_round import SecureRoundDriver, SitOut, load_signing_material
 from pf2lora.silo.state import SiloState
 from pf2lora.silo.wire_record import WireRecord, read_wire_record
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc, silo_pb2, silo_pb2_grpc
 from pf2lora.v1 import tensors_pb2 as tpb
+from tests.helpers.inprocess import constant_state, coordinator_config, silo_config
 
 FED = "secfed"
 INITIAL = {
@@ -62,10 +56,6 @@ INITIAL = {
 Code = grpc.StatusCode
 
 
-def _tls(d: Path) -> TlsSection:
-    return TlsSection(str(d / "ca.crt"), str(d / "tls.crt"), str(d / "tls.key"))
-
-
 class Env(SimpleNamespace):
     coord: Coordinator
     pki: Path
@@ -74,25 +64,15 @@ class Env(SimpleNamespace):
 
 
 @pytest.fixture
-def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
+def env(
+    tmp_path: Path, request: pytest.FixtureRequest, pki_factory: Callable[..., Path]
+) -> Iterator[Env]:
     silos = tuple(getattr(request, "param", ("silo-a", "silo-b", "silo-c")))
-    pki_dir = tmp_path / "pki"
-    pki_files.provision_federation(pki_dir, FED, ("localhost",), silos=silos, admins=("ops",))
-    cfg = CoordinatorConfig(
-        federation=FederationSection(name=FED, allowed_silos=silos),
-        server=ServerSection(
-            silo_api_listen="127.0.0.1:0",
-            control_api_listen="127.0.0.1:0",
-            health_listen="",
-            metrics_listen="",
-            long_poll_s=0.5,
-        ),
-        tls=_tls(pki_files.coordinator_dir(pki_dir)),
-        storage=StorageSection(state_dir=str(tmp_path / "coordinator")),
+    pki_dir = pki_factory(FED, silos)
+    cfg = coordinator_config(
+        tmp_path / "coordinator", FED, silos, tls_dir=pki_files.coordinator_dir(pki_dir)
     )
-    coord = Coordinator(
-        cfg, initial_state=lambda a, m, s: {k: v.clone() for k, v in INITIAL.items()}
-    )
+    coord = Coordinator(cfg, initial_state=constant_state(INITIAL))
     coord.start()
     try:
         yield Env(coord=coord, pki=pki_dir, root=tmp_path, silos=silos)
@@ -101,17 +81,13 @@ def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
 
 
 def _silo_cfg(env: Env, silo: str) -> SiloConfig:
-    return SiloConfig(
-        silo=SiloSection(id=silo, federation=FED, state_dir=str(env.root / silo)),
-        coordinator=CoordinatorSection(
-            address=f"127.0.0.1:{env.coord.ports['silo_api']}",
-            server_name="localhost",
-            long_poll_s=0.5,
-            call_timeout_s=10.0,
-            retry_initial_s=0.1,
-            retry_max_s=0.5,
-        ),
-        tls=_tls(pki_files.silo_dir(env.pki, silo)),
+    return silo_config(
+        env.root / silo,
+        silo,
+        FED,
+        env.coord.ports["silo_api"],
+        tls_dir=pki_files.silo_dir(env.pki, silo),
+        call_timeout_s=10.0,
     )
 
 

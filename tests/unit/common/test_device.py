@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_fixtures import MINI, text_data
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.algorithms.registry import make_algorithm
@@ -12,6 +11,7 @@ from pf2lora.common.client_runtime import ClientRuntime, initial_global_state
 from pf2lora.common.errors import DataError
 from pf2lora.common.learning.batching import resolve_device
 from pf2lora.common.learning.config import TrainConfig
+from tests.helpers.tiny import MINI, text_data
 
 
 def test_resolve_device() -> None:

@@ -1,9 +1,14 @@
-"""Small real models and data for the core tests: MiniLM cut to one layer, a linear map."""
+"""The one tiny model config and the one toy corpus of the tests: MiniLM cut to one layer (real
+weights, fast), a linear map for regression, short sentiment sentences, and data built from them.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import random
+from pathlib import Path
 
 import torch
 
@@ -14,22 +19,27 @@ from pf2lora.common.learning.model import TwoLevelModel, build_two_level_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TEXTS = [
+# The toy corpus: short sentences of clear sentiment (label 1 positive, 0 negative).
+POS = [
     "a wonderful, moving film",
-    "dull and lifeless",
-    "I loved every minute",
-    "a total mess",
+    "I loved every minute of it",
     "sharp writing and great acting",
-    "boring from start to finish",
-    "pure joy",
-    "awful dialogue",
+    "pure joy from start to end",
     "the best thing this year",
-    "I want my money back",
-    "charming and funny",
-    "painfully slow",
+    "charming and very funny",
 ]
-LABELS = [1, 0] * 6
+NEG = [
+    "dull and lifeless",
+    "a total mess of a movie",
+    "boring from start to finish",
+    "awful dialogue throughout",
+    "I want my money back",
+    "painfully slow and long",
+]
+TEXTS = [s for pair in zip(POS, NEG, strict=True) for s in pair]
+LABELS = [1, 0] * len(POS)
 
+# The tiny model: MiniLM with one encoder layer; every sentence above fits in 16 tokens.
 MINI = ModelConfig(path="minilm", num_hidden_layers=1, max_length=16)
 
 
@@ -74,3 +84,19 @@ def regression_data(n: int = 64, d: int = 6, seed: int = 0) -> EncodedData:
 
 def source(data: EncodedData, batch_size: int = 8, seed: int = 0) -> BatchSource:
     return BatchSource(data, batch_size, seed)
+
+
+def write_silo_data(d: Path, k: int, n_train: int, n_test: int = 12) -> tuple[Path, Path]:
+    """Toy-corpus JSONL files (train, test) with integer labels; silo k leans to one label."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1000 + k)
+    paths = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        p = d / f"{split}.jsonl"
+        with p.open("w") as fh:
+            for i in range(n):
+                label = int(rng.random() < 0.3 + 0.2 * k)
+                text = f"{rng.choice(POS if label else NEG)} number {i}"
+                fh.write(json.dumps({"text": text, "label": label}) + "\n")
+        paths.append(p)
+    return paths[0], paths[1]

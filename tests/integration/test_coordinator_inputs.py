@@ -25,22 +25,15 @@ from pf2lora.common.algorithms.aggregate import weighted_payload
 from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.runspec import RunConfig, to_json
 from pf2lora.common.transport import grpc_factory, pki, pki_files
-from pf2lora.common.transport.daemon_config import TlsSection
 from pf2lora.common.wire import streams
 from pf2lora.common.wire.task_proto import task_from_proto
 from pf2lora.coordinator.checkpoints import CheckpointStore
-from pf2lora.coordinator.config import (
-    CoordinatorConfig,
-    FederationSection,
-    ServerSection,
-    StorageSection,
-)
 from pf2lora.coordinator.server import Coordinator
 from pf2lora.silo.client import CoordinatorClient
-from pf2lora.silo.config import CoordinatorSection, SiloConfig, SiloSection
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc, silo_pb2, silo_pb2_grpc
 from pf2lora.v1 import tensors_pb2 as tpb
+from tests.helpers.inprocess import channel, constant_state, coordinator_config, silo_config
 
 FED = "testfed"
 SILOS = ("silo-a", "silo-b", "silo-c")
@@ -52,52 +45,21 @@ INITIAL = {
 Code = grpc.StatusCode
 
 
-def _tls(d: Path) -> TlsSection:
-    return TlsSection(str(d / "ca.crt"), str(d / "tls.crt"), str(d / "tls.key"))
-
-
-def _server_cfg(
-    state_dir: Path, tls: TlsSection, allowed: tuple[str, ...], insecure: bool = False
-) -> CoordinatorConfig:
-    return CoordinatorConfig(
-        federation=FederationSection(name=FED, allowed_silos=allowed),
-        server=ServerSection(
-            silo_api_listen="127.0.0.1:0",
-            control_api_listen="127.0.0.1:0",
-            health_listen="",
-            metrics_listen="",
-            long_poll_s=0.5,
-            insecure=insecure,
-        ),
-        tls=tls,
-        storage=StorageSection(state_dir=str(state_dir)),
-    )
-
-
-def _channel(port: int, role_dir: Path) -> grpc.Channel:
-    ca, cert, key = grpc_factory.TlsFiles.in_dir(role_dir).read()
-    creds = grpc_factory.channel_credentials(ca, cert, key)
-    return grpc_factory.create_channel(f"127.0.0.1:{port}", creds, server_name_override="localhost")
-
-
 @pytest.fixture
-def tls_federation(tmp_path: Path) -> Iterator[SimpleNamespace]:
-    pki_dir = tmp_path / "pki"
-    pki_files.provision_federation(
-        pki_dir, FED, ("localhost",), silos=(*SILOS, "mallory"), admins=("ops",)
-    )
+def tls_federation(tmp_path: Path, pki_factory: Callable[..., Path]) -> Iterator[SimpleNamespace]:
+    pki_dir = pki_factory(FED, (*SILOS, "mallory"))
     state = tmp_path / "coordinator"
     coord = Coordinator(
-        _server_cfg(state, _tls(pki_files.coordinator_dir(pki_dir)), SILOS),
-        initial_state=lambda algorithm, model, seed: {k: v.clone() for k, v in INITIAL.items()},
+        coordinator_config(state, FED, SILOS, tls_dir=pki_files.coordinator_dir(pki_dir)),
+        initial_state=constant_state(INITIAL),
     )
     coord.start()
     channels = {
-        s: _channel(coord.ports["silo_api"], pki_files.silo_dir(pki_dir, s))
+        s: channel(coord.ports["silo_api"], pki_files.silo_dir(pki_dir, s))
         for s in (*SILOS, "mallory")
     }
-    admin = _channel(coord.ports["control_api"], pki_files.admin_dir(pki_dir, "ops"))
-    silo_on_control = _channel(coord.ports["control_api"], pki_files.silo_dir(pki_dir, "silo-a"))
+    admin = channel(coord.ports["control_api"], pki_files.admin_dir(pki_dir, "ops"))
+    silo_on_control = channel(coord.ports["control_api"], pki_files.silo_dir(pki_dir, "silo-a"))
     try:
         yield SimpleNamespace(
             coord=coord,
@@ -390,17 +352,12 @@ def test_a_200mb_adapter_streams_through_fetch_global_and_push_update(tmp_path: 
     total = sum(t.numel() * 4 for t in big.values())
     assert total >= 200e6
     coord = Coordinator(
-        _server_cfg(tmp_path / "coordinator", TlsSection(), ("silo-a",), insecure=True),
+        coordinator_config(tmp_path / "coordinator", FED, ("silo-a",)),
         initial_state=lambda algorithm, model, seed: big,
     )
     coord.start()
     client = CoordinatorClient(
-        SiloConfig(
-            silo=SiloSection(id="silo-a", federation=FED, state_dir=str(tmp_path / "silo")),
-            coordinator=CoordinatorSection(
-                address=f"127.0.0.1:{coord.ports['silo_api']}", insecure=True
-            ),
-        ),
+        silo_config(tmp_path / "silo", "silo-a", FED, coord.ports["silo_api"]),
         stop=threading.Event(),
     )
     try:
@@ -440,20 +397,7 @@ def test_a_200mb_adapter_streams_through_fetch_global_and_push_update(tmp_path: 
 def test_health_port_reports_the_services(tmp_path: Path) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    cfg = _server_cfg(tmp_path / "c", TlsSection(), ("silo-a",), insecure=True)
-    cfg = CoordinatorConfig(
-        federation=cfg.federation,
-        tls=cfg.tls,
-        storage=cfg.storage,
-        server=ServerSection(
-            silo_api_listen="127.0.0.1:0",
-            control_api_listen="127.0.0.1:0",
-            health_listen="127.0.0.1:0",
-            metrics_listen="",
-            insecure=True,
-        ),
-    )
-    coord = Coordinator(cfg)
+    coord = Coordinator(coordinator_config(tmp_path / "c", FED, ("silo-a",), health=True))
     coord.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{coord.ports['health']}") as ch:

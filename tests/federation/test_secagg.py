@@ -7,12 +7,12 @@ of the coordinator and of a silo answer SERVING and expose nothing else."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from federation_util import Federation, free_port, run_config, secure_simulation, write_silo_data
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pf2lora.common.runspec import SecAggSettings
@@ -21,6 +21,8 @@ from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.store import Store
 from pf2lora.silo.secure_round import FAILPOINT_ENV
 from pf2lora.v1 import control_pb2 as cpb
+from tests.helpers.federation import Federation, free_port, run_config, secure_simulation
+from tests.helpers.tiny import write_silo_data
 
 pytestmark = pytest.mark.slow
 
@@ -48,57 +50,50 @@ def _only_health(port: int) -> None:
 
 def test_silo_killed_after_key_sharing_round_completes_with_the_survivors_mean(
     tmp_path: Path,
+    federation: Callable[..., Federation],
 ) -> None:
     silos = {s: write_silo_data(tmp_path / "data" / s, k, 16 + 4 * k) for k, s in enumerate(SILOS)}
     coord_health, silo_health = free_port(), free_port()
-    fed = Federation(
-        tmp_path,
+    fed = federation(
         silos,
         tls=True,
         coordinator_args=["--health-listen", f"127.0.0.1:{coord_health}"],
         silo_extra={"silo-0": {"health_listen": f"127.0.0.1:{silo_health}"}},
     )
+    fed.start_coordinator()
+    for s in SILOS:
+        fed.start_silo(s, env={FAILPOINT_ENV: "stop-before:masked_input"} if s == VICTIM else None)
+    fed.wait_for_silos(180)
+    _only_health(coord_health)
+    _only_health(silo_health)
+    cfg = run_config(
+        rounds=1,
+        min_silos=4,
+        round_deadline_s=300.0,
+        local_steps=2,
+        secagg=SecAggSettings(stage_deadline_s=8.0),
+    )
+    run_id = fed.start_run(cfg, "dropout")
+    # the victim shared its keys, received its shares and stopped itself before masking
+    fed.wait(lambda: fed.procs.stopped(VICTIM), 240, f"{VICTIM} stopped before its masked input")
+    st = fed.status(run_id)
+    assert st.secagg_stage == "masked_input", st
+    fed.procs.kill9(VICTIM)
+    final = fed.wait_run_done(run_id, 240)
+    assert final.state == cpb.RUN_STATE_COMPLETED, fed.procs.tails()
+    h = final.history[0]
+    assert h.attempt == 1 and h.secure_aggregation
+    assert (
+        sorted(h.participants) == SILOS
+        and sorted(h.reported) == SILOS[:4]
+        and list(h.dropped) == [VICTIM]
+    )
+    store = Store(tmp_path / "coordinator" / "state.db")
     try:
-        fed.start_coordinator()
-        for s in SILOS:
-            fed.start_silo(
-                s, env={FAILPOINT_ENV: "stop-before:masked_input"} if s == VICTIM else None
-            )
-        fed.wait_for_silos(180)
-        _only_health(coord_health)
-        _only_health(silo_health)
-        cfg = run_config(
-            rounds=1,
-            min_silos=4,
-            round_deadline_s=300.0,
-            local_steps=2,
-            secagg=SecAggSettings(stage_deadline_s=8.0),
-        )
-        run_id = fed.start_run(cfg, "dropout")
-        # the victim shared its keys, received its shares and stopped itself before masking
-        fed.wait(
-            lambda: fed.procs.stopped(VICTIM), 240, f"{VICTIM} stopped before its masked input"
-        )
-        st = fed.status(run_id)
-        assert st.secagg_stage == "masked_input", st
-        fed.procs.kill9(VICTIM)
-        final = fed.wait_run_done(run_id, 240)
-        assert final.state == cpb.RUN_STATE_COMPLETED, fed.procs.tails()
-        h = final.history[0]
-        assert h.attempt == 1 and h.secure_aggregation
-        assert (
-            sorted(h.participants) == SILOS
-            and sorted(h.reported) == SILOS[:4]
-            and list(h.dropped) == [VICTIM]
-        )
-        store = Store(tmp_path / "coordinator" / "state.db")
-        try:
-            stages = {st.stage: st.silos for st in store.stages(run_id, 1, 1)}
-        finally:
-            store.close()
-        assert stages["share_keys"] == tuple(SILOS) and stages["masked_input"] == tuple(SILOS[:4])
+        stages = {st.stage: st.silos for st in store.stages(run_id, 1, 1)}
     finally:
-        fed.close()
+        store.close()
+    assert stages["share_keys"] == tuple(SILOS) and stages["masked_input"] == tuple(SILOS[:4])
     # The sum the coordinator unmasked is the four survivors' weighted payloads, renormalised by
     # their summed weight: the simulation of those four silos alone, within the fixed-point bound.
     sim = secure_simulation(

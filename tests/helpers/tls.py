@@ -1,17 +1,19 @@
-"""Test PKI on top of the project's own `pf2lora.common.transport.pki` (no keys committed, none
-duplicated).
+"""The tests' certificates, made with the project's own PKI (no keys committed, none duplicated):
+in memory (`make_pki`) or on disk as `pf2lora certs init` writes them (`provision`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pf2lora.common.transport import pki
+from pf2lora.common.transport import pki, pki_files
+from pf2lora.common.transport.daemon_config import TlsSection
 
 
 @dataclass(frozen=True)
@@ -62,3 +64,23 @@ def write_tls_dir(tls_dir: Path, ca_pem: bytes, cert_pem: bytes, key_pem: bytes)
         tmp = tls_dir / f".{name}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, tls_dir / name)
+
+
+def provision(
+    directory: Path,
+    federation: str,
+    silos: Iterable[str] = ("silo-a", "silo-b", "silo-c"),
+    admins: Iterable[str] = ("ops",),
+) -> Path:
+    """A federation PKI on disk as `pf2lora certs init` writes it (server name localhost)."""
+    pki_files.provision_federation(
+        directory, federation, ("localhost",), silos=tuple(silos), admins=tuple(admins)
+    )
+    return directory
+
+
+def tls_section(role_dir: Path) -> TlsSection:
+    """The [tls] section of a daemon whose certificate is in role_dir."""
+    return TlsSection(
+        str(role_dir / "ca.crt"), str(role_dir / "tls.crt"), str(role_dir / "tls.key")
+    )

@@ -18,13 +18,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from federation_util import (
-    Federation,
-    RecordingProxy,
-    run_config,
-    secure_simulation,
-    write_silo_data,
-)
 from scipy import stats
 
 from pf2lora.common.algorithms.registry import make_algorithm
@@ -41,6 +34,8 @@ from pf2lora.silo.state import SiloState
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import silo_pb2
 from pf2lora.v1 import tensors_pb2 as tpb
+from tests.helpers.federation import Federation, RecordingProxy, run_config, secure_simulation
+from tests.helpers.tiny import write_silo_data
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,7 @@ recording proxy.
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -20,29 +18,14 @@ from typing import Any
 import grpc
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
-from pf2lora.common.learning.config import ModelConfig, TrainConfig
+from pf2lora.common.learning.config import TrainConfig
 from pf2lora.common.runspec import RunConfig, to_json
 from pf2lora.common.transport import grpc_factory, pki_files
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc
+from tests.helpers.tiny import MINI
 
 PY = [sys.executable, "-m", "pf2lora.cli.main", "--log-level", "INFO"]
-POS = [
-    "a wonderful, moving film",
-    "I loved every minute of it",
-    "sharp writing and great acting",
-    "pure joy from start to end",
-    "the best thing this year",
-    "charming and very funny",
-]
-NEG = [
-    "dull and lifeless",
-    "a total mess of a movie",
-    "boring from start to finish",
-    "awful dialogue throughout",
-    "I want my money back",
-    "painfully slow and long",
-]
 
 
 def free_port() -> int:
@@ -51,15 +34,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def tiny_model() -> ModelConfig:
-    return ModelConfig(path="minilm", num_hidden_layers=1, max_length=32, num_labels=2)
-
-
 def run_config(**kw: Any) -> RunConfig:
     train = TrainConfig(local_steps=kw.pop("local_steps", 3), batch_size=8)
     base: dict[str, Any] = dict(
         algorithm=AlgorithmConfig(train=train),
-        model=tiny_model(),
+        model=MINI,
         rounds=2,
         min_silos=2,
         round_deadline_s=120.0,
@@ -69,22 +48,6 @@ def run_config(**kw: Any) -> RunConfig:
     )
     base.update(kw)
     return RunConfig(**base)
-
-
-def write_silo_data(d: Path, k: int, n_train: int, n_test: int = 12) -> tuple[Path, Path]:
-    """Tiny sentiment JSONL files with integer labels; silo k is skewed towards one label."""
-    d.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(1000 + k)
-    paths = []
-    for split, n in (("train", n_train), ("test", n_test)):
-        p = d / f"{split}.jsonl"
-        with p.open("w") as fh:
-            for i in range(n):
-                label = int(rng.random() < 0.3 + 0.2 * k)
-                text = f"{rng.choice(POS if label else NEG)} number {i}"
-                fh.write(json.dumps({"text": text, "label": label}) + "\n")
-        paths.append(p)
-    return paths[0], paths[1]
 
 
 class Procs:
@@ -176,9 +139,7 @@ class Federation:
         self.tls = tls
         self.pki = root / "pki"
         if not (self.pki / "ca.crt").exists():
-            pki_files.provision_federation(
-                self.pki, federation, ("localhost",), silos=sorted(silos), admins=("ops",)
-            )
+            tls.provision(self.pki, federation, sorted(silos))
         self.silos = silos
         self.federation = federation
         self.procs = Procs(root)

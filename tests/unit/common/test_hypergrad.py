@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from core_fixtures import linear_model, regression_data
 
 from pf2lora.common.learning import hypergrad as hg
+from tests.helpers.tiny import linear_model, regression_data
 
 
 def _toy(seed: int = 0, n: int = 40, d: int = 5, h: int = 4, mu: float = 0.5):  # type: ignore[no-untyped-def]

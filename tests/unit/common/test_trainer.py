@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_fixtures import linear_model, mini_model, regression_data, source, text_data
 
 from pf2lora.common.errors import ConfigError, DataError
 from pf2lora.common.learning.config import TrainConfig
 from pf2lora.common.learning.trainer import BilevelTrainer
 from pf2lora.common.state_io import load_state, save_state
+from tests.helpers.tiny import linear_model, mini_model, regression_data, source, text_data
 
 
 @pytest.mark.parametrize("hypergrad", ["unroll", "implicit", "first-order", "joint"])

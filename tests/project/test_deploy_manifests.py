@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 FIXTURE_DIR = REPO / "tests" / "fixtures" / "deploy" / "k8s"
 

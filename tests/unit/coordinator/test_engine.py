@@ -20,7 +20,6 @@ from pf2lora.common.errors import (
     NotFound,
     PermissionDenied,
 )
-from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.runspec import RunConfig, from_json, to_json
 from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, StopTask, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore, state_digest
@@ -28,6 +27,7 @@ from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.status import list_silos, round_manifest, run_status
 from pf2lora.coordinator.store import Store
 from pf2lora.coordinator.views import Phase
+from tests.helpers.inprocess import Clock, fake_engine, plain_run_config
 
 INITIAL = {
     "layer.lora_A.weight": torch.arange(8, dtype=torch.float32).reshape(2, 4),
@@ -35,43 +35,15 @@ INITIAL = {
 }
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def initial_state(algorithm, model, seed):  # noqa: ANN001, ANN201
     return {k: v.clone() + seed for k, v in INITIAL.items()}
 
 
 def make_engine(tmp_path: Path, clock: Clock, allowed=("a", "b", "c")) -> Engine:  # noqa: ANN001
-    store = Store(tmp_path / "state.db")
-    return Engine(
-        store,
-        CheckpointStore(tmp_path),
-        federation="test",
-        allowed_silos=allowed,
-        initial_state=initial_state,
-        clock=clock,
-        wall=clock,
-    )
+    return fake_engine(tmp_path, clock, initial_state, allowed=allowed)
 
 
-def run_cfg(**kw) -> RunConfig:  # noqa: ANN003
-    # The plain-update engine (secure rounds: tests/test_secure_round.py, real servers).
-    base = dict(
-        rounds=2,
-        min_silos=2,
-        round_deadline_s=60.0,
-        enroll_window_s=5.0,
-        seed=0,
-        secure_aggregation=False,
-    )
-    base.update(kw)
-    return RunConfig(model=ModelConfig(path="unused"), **base)
+run_cfg = plain_run_config
 
 
 def update(value: float, weight: float) -> dict[str, torch.Tensor]:

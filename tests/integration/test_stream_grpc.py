@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-import tlsutil  # tests/ is on sys.path (conftest.py)
 import torch
 from cryptography.x509 import DNSName, verification
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +19,7 @@ from pf2lora.common.transport import grpc_factory
 from pf2lora.common.wire import streams
 from pf2lora.common.wire.manifest import manifest_digest, tensor_spec
 from pf2lora.v1 import tensors_pb2 as pb
+from tests.helpers import tls as tlsutil
 
 SERVICE = "pf2lora.test.TensorEcho"
 TIMEOUT_S = 60.0

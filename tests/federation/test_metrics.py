@@ -12,22 +12,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from federation_util import Federation, free_port, run_config, write_silo_data
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from pf2lora.common.algorithms.aggregate import weighted_payload
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.learning.config import ModelConfig
-from pf2lora.common.runspec import RunConfig
 from pf2lora.common.transport.metrics_http import split_listen, start_metrics_server
 from pf2lora.common.wire.tasks import TrainTask
-from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.metrics import SECAGG_STAGES, CoordinatorMetrics
-from pf2lora.coordinator.store import Store
 from pf2lora.silo.metrics import SiloMetrics
 from pf2lora.v1 import control_pb2 as cpb
+from tests.helpers.federation import Federation, free_port, run_config
+from tests.helpers.inprocess import Clock, constant_state, fake_engine, plain_run_config
+from tests.helpers.tiny import write_silo_data
 
 Samples = dict[str, float]
 
@@ -54,25 +52,8 @@ def scrape(port: int) -> Samples:
 STATE = {"layer.lora_A.weight": torch.ones(2, 4), "layer.lora_B.weight": torch.zeros(4, 2)}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def _engine(tmp_path: Path, clock: Clock, metrics: CoordinatorMetrics) -> Engine:
-    eng = Engine(
-        Store(tmp_path / "state.db"),
-        CheckpointStore(tmp_path),
-        federation="test",
-        allowed_silos=("a", "b", "c"),
-        initial_state=lambda a, m, s: {k: v.clone() for k, v in STATE.items()},
-        clock=clock,
-        wall=clock,
-        metrics=metrics,
-    )
+    eng = fake_engine(tmp_path, clock, constant_state(STATE), metrics=metrics)
     for s, n in zip("abc", (10, 20, 30), strict=True):
         eng.join(s, n, "test")
     return eng
@@ -96,16 +77,7 @@ def test_engine_hooks_count_rounds_durations_participants_dropouts_and_reopening
 ) -> None:
     clock, m = Clock(), CoordinatorMetrics()
     eng = _engine(tmp_path, clock, m)
-    cfg = RunConfig(
-        model=ModelConfig(path="unused"),
-        rounds=2,
-        min_silos=2,
-        round_deadline_s=60.0,
-        enroll_window_s=5.0,
-        seed=0,
-        secure_aggregation=False,
-    )  # plain updates pushed here
-    eng.start_run(cfg)
+    eng.start_run(plain_run_config())  # plain updates pushed here
     value = m.registry.get_sample_value
     assert (
         value("pf2lora_coordinator_run_active") == 1
