@@ -1,6 +1,6 @@
 """Test session setup and the shared fixtures: tiny model, toy corpus, certificates, federations.
 
-Layout: unit/ (one package at a time, no sockets), integration/ (real gRPC servers in this
+Layout: unit/ (one package at a time, no servers), integration/ (real gRPC servers in this
 process), federation/ (coordinator and silo processes), project/ (docs, deploy, packaging,
 layering). Helpers are the package `tests.helpers`; pytest runs with --import-mode=importlib.
 """
