@@ -5,8 +5,10 @@ benchmarks/X.py`).
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from pathlib import Path
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -16,3 +18,21 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, usable cores, torch threads, load and library versions, recorded with every result."""
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "cpu": cpu_model(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }

@@ -34,7 +34,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -45,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
+from _machine import machine_info  # benchmarks/_machine.py (scripts run from benchmarks/)
 
 import pf2lora.common.simulation as sim
 from pf2lora.common.algorithms.base import AlgorithmConfig
@@ -209,22 +208,6 @@ def run_one(
         flush=True,
     )
     return out
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = cpu_model()
-    import peft
-    import transformers
-
-    return {
-        "cpu": cpu,
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:

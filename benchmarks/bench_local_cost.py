@@ -31,7 +31,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
+from _machine import machine_info  # benchmarks/_machine.py (scripts run from benchmarks/)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -168,17 +167,6 @@ def measure_memory(args: argparse.Namespace, labels: list[str]) -> dict[str, Any
                 flush=True,
             )
     return out
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = cpu_model()
-    return {
-        "cpu": cpu,
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def markdown(doc: dict[str, Any]) -> str:

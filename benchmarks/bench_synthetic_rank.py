@@ -26,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
+from _machine import machine_info  # benchmarks/_machine.py (scripts run from benchmarks/)
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.learning.config import AdapterConfig, ModelConfig, TrainConfig
@@ -139,18 +138,6 @@ def run_case(label: str, algorithm: str, **kw: Any) -> dict[str, Any]:
         flush=True,
     )
     return out
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = cpu_model()
-    return {
-        "cpu": cpu,
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "load_average": os.getloadavg(),
-    }
 
 
 def markdown(doc: dict[str, Any]) -> str:

@@ -11,28 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from pf2lora.cli import control
+from pf2lora.cli.flags import ALGORITHM_FLAGS, MODEL_FLAGS, Flag, add_flags, apply_flags
 
 logger = logging.getLogger(__name__)
 
 # flag -> (path in RunConfig, type, help); flags override --run-file, which overrides defaults.
-RUN_FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
-    "algorithm": (("algorithm", "name"), str, "pf2lora | homlora | hetlora | perfedavg | local"),
-    "weighting": (("algorithm", "weighting"), str, "silo weights: samples | equal"),
-    "hypergrad": (
-        ("algorithm", "train", "hypergrad"),
-        str,
-        "unroll | implicit | first-order | joint",
-    ),
-    "local_steps": (("algorithm", "train", "local_steps"), int, "local steps per round"),
-    "batch_size": (("algorithm", "train", "batch_size"), int, "minibatch size"),
-    "ll_lr": (("algorithm", "train", "ll_lr"), float, "lower-level SGD step (private adapter)"),
-    "ul_lr": (("algorithm", "train", "ul_lr"), float, "upper-level AdamW lr (shared adapter)"),
+RUN_FLAGS: dict[str, Flag] = {
+    **ALGORITHM_FLAGS,
     "model": (("model", "path"), str, "base model as the COORDINATOR sees it (minilm | a folder)"),
-    "num_layers": (("model", "num_hidden_layers"), int, "truncate the model to N layers"),
-    "max_length": (("model", "max_length"), int, "max tokens per text"),
+    **MODEL_FLAGS,
     "num_labels": (("model", "num_labels"), int, "number of classes"),
-    "shared_rank": (("model", "adapters", "shared_rank"), int, "r (shared adapter rank)"),
-    "private_rank": (("model", "adapters", "private_rank"), int, "r_hat (private adapter rank)"),
     "rounds": (("rounds",), int, "federated rounds"),
     "min_silos": (("min_silos",), int, "updates needed to close a round at its deadline"),
     "deadline": (("round_deadline_s",), float, "round deadline in seconds"),
@@ -76,8 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     control.add_connection_flags(s)
     s.add_argument("--run-file", type=Path, help="TOML run configuration")
-    for name, (_, typ, help_text) in RUN_FLAGS.items():
-        s.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, help=help_text)
+    add_flags(s, RUN_FLAGS)
     s.add_argument(
         "--no-secure-aggregation",
         dest="secure_aggregation",
@@ -118,13 +105,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def build_run_config(args: argparse.Namespace) -> Any:
     from pf2lora.common.learning.config import from_mapping
-    from pf2lora.common.runspec import RunConfig, load_toml, set_path
+    from pf2lora.common.runspec import RunConfig, load_toml
 
-    tree: dict[str, Any] = load_toml(args.run_file) if args.run_file else {}
-    for name, (path, _, _) in RUN_FLAGS.items():
-        value = getattr(args, name)
-        if value is not None:
-            set_path(tree, path, value)
+    tree = apply_flags(load_toml(args.run_file) if args.run_file else {}, args, RUN_FLAGS)
     if getattr(args, "secure_aggregation", None) is False:
         tree["secure_aggregation"] = False
     cfg = from_mapping(RunConfig, tree, str(args.run_file or "run configuration"))

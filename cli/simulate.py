@@ -6,46 +6,20 @@ import argparse
 import dataclasses
 import json
 import logging
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from pf2lora.cli.flags import ALGORITHM_FLAGS, MODEL_FLAGS, Flag, add_flags, apply_flags
 from pf2lora.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# flag -> (section path in SimulationConfig, type); a flag given on the command line
-# overrides the TOML file, which overrides the built-in defaults.
-FLAGS: dict[str, tuple[tuple[str, ...], Any, str]] = {
-    "algorithm": (("algorithm", "name"), str, "pf2lora | homlora | hetlora | perfedavg | local"),
-    "weighting": (("algorithm", "weighting"), str, "client weights: samples | equal"),
-    "hypergrad": (
-        ("algorithm", "train", "hypergrad"),
-        str,
-        "unroll | implicit | first-order | joint",
-    ),
-    "local_steps": (("algorithm", "train", "local_steps"), int, "local steps per round"),
-    "batch_size": (("algorithm", "train", "batch_size"), int, "minibatch size"),
-    "ll_lr": (("algorithm", "train", "ll_lr"), float, "lower-level SGD step (private adapter)"),
-    "ul_lr": (("algorithm", "train", "ul_lr"), float, "upper-level AdamW lr (shared adapter)"),
-    "weight_decay": (("algorithm", "train", "weight_decay"), float, "AdamW weight decay"),
-    "max_grad_norm": (
-        ("algorithm", "train", "max_grad_norm"),
-        float,
-        "clip the upper-level gradient to this norm (0: off; default 1.0)",
-    ),
-    "ll_max_grad_norm": (
-        ("algorithm", "train", "ll_max_grad_norm"),
-        float,
-        "clip the lower-level (private) gradient before its SGD step (0: off, the default)",
-    ),
+# flag -> (path in SimulationConfig, type, help); flags override --config, then the defaults.
+FLAGS: dict[str, Flag] = {
+    **ALGORITHM_FLAGS,
     "model": (("model", "path"), str, "minilm | smollm2 | a local Hugging Face folder"),
     "task": (("model", "task"), str, "seq-cls | causal-lm"),
-    "num_layers": (("model", "num_hidden_layers"), int, "truncate the model to N layers"),
-    "max_length": (("model", "max_length"), int, "max tokens per text"),
-    "shared_rank": (("model", "adapters", "shared_rank"), int, "r (shared adapter rank)"),
-    "private_rank": (("model", "adapters", "private_rank"), int, "r_hat (private adapter rank)"),
-    "alpha": (("model", "adapters", "alpha"), float, "LoRA alpha on both branches"),
+    **MODEL_FLAGS,
     "data": (("data", "source"), str, "vader | rotten-tomatoes | synthetic-rank | files"),
     "partition": (("data", "partition"), str, "natural | similarity | dirichlet | iid"),
     "clients": (("data", "num_clients"), int, "number of clients"),
@@ -70,8 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--config", type=Path, help="TOML file with [algorithm], [model], [data] sections"
     )
-    for name, (_, typ, help_text) in FLAGS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, help=help_text)
+    add_flags(p, FLAGS)
     p.add_argument("--domains", help="comma-separated domains (VADER: tweets,movies,amazon,nyt)")
     p.add_argument(
         "--train-files", help="comma-separated local files, one per client (--data files)"
@@ -87,38 +60,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    node = tree
-    for key in path[:-1]:
-        node = node.setdefault(key, {})
-    node[path[-1]] = value
-
-
 def build_config(args: argparse.Namespace) -> Any:
     from pf2lora.common.learning.config import from_mapping
+    from pf2lora.common.runspec import load_toml, set_path
     from pf2lora.common.simulation import SimulationConfig
 
-    tree: dict[str, Any] = {}
-    if args.config is not None:
-        try:
-            tree = tomllib.loads(args.config.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {args.config} not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {args.config}: {exc}") from None
-    for name, (path, _, _) in FLAGS.items():
-        value = getattr(args, name)
-        if value is not None:
-            _set(tree, path, value)
+    tree = apply_flags(load_toml(args.config) if args.config is not None else {}, args, FLAGS)
     if args.domains:
-        _set(tree, ("data", "domains"), [d.strip() for d in args.domains.split(",") if d.strip()])
+        domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+        set_path(tree, ("data", "domains"), domains)
     if args.train_files:
-        _set(tree, ("data", "train_files"), args.train_files.split(","))
+        set_path(tree, ("data", "train_files"), args.train_files.split(","))
         tree.setdefault("data", {}).setdefault("source", "files")
     if args.test_files:
-        _set(tree, ("data", "test_files"), args.test_files.split(","))
+        set_path(tree, ("data", "test_files"), args.test_files.split(","))
     if args.progress:
-        _set(tree, ("algorithm", "train", "progress"), True)
+        set_path(tree, ("algorithm", "train", "progress"), True)
     return from_mapping(SimulationConfig, tree)
 
 

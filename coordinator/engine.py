@@ -286,17 +286,10 @@ class Engine:
                 raise InvalidArgument("update tensors do not match the round's payload spec")
             parts = [tensors] if run.running_sum is None else [run.running_sum, tensors]
             run.running_sum = sum_payloads(parts)  # the individual update is not kept
-            self.store.record_update(
-                run_id,
-                round_,
-                attempt,
-                silo_id,
-                manifest_digest.hex(),
-                self._now_ms(),
-                tensors_to_json("UPDATE", manifest),
+            self._record_update(
+                run_id, round_, attempt, silo_id, manifest_digest, "UPDATE", manifest
             )
             run.participants[silo_id].state = "reported"
-            self.metrics.update_accepted()
             received = sum(p.state == "reported" for p in run.participants.values())
             total = len(run.participants)
             logger.info("round %d: update from %s (%d of %d)", round_, silo_id, received, total)
@@ -304,6 +297,28 @@ class Engine:
                 self.transitions.complete_round(run)
             self._notify()
             return UpdateReceipt(run_id, round_, manifest_digest, received, total)
+
+    def _record_update(
+        self,
+        run_id: str,
+        round_: int,
+        attempt: int,
+        silo_id: str,
+        digest: bytes,
+        kind: str,
+        manifest: Sequence[TensorInfo],
+    ) -> None:
+        """Record an accepted (plain or masked) update with its manifest; count it."""
+        self.store.record_update(
+            run_id,
+            round_,
+            attempt,
+            silo_id,
+            digest.hex(),
+            self._now_ms(),
+            tensors_to_json(kind, manifest),
+        )
+        self.metrics.update_accepted()
 
     # ------------------------------------------------------- secure aggregation
     def secure_step(
@@ -350,16 +365,9 @@ class Engine:
 
         def step(secure: SecureRound) -> tuple[int, int]:
             counts = secure.receive_masked(silo_id, vector)
-            self.store.record_update(
-                run_id,
-                round_,
-                attempt,
-                silo_id,
-                manifest_digest.hex(),
-                self._now_ms(),
-                tensors_to_json("MASKED_UPDATE", manifest),
+            self._record_update(
+                run_id, round_, attempt, silo_id, manifest_digest, "MASKED_UPDATE", manifest
             )
-            self.metrics.update_accepted()
             return counts
 
         return self.secure_step(silo_id, run_id, round_, attempt, step)

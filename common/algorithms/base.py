@@ -93,9 +93,12 @@ class ClientAlgorithm:
         self.client_index = client_index
         self.trainer = self.make_trainer(seed)
 
-    def make_trainer(self, seed: int) -> BilevelTrainer:
-        """The local trainer over `self.model` with this client's objective."""
-        return BilevelTrainer(self.model, self.algorithm.cfg.train, seed, objective=self.objective)
+    def make_trainer(self, seed: int, **options: Any) -> BilevelTrainer:
+        """The local trainer over `self.model` with this client's objective; an override passes
+        its trainer options (extra loss, gradient mask, ...) up to this one."""
+        return BilevelTrainer(
+            self.model, self.algorithm.cfg.train, seed, objective=self.objective, **options
+        )
 
     # -- round ---------------------------------------------------------------------
     def receive_global(self, global_state: Mapping[str, Tensor]) -> None:

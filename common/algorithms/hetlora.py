@@ -123,14 +123,9 @@ class HETLoRAClient(ClientAlgorithm):
         super().__init__(algorithm, model, client_index, seed)
         self._truncate_in_place()
 
-    def make_trainer(self, seed: int) -> BilevelTrainer:
-        return BilevelTrainer(
-            self.model,
-            self.algorithm.cfg.train,
-            seed,
-            objective=self.objective,
-            extra_loss=self._regulariser,
-            grad_mask=self._mask_grads,
+    def make_trainer(self, seed: int, **options: Any) -> BilevelTrainer:
+        return super().make_trainer(
+            seed, extra_loss=self._regulariser, grad_mask=self._mask_grads, **options
         )
 
     def _pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,14 +23,8 @@ _PERSONALISE_STEP = -1
 class PerFedAvgClient(ClientAlgorithm):
     objective: ClassVar[Objective] = "maml"
 
-    def make_trainer(self, seed: int) -> BilevelTrainer:
-        return BilevelTrainer(
-            self.model,
-            self.algorithm.cfg.train,
-            seed,
-            objective=self.objective,
-            maml_alpha=self.algorithm.cfg.perfedavg_alpha,
-        )
+    def make_trainer(self, seed: int, **options: Any) -> BilevelTrainer:
+        return super().make_trainer(seed, maml_alpha=self.algorithm.cfg.perfedavg_alpha, **options)
 
     @contextlib.contextmanager
     def personalised(self, source: BatchSource | None) -> Iterator[TwoLevelModel]:

@@ -210,16 +210,13 @@ class PeerVerifier:
                 f"silo {message.silo_id}: keys are for run {message.run_id!r} round "
                 f"{message.round}, expected run {run_id!r} round {round_} (replayed?)"
             )
-        public_key = self.verify_certificate(message.certificate, message.silo_id)
-        try:
-            public_key.verify(
-                message.signature, message.signed_payload(), ec.ECDSA(hashes.SHA256())
-            )
-        except InvalidSignature:
-            raise PermissionDenied(
-                f"silo {message.silo_id}: signature over its round keys does not verify "
-                "(substituted key?)"
-            ) from None
+        self._verify_signature(
+            message.certificate,
+            message.silo_id,
+            message.signature,
+            message.signed_payload(),
+            "signature over its round keys does not verify (substituted key?)",
+        )
 
     def verify_consistency_signature(
         self, signature: ConsistencySignature, proposal: UnmaskProposal
@@ -232,16 +229,24 @@ class PeerVerifier:
                 f"{signature.run_id!r} round {signature.round}, expected run "
                 f"{proposal.run_id!r} round {proposal.round} (replayed?)"
             )
-        public_key = self.verify_certificate(signature.certificate, signature.silo_id)
+        self._verify_signature(
+            signature.certificate,
+            signature.silo_id,
+            signature.signature,
+            proposal.signed_payload(),
+            "consistency signature does not verify over this unmask proposal",
+        )
+
+    def _verify_signature(
+        self, certificate: bytes, silo_id: str, signature: bytes, payload: bytes, failure: str
+    ) -> None:
+        """PermissionDenied("silo ID: failure") unless `signature` over `payload` verifies under
+        the key of `certificate`, which must be silo_id's (verify_certificate)."""
+        public_key = self.verify_certificate(certificate, silo_id)
         try:
-            public_key.verify(
-                signature.signature, proposal.signed_payload(), ec.ECDSA(hashes.SHA256())
-            )
+            public_key.verify(signature, payload, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
-            raise PermissionDenied(
-                f"silo {signature.silo_id}: consistency signature does not verify over this "
-                "unmask proposal"
-            ) from None
+            raise PermissionDenied(f"silo {silo_id}: {failure}") from None
 
 
 def _exchange(private_key: X25519PrivateKey, peer_public: bytes) -> bytes:

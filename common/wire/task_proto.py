@@ -9,7 +9,9 @@ field surfaces as InvalidArgument before any protocol state is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any, TypeVar
 
 from pf2lora.common.errors import InvalidArgument
 from pf2lora.common.secagg.messages import (
@@ -157,80 +159,66 @@ def metrics_kind_from_proto(value: int) -> MetricsKind:
 
 
 # ---------------------------------------------------------------------------- messages
+# The flat library messages and their protobuf twins have the same fields, by name.
+_Plain = SignedKeys | EncryptedShare | UnmaskProposal | ConsistencySignature
+_P = TypeVar(
+    "_P",
+    silo_pb2.SignedKeys,
+    silo_pb2.EncryptedShare,
+    silo_pb2.UnmaskProposal,
+    silo_pb2.ConsistencySignature,
+)
+_M = TypeVar("_M", SignedKeys, EncryptedShare, UnmaskProposal, ConsistencySignature)
+
+
+def _plain_to_proto(m: _Plain, proto_cls: type[_P]) -> _P:
+    """A flat library message as its protobuf twin (tuples become repeated fields)."""
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(m):
+        v = getattr(m, f.name)
+        fields[f.name] = list(v) if isinstance(v, tuple) else v
+    return proto_cls(**fields)
+
+
+def _plain_from_proto(msg: Any, cls: type[_M]) -> _M:
+    """The library message (validated by its constructor) from its protobuf twin."""
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(msg, f.name)
+        kwargs[f.name] = v if isinstance(v, str | int | bytes) else tuple(v)
+    return cls(**kwargs)
+
+
 def keys_to_proto(m: SignedKeys) -> silo_pb2.SignedKeys:
-    return silo_pb2.SignedKeys(
-        run_id=m.run_id,
-        round=m.round,
-        silo_id=m.silo_id,
-        mask_public_key=m.mask_public_key,
-        share_public_key=m.share_public_key,
-        signature=m.signature,
-        certificate=m.certificate,
-    )
+    return _plain_to_proto(m, silo_pb2.SignedKeys)
 
 
 def keys_from_proto(m: silo_pb2.SignedKeys) -> SignedKeys:
-    return SignedKeys(
-        run_id=m.run_id,
-        round=m.round,
-        silo_id=m.silo_id,
-        mask_public_key=bytes(m.mask_public_key),
-        share_public_key=bytes(m.share_public_key),
-        signature=bytes(m.signature),
-        certificate=bytes(m.certificate),
-    )
+    return _plain_from_proto(m, SignedKeys)
 
 
 def share_to_proto(m: EncryptedShare) -> silo_pb2.EncryptedShare:
-    return silo_pb2.EncryptedShare(
-        run_id=m.run_id,
-        round=m.round,
-        sender=m.sender,
-        receiver=m.receiver,
-        ciphertext=m.ciphertext,
-    )
+    return _plain_to_proto(m, silo_pb2.EncryptedShare)
 
 
 def share_from_proto(m: silo_pb2.EncryptedShare) -> EncryptedShare:
-    return EncryptedShare(
-        run_id=m.run_id,
-        round=m.round,
-        sender=m.sender,
-        receiver=m.receiver,
-        ciphertext=bytes(m.ciphertext),
-    )
+    return _plain_from_proto(m, EncryptedShare)
 
 
 def proposal_to_proto(m: UnmaskProposal) -> silo_pb2.UnmaskProposal:
-    return silo_pb2.UnmaskProposal(
-        run_id=m.run_id, round=m.round, survivors=list(m.survivors), dropped=list(m.dropped)
-    )
+    return _plain_to_proto(m, silo_pb2.UnmaskProposal)
 
 
 def proposal_from_proto(m: silo_pb2.UnmaskProposal) -> UnmaskProposal:
-    return UnmaskProposal(
-        run_id=m.run_id, round=m.round, survivors=tuple(m.survivors), dropped=tuple(m.dropped)
-    )
+    return _plain_from_proto(m, UnmaskProposal)
 
 
 def signature_to_proto(m: ConsistencySignature) -> silo_pb2.ConsistencySignature:
-    return silo_pb2.ConsistencySignature(
-        run_id=m.run_id,
-        round=m.round,
-        silo_id=m.silo_id,
-        signature=m.signature,
-        certificate=m.certificate,
-    )
+    return _plain_to_proto(m, silo_pb2.ConsistencySignature)
 
 
 def signature_from_proto(m: silo_pb2.ConsistencySignature) -> ConsistencySignature:
-    return ConsistencySignature(
-        run_id=m.run_id,
-        round=m.round,
-        silo_id=m.silo_id,
-        signature=bytes(m.signature),
-        certificate=bytes(m.certificate),
-    )
+    return _plain_from_proto(m, ConsistencySignature)
 
 
 def response_to_proto(m: UnmaskResponse) -> silo_pb2.UnmaskResponse:
