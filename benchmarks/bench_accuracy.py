@@ -44,7 +44,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from _machine import machine_info  # benchmarks/_machine.py (scripts run from benchmarks/)
+from _common import (  # benchmarks/_common.py (scripts run from benchmarks/)
+    machine_info,
+    save_results,
+)
 
 import pf2lora.common.simulation as sim
 from pf2lora.common.algorithms.base import AlgorithmConfig
@@ -240,9 +243,7 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def _save(doc: dict[str, Any], stem: str, md: str, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(md)
+    save_results(out, stem, doc, md)
 
 
 def _hp_str(hp: dict[str, float]) -> str:

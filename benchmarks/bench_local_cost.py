@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import machine_info  # benchmarks/_machine.py (scripts run from benchmarks/)
+from _common import machine_info  # benchmarks/_common.py (scripts run from benchmarks/)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

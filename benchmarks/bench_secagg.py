@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import os
 import platform
@@ -32,7 +31,7 @@ from typing import Any, TypeVar
 
 import cryptography
 import numpy as np
-from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
+from _common import cpu_model, save_results  # benchmarks/_common.py (scripts run from benchmarks/)
 
 from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.keys import PeerVerifier
@@ -284,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = _markdown(result)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "secagg.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "secagg.md").write_text(table)
+    save_results(args.out, "secagg", result, table, indent=2)
     return 0
 
 

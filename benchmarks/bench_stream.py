@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import multiprocessing as mp
 import multiprocessing.synchronize
 import os
@@ -31,7 +30,7 @@ import cryptography
 import google.protobuf
 import grpc
 import torch
-from _machine import cpu_model  # benchmarks/_machine.py (scripts run from benchmarks/)
+from _common import cpu_model, save_results  # benchmarks/_common.py (scripts run from benchmarks/)
 
 from pf2lora.common.transport import grpc_factory, pki
 from pf2lora.common.wire import streams
@@ -222,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = _markdown(result)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stream_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "stream_throughput.md").write_text(table)
+    save_results(args.out, "stream_throughput", result, table, indent=2)
     return 0
 
 

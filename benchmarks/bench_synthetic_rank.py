@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import machine_info  # benchmarks/_machine.py (scripts run from benchmarks/)
+from _common import machine_info  # benchmarks/_common.py (scripts run from benchmarks/)
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.learning.config import AdapterConfig, ModelConfig, TrainConfig

@@ -1,10 +1,11 @@
-"""What machine a benchmark ran on: shared by the benchmark scripts (run as `python
-benchmarks/X.py`).
+"""What every benchmark records and writes: the machine it ran on, and its results as JSON plus
+markdown (shared by the benchmark scripts, run as `python benchmarks/X.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 from pathlib import Path
@@ -36,3 +37,12 @@ def machine_info() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
     }
+
+
+def save_results(out: Path, stem: str, doc: dict[str, Any], markdown: str, indent: int = 1) -> None:
+    """out/STEM.json and out/STEM.md, each replaced atomically (an interrupted run keeps the
+    previous complete files)."""
+    from pf2lora.common.state_io import atomic_write_bytes
+
+    atomic_write_bytes(out / f"{stem}.json", (json.dumps(doc, indent=indent) + "\n").encode())
+    atomic_write_bytes(out / f"{stem}.md", markdown.encode())
