@@ -1,1 +1,1 @@
-"""pf2lora.common: the model, trainer, algorithms, data and simulation shared by every process."""
+"""pf2lora.common: what both daemons share, by concern in sub-packages (docs/architecture.md)."""

@@ -1,3 +1,1 @@
-"""pf2lora.common.algorithms: PF2LoRA and its baselines as client updates plus pure server
-aggregations.
-"""
+"""PF2LoRA and its baselines as client updates plus pure server aggregations over a sum."""

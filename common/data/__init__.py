@@ -1,3 +1,1 @@
-"""Data for the silos: packaged corpora, local files, per-silo splits, partitioners and the
-synthetic rank problem.
-"""
+"""Data for the silos: packaged corpora, local files, per-silo splits, partitioners, synthetic."""

@@ -1,3 +1,1 @@
-"""Local learning on one silo: the two-level model, base-model loading, the bilevel trainer,
-hypergradients, batching, evaluation and their configs.
-"""
+"""Local learning: two-level model, base models, bilevel trainer, hypergradients, batches, eval."""

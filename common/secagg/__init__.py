@@ -1,3 +1,1 @@
-"""pf2lora.common.secagg: SecAgg+ secure aggregation (masks, Shamir shares, fixed point, signed
-keys).
-"""
+"""SecAgg+ secure aggregation as a library: masks, Shamir shares, fixed point, signed keys."""

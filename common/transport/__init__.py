@@ -1,3 +1,1 @@
-"""Daemon transport and identity: the gRPC factory, certificate identities, the federation PKI,
-shared daemon config and the metrics HTTP endpoint.
-"""
+"""Daemon transport and identity: gRPC factory, certificate identities, PKI, daemon config."""

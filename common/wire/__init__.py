@@ -1,3 +1,1 @@
-"""Values that cross the wire and their protobuf forms: tensor streams, tensor manifests, task
-values and every task<->protobuf conversion.
-"""
+"""What crosses the wire: tensor streams, tensor manifests, tasks and their protobuf forms."""

@@ -123,7 +123,7 @@ def test_every_bad_input_is_refused_with_its_status_and_changes_nothing(
         _code_of(lambda: env.silo_as_admin.ListSilos(cpb.ListSilosRequest(), timeout=10))
         == Code.PERMISSION_DENIED
     )
-    # plain updates (secure rounds' messages: tests/test_secure_round.py)
+    # plain updates (secure rounds' messages: tests/integration/test_secure_round.py)
     cfg = RunConfig(
         model=ModelConfig(path="unused"),
         rounds=2,

@@ -56,7 +56,7 @@ MUST_EXCLUDE = (
     ".env",
     "silo/.env",
     "runs/2026-01-01/metrics.json",
-    "tests/test_pki.py",
+    "tests/unit/common/test_pki.py",
     "common/__pycache__/errors.cpython-311.pyc",
 )
 MUST_INCLUDE = (
