@@ -24,6 +24,7 @@ from pf2lora.common.transport import grpc_factory, pki_files
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc
 from tests.helpers.tiny import MINI
+from tests.helpers.tls import provision
 
 PY = [sys.executable, "-m", "pf2lora.cli.main", "--log-level", "INFO"]
 
@@ -139,7 +140,7 @@ class Federation:
         self.tls = tls
         self.pki = root / "pki"
         if not (self.pki / "ca.crt").exists():
-            tls.provision(self.pki, federation, sorted(silos))
+            provision(self.pki, federation, sorted(silos))
         self.silos = silos
         self.federation = federation
         self.procs = Procs(root)
