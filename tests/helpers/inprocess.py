@@ -133,3 +133,12 @@ def plain_run_config(**overrides: Any) -> RunConfig:
     )
     base.update(overrides)
     return RunConfig(model=ModelConfig(path="unused"), **base)
+
+
+def status_of(call: Callable[[], object]) -> grpc.StatusCode:
+    """The gRPC status a call ends with (OK if it returns)."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return,attr-defined]
+    return grpc.StatusCode.OK

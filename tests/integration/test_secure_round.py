@@ -10,7 +10,6 @@ or lists a silo both alive and dropped gets nothing from the silos.
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,21 +30,25 @@ from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.messages import SignedKeys, UnmaskProposal
 from pf2lora.common.secagg.server import SecAggServer
 from pf2lora.common.secagg.silo import SecAggSilo
-from pf2lora.common.transport import grpc_factory, pki_files
+from pf2lora.common.transport import pki_files
 from pf2lora.common.wire import streams, task_proto
-from pf2lora.common.wire.tasks import IdleTask, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.secure_round import SecureRound
 from pf2lora.coordinator.server import Coordinator
-from pf2lora.silo.client import CoordinatorClient
 from pf2lora.silo.config import SiloConfig
-from pf2lora.silo.secure_round import SecureRoundDriver, SitOut, load_signing_material
-from pf2lora.silo.state import SiloState
-from pf2lora.silo.wire_record import WireRecord, read_wire_record
+from pf2lora.silo.secure_round import SitOut, load_signing_material
+from pf2lora.silo.wire_record import read_wire_record
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc, silo_pb2, silo_pb2_grpc
 from pf2lora.v1 import tensors_pb2 as tpb
-from tests.helpers.inprocess import constant_state, coordinator_config, silo_config
+from tests.helpers.inprocess import (
+    channel,
+    constant_state,
+    coordinator_config,
+    silo_config,
+    status_of,
+)
+from tests.helpers.payload_silo import PayloadSilo, expected_mean, run_all, train_tasks
 
 FED = "secfed"
 INITIAL = {
@@ -91,53 +94,8 @@ def _silo_cfg(env: Env, silo: str) -> SiloConfig:
     )
 
 
-class PayloadSilo:
-    """A silo without a model: the real client and secure-round driver, a fixed payload."""
-
-    def __init__(self, env: Env, silo: str, samples: int, value: float) -> None:
-        self.silo, self.samples, self.value = silo, samples, value
-        self.cfg = _silo_cfg(env, silo)
-        self.stop = threading.Event()
-        self.client = CoordinatorClient(self.cfg, self.stop)
-        self.state = SiloState(self.cfg.silo.state_dir)
-        self.wire = WireRecord(self.state.root / "runs", silo)
-        self.driver = SecureRoundDriver(self.cfg, self.client, self.state, self.wire, self.stop)
-        self.outcome: Any = None
-        self.error: BaseException | None = None
-
-    def train_task(self, run_id: str, timeout: float = 30.0) -> TrainTask:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            task = self.client.get_task(run_id)
-            if isinstance(task, TrainTask):
-                return task
-            assert isinstance(task, IdleTask), task
-        raise AssertionError(f"{self.silo}: no TRAIN task")
-
-    def payload(self, task: TrainTask) -> dict[str, torch.Tensor]:
-        return weighted_payload(
-            {k: torch.full_like(v, self.value) for k, v in INITIAL.items()}, task.weight
-        )
-
-    def take_part(self, run_id: str) -> None:
-        try:
-            task = self.train_task(run_id)
-            self.outcome = self.driver.run(task, self.payload(task))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-    def close(self) -> None:
-        self.stop.set()
-        self.client.close()
-
-
 def _admin(env: Env) -> control_pb2_grpc.ControlApiStub:
-    ca, cert, key = grpc_factory.TlsFiles.in_dir(pki_files.admin_dir(env.pki, "ops")).read()
-    ch = grpc_factory.create_channel(
-        f"127.0.0.1:{env.coord.ports['control_api']}",
-        grpc_factory.channel_credentials(ca, cert, key),
-        server_name_override="localhost",
-    )
+    ch = channel(env.coord.ports["control_api"], pki_files.admin_dir(env.pki, "ops"))
     return control_pb2_grpc.ControlApiStub(ch)
 
 
@@ -153,47 +111,22 @@ def _start(env: Env, **kw: Any) -> tuple[str, list[PayloadSilo]]:
         **kw,
     )
     run_id = env.coord.engine.start_run(cfg, "sec")
-    silos = [PayloadSilo(env, s, 10 * (k + 1), float(k + 1)) for k, s in enumerate(env.silos)]
+    silos = [
+        PayloadSilo(_silo_cfg(env, s), 10 * (k + 1), float(k + 1), INITIAL)
+        for k, s in enumerate(env.silos)
+    ]
     for s in silos:
         s.client.join(s.samples, "test")
     return run_id, silos
 
 
-def _run_all(silos: list[PayloadSilo], run_id: str, timeout: float = 60.0) -> None:
-    threads = [threading.Thread(target=s.take_part, args=(run_id,)) for s in silos]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads)
-
-
-def _train_tasks(silos: list[PayloadSilo], run_id: str) -> dict[str, TrainTask]:
-    """Every silo asks for work at once (enrollment waits for all allowed silos)."""
-    tasks: dict[str, TrainTask] = {}
-    threads = [
-        threading.Thread(target=lambda s=s: tasks.__setitem__(s.silo, s.train_task(run_id)))
-        for s in silos
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(40)
-    return tasks
-
-
-def _expected_mean(silos: list[PayloadSilo]) -> float:
-    total = sum(s.samples for s in silos)
-    return sum(s.samples / total * s.value for s in silos) / sum(s.samples / total for s in silos)
-
-
 def test_secure_round_aggregates_the_weighted_mean_and_both_records_agree(env: Env) -> None:
     run_id, silos = _start(env)
     try:
-        _run_all(silos, run_id)
+        run_all(silos, run_id)
         assert all(s.error is None for s in silos), [s.error for s in silos]
         g1 = CheckpointStore(env.root / "coordinator").read(run_id, 1)
-        mean = _expected_mean(silos)
+        mean = expected_mean(silos)
         for name in INITIAL:  # within the fixed-point bound N * 2^-(F+1)
             torch.testing.assert_close(
                 g1[name], torch.full_like(INITIAL[name], mean), rtol=0, atol=1e-6
@@ -251,20 +184,12 @@ def _snapshot(env: Env) -> tuple[object, list[tuple[str, str]]]:
     return env.coord.store.dump(), files
 
 
-def _code_of(fn: Callable[[], object]) -> grpc.StatusCode:
-    try:
-        fn()
-    except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[no-any-return,attr-defined]
-    return Code.OK
-
-
 def test_bad_secure_aggregation_messages_are_refused_and_change_nothing(env: Env) -> None:
     run_id, silos = _start(env)
     a = silos[0]
     stubs = {s.silo: silo_pb2_grpc.SiloApiStub(s.client.channel) for s in silos}
     try:
-        ta = _train_tasks(silos, run_id)["silo-a"]
+        ta = train_tasks(silos, run_id)["silo-a"]
         assert ta.secure is not None and ta.secure.roster == env.silos
         sp = ta.secure
         signing = load_signing_material(a.cfg)
@@ -365,12 +290,12 @@ def test_bad_secure_aggregation_messages_are_refused_and_change_nothing(env: Env
         ]
         before = _snapshot(env)
         for name, fn, expected in cases:
-            assert _code_of(fn) == expected, name
+            assert status_of(fn) == expected, name
             assert _snapshot(env) == before, f"{name} changed the coordinator's state"
         assert env.coord.engine.snapshot()[1].secure.done == set()  # type: ignore[union-attr]
         # the good keys are accepted once; a second copy is refused
         advertise("silo-a", "silo-a", keys)()
-        assert _code_of(advertise("silo-a", "silo-a", keys)) == Code.FAILED_PRECONDITION
+        assert status_of(advertise("silo-a", "silo-a", keys)) == Code.FAILED_PRECONDITION
     finally:
         for s in silos:
             s.close()
@@ -401,7 +326,7 @@ def test_substituted_key_is_refused_end_to_end(env: Env, monkeypatch: pytest.Mon
     monkeypatch.setattr(SecureRound, "task_for", substituting)
     run_id, silos = _start(env, secagg=SecAggSettings(stage_deadline_s=2.0))
     try:
-        _run_all(silos, run_id)
+        run_all(silos, run_id)
         for s in silos:
             if s.silo == "silo-b":  # its own keys came back as sent: it is refused by the others
                 continue
@@ -445,7 +370,7 @@ def test_proposal_naming_a_silo_alive_and_dropped_is_refused_end_to_end(
     monkeypatch.setattr(SecAggServer, "close_masked_inputs", lying)
     run_id, silos = _start(env, secagg=SecAggSettings(stage_deadline_s=2.0))
     try:
-        _run_all(silos, run_id)
+        run_all(silos, run_id)
         for s in silos:
             assert isinstance(s.error, PermissionDenied) and "both alive and dropped" in str(
                 s.error
@@ -473,7 +398,7 @@ def test_a_silo_sits_out_a_clipped_weight_and_an_attempt_it_advertised_keys_for_
     run_id, silos = _start(env)
     try:
         a = silos[0]
-        task = _train_tasks(silos, run_id)[a.silo]
+        task = train_tasks(silos, run_id)[a.silo]
         too_heavy = {**a.payload(task), "__weight__": torch.tensor(10.0)}  # above the clip 4.0
         with pytest.raises(SitOut, match="exceeds the secure-aggregation clip"):
             a.driver.run(task, too_heavy)  # refused before any key is made: nothing sent
@@ -497,7 +422,7 @@ def test_plain_runs_need_the_explicit_switch(env: Env, caplog: pytest.LogCapture
     env.coord.engine.stop_run("plain")
     bad = RunConfig(model=ModelConfig(path="unused"), secagg=SecAggSettings(clip=4.0, frac_bits=30))
     admin = _admin(env)
-    code = _code_of(
+    code = status_of(
         lambda: admin.StartRun(cpb.StartRunRequest(run_config_json=to_json(bad)), timeout=10)
     )
     assert code == Code.INVALID_ARGUMENT
@@ -527,7 +452,7 @@ def test_every_algorithm_aggregates_the_securely_summed_payload(env: Env, algori
     try:
         for s in silos:
             s.payload = lambda task, s=s: payloads[s.silo]  # type: ignore[method-assign]
-        _run_all(silos, run_id)
+        run_all(silos, run_id)
         assert all(s.error is None for s in silos), [s.error for s in silos]
         expected = algo.aggregate(
             sum_payloads(payloads.values()), {k: v.clone() for k, v in INITIAL.items()}

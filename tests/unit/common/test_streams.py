@@ -11,13 +11,9 @@ from pf2lora.common.errors import FailedPrecondition, InvalidArgument
 from pf2lora.common.transport.grpc_factory import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from pf2lora.common.wire import streams
 from pf2lora.common.wire.manifest import (
-    TensorInfo,
-    dtype_from_proto,
-    dtype_to_proto,
     expected_manifest,
     manifest_digest,
     spec_from_proto,
-    spec_to_proto,
     tensor_spec,
 )
 from pf2lora.v1 import tensors_pb2 as pb
@@ -160,43 +156,6 @@ def test_chunks_are_cut_lazily_from_the_tensor_bytes():
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def test_dtype_conversions_cover_every_proto_value():
-    for dtype in ALL_DTYPES:
-        assert dtype_from_proto(dtype_to_proto(dtype)) == dtype
-    values = {v.number for v in pb.DType.DESCRIPTOR.values if v.number != pb.DTYPE_UNSPECIFIED}
-    assert values == {dtype_to_proto(d) for d in ALL_DTYPES}
-    with pytest.raises(InvalidArgument, match="complex64"):
-        dtype_to_proto(torch.complex64)
-    with pytest.raises(InvalidArgument, match="unspecified"):
-        dtype_from_proto(pb.DTYPE_UNSPECIFIED)
-    for kind in streams.StreamKind:
-        assert streams.kind_from_proto(streams.kind_to_proto(kind)) is kind
-
-
-def test_tensor_spec_and_manifest_digest():
-    t = torch.arange(6, dtype=torch.int32).reshape(2, 3)
-    spec = tensor_spec("w", t)
-    assert spec == TensorInfo(
-        "w", torch.int32, (2, 3), 24, hashlib.sha256(t.numpy().tobytes()).digest()
-    )
-    assert spec_from_proto(spec_to_proto(spec)) == spec
-    digest = manifest_digest([spec])
-    assert digest == manifest_digest([tensor_spec("w", t.clone())])
-    # Any field of any entry changes it, and so does the order of entries.
-    other = tensor_spec("v", t)
-    variants = [
-        [tensor_spec("w2", t)],
-        [tensor_spec("w", t.reshape(3, 2))],
-        [tensor_spec("w", t.to(torch.uint32))],
-        [tensor_spec("w", t + 1)],
-        [spec, other],
-        [other, spec],
-        [],
-    ]
-    digests = {manifest_digest(v) for v in variants}
-    assert len(digests) == len(variants) and digest not in digests
 
 
 def test_header_records_the_manifest_digest():
