@@ -21,6 +21,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def platform_info() -> dict[str, Any]:
+    """CPU model and count, usable cores, platform and Python (no ML libraries imported)."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, usable cores, torch threads, load and library versions, recorded with every result."""
     import peft

@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,7 +30,10 @@ from typing import Any, TypeVar
 
 import cryptography
 import numpy as np
-from _common import cpu_model, save_results  # benchmarks/_common.py (scripts run from benchmarks/)
+from _common import (  # benchmarks/_common.py (scripts run from benchmarks/)
+    platform_info,
+    save_results,
+)
 
 from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.keys import PeerVerifier
@@ -171,11 +173,7 @@ def _median(values: list[float]) -> float:
 
 def _machine() -> dict:
     return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **platform_info(),
         "numpy": np.__version__,
         "cryptography": cryptography.__version__,
     }

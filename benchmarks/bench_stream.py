@@ -19,7 +19,6 @@ import datetime as dt
 import multiprocessing as mp
 import multiprocessing.synchronize
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +29,10 @@ import cryptography
 import google.protobuf
 import grpc
 import torch
-from _common import cpu_model, save_results  # benchmarks/_common.py (scripts run from benchmarks/)
+from _common import (  # benchmarks/_common.py (scripts run from benchmarks/)
+    platform_info,
+    save_results,
+)
 
 from pf2lora.common.transport import grpc_factory, pki
 from pf2lora.common.wire import streams
@@ -140,11 +142,7 @@ def _uploader(channel: grpc.Channel, chunk_size: int):
 
 def _machine() -> dict:
     return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **platform_info(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "grpcio": grpc.__version__,
