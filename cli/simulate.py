@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pf2lora.cli.flags import ALGORITHM_FLAGS, MODEL_FLAGS, Flag, add_flags, apply_flags
+from pf2lora.common.data.sources import describe_source_defaults
 from pf2lora.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ FLAGS: dict[str, Flag] = {
     "model": (("model", "path"), str, "minilm | smollm2 | a local Hugging Face folder"),
     "task": (("model", "task"), str, "seq-cls | causal-lm"),
     **MODEL_FLAGS,
-    "data": (("data", "source"), str, "vader | rotten-tomatoes | synthetic-rank | files"),
+    "data": (("data", "source"), str, "vader | rotten-tomatoes | trec | synthetic-rank | files"),
     "partition": (("data", "partition"), str, "natural | similarity | dirichlet | iid"),
     "clients": (("data", "num_clients"), int, "number of clients"),
     "similarity": (("data", "similarity"), float, "label-sorted mixture similarity s in [0, 1]"),
@@ -39,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "simulate",
         help="run a federation in this process and print per-client results",
         description="In-process federation: N clients, one algorithm, rounds of local training "
-        "and aggregation with the same functions the coordinator uses. Flags override --config.",
+        "and aggregation with the same functions the coordinator uses. Flags override --config, "
+        "which overrides the data source's defaults (--data synthetic-rank: "
+        f"{describe_source_defaults('synthetic-rank')}), which override the built-in ones.",
     )
     p.add_argument(
         "--config", type=Path, help="TOML file with [algorithm], [model], [data] sections"
@@ -61,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def build_config(args: argparse.Namespace) -> Any:
+    from pf2lora.common.data.sources import with_source_defaults
     from pf2lora.common.learning.config import from_mapping
     from pf2lora.common.runspec import load_toml, set_path
     from pf2lora.common.simulation import SimulationConfig
@@ -76,7 +80,7 @@ def build_config(args: argparse.Namespace) -> Any:
         set_path(tree, ("data", "test_files"), args.test_files.split(","))
     if args.progress:
         set_path(tree, ("algorithm", "train", "progress"), True)
-    return from_mapping(SimulationConfig, tree)
+    return from_mapping(SimulationConfig, with_source_defaults(tree))
 
 
 def _fmt(v: Any) -> str:

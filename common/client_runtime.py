@@ -47,7 +47,7 @@ def initial_global_state(
         return {}
     cfg = dataclasses.replace(model_cfg, adapters=algorithm.model_adapters())
     model = build_two_level_model(cfg, shared_seed=derive_seed(run_seed, "shared"), base=base)
-    return model.shared_state()
+    return {k: v for k, v in model.shared_state().items() if algorithm.communicated(k)}
 
 
 class ClientRuntime:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -23,6 +24,7 @@ from pf2lora.common.client_runtime import (
     encode_dataset,
     initial_global_state,
 )
+from pf2lora.common.data.sources import DEFAULT_SOURCE
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.base_model import load_base_model, load_tokenizer
 from pf2lora.common.learning.batching import EncodedData, resolve_device
@@ -30,19 +32,22 @@ from pf2lora.common.learning.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("vader", "rotten-tomatoes", "synthetic-rank", "files")
+SOURCES = ("vader", "rotten-tomatoes", "trec", "synthetic-rank", "files")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where each simulated client's data comes from and how it is split."""
 
-    source: str = "vader"
+    source: str = DEFAULT_SOURCE
     partition: str = "natural"
     num_clients: int = 4
     similarity: float = 0.0
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.2
+    # Choose hyperparameters without the test split: hold out this stratified fraction of each
+    # client's training data and evaluate on it instead (the test split is not used at all).
+    validation_fraction: float | None = None
     max_train_per_client: int | None = 200
     max_test_per_client: int | None = 200
     domains: tuple[str, ...] | None = None
@@ -66,6 +71,10 @@ class DataConfig:
             raise ConfigError("data.source='files' needs data.train_files (one file per client)")
         if self.domains is not None:
             object.__setattr__(self, "domains", tuple(self.domains))
+        if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
+            raise ConfigError(
+                f"data.validation_fraction={self.validation_fraction!r}: must be in (0, 1)"
+            )
 
 
 @dataclass(frozen=True)
@@ -180,6 +189,24 @@ def _prepare(cfg: SimulationConfig) -> tuple[ModelConfig, nn.Module, list[Client
     return model_cfg, load_base_model(model_cfg), clients
 
 
+def _validation_split(specs: list[ClientSpec], fraction: float, seed: int) -> list[ClientSpec]:
+    """Each client's training data split (stratified by label) into train and validation; the
+    validation part takes the place of the test split, which is dropped."""
+    from pf2lora.common.data.partition import train_test_split_indices
+
+    out = []
+    for k, s in enumerate(specs):
+        if "labels" not in s.train.tensors or s.train.tensors["labels"].dim() != 1:
+            raise ConfigError("data.validation_fraction needs class labels (seq-cls data)")
+        labels = s.train.tensors["labels"].numpy()
+        rng = np.random.default_rng([seed, 0xA1, k])
+        tr, va = (torch.from_numpy(i) for i in train_test_split_indices(labels, fraction, rng))
+        train = EncodedData({n: t[tr] for n, t in s.train.tensors.items()})
+        val = EncodedData({n: t[va] for n, t in s.train.tensors.items()})
+        out.append(ClientSpec(s.name, train, val, dict(s.extra)))
+    return out
+
+
 def run_simulation(
     cfg: SimulationConfig,
     on_round: Callable[[dict[str, Any]], None] | None = None,
@@ -188,6 +215,8 @@ def run_simulation(
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model_cfg, base, specs = _prepare(cfg)
+    if cfg.data.validation_fraction is not None:
+        specs = _validation_split(specs, cfg.data.validation_fraction, cfg.seed)
     algorithm: Algorithm = make_algorithm(cfg.algorithm, model_cfg.adapters)
     global_state = initial_global_state(algorithm, model_cfg, cfg.seed, base=copy.deepcopy(base))
     runtimes = [

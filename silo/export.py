@@ -20,14 +20,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.errors import ConfigError, DataError
 from pf2lora.common.learning.model import PRIVATE, SHARED, TwoLevelModel, build_two_level_model
 from pf2lora.common.runspec import from_json
-from pf2lora.common.state_io import atomic_write_bytes
+from pf2lora.common.state_io import atomic_write_bytes, load_state
 from pf2lora.common.wire.tasks import RunInfo
 from pf2lora.silo.config import SiloConfig
 from pf2lora.silo.runtime import model_config_for_silo
@@ -51,18 +49,19 @@ def personalised_model(cfg: SiloConfig, run_id: str = "") -> tuple[TwoLevelModel
     model_cfg = dataclasses.replace(base_cfg, adapters=algorithm.model_adapters())
     model = build_two_level_model(model_cfg)
     shared, global_round = state.load_global(run_id)
-    if model.has_shared:
-        model.load_shared_state(shared)
     rounds = state.rounds_saved(run_id)
     if not rounds:
         raise DataError(f"run {run_id}: no private state saved yet")
-    private = state.private_tensors(run_id, rounds[-1])
-    params = model.private_parameters()
-    if set(private) != set(params):
-        raise DataError(f"run {run_id}: the saved private adapter does not match the model")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(private[name])
+    # The model as the silo's client has it: the global state it received, then everything
+    # its state file keeps (private adapter, and any shared part its algorithm does not send).
+    client = algorithm.make_client(model, int(rec.get("client_index", 0)), int(rec.get("seed", 0)))
+    client.receive_global(shared)
+    path = state.state_path(run_id, rounds[-1])
+    tensors, meta = load_state(path)
+    try:
+        client.restore(tensors, meta)
+    except (ConfigError, DataError) as exc:
+        raise DataError(f"state file {path}: {exc}") from exc
     info = {
         "run_id": run_id,
         "global_round": global_round,

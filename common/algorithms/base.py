@@ -34,6 +34,8 @@ from pf2lora.common.learning.trainer import BilevelTrainer, Objective
 logger = logging.getLogger(__name__)
 
 Weighting = Literal["samples", "equal"]
+# State tensors of shared-adapter parts an algorithm keeps on the silo (Algorithm.communicated).
+KEPT_PREFIX = "kept/"
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,12 @@ class ClientAlgorithm:
       make_trainer       build the local trainer (extra loss terms, gradient masks, options)
       receive_global     install the coordinator's shared state (e.g. truncate to a rank)
       local_round        train for one round (e.g. prune after training)
-      make_payload       the weighted payload from the shared state (e.g. per-module weights)
+      make_payload       the weighted payload from the shared state (e.g. per-module weights;
+                         only the tensors Algorithm.communicated names reach it)
       personalised       the model as the silo uses it at evaluation (e.g. adapt it first)
       extra_state, load_extra_state   algorithm state kept beside the trainer's
     Not hooks: `payload` (it reads the shared state only: the privacy invariant), `evaluate`,
-    `state` and `restore`.
+    `state` and `restore` (they keep the shared tensors that are not communicated, too).
     """
 
     objective: ClassVar[Objective] = "plain"
@@ -102,16 +105,22 @@ class ClientAlgorithm:
 
     # -- round ---------------------------------------------------------------------
     def receive_global(self, global_state: Mapping[str, Tensor]) -> None:
-        """Install the coordinator's shared state into the local model."""
+        """Install the coordinator's shared state (the communicated part) into the local model."""
         if self.model.has_shared:
-            self.model.load_shared_state(global_state)
+            self.model.load_shared_state(global_state, keys=self.communicated_keys())
+
+    def communicated_keys(self) -> set[str]:
+        """The shared-state keys that travel (all of them unless the algorithm keeps some)."""
+        return {k for k in self.model.shared_state_keys() if self.algorithm.communicated(k)}
 
     def local_round(self, source: BatchSource) -> dict[str, float]:
         return self.trainer.train_round(source)
 
     def payload(self, weight: float) -> dict[str, Tensor]:
-        """The update to send: built from the shared state ONLY (never the private adapter)."""
-        return self.make_payload(self.model.shared_state(), weight)
+        """The update to send: built from the shared state ONLY (never the private adapter),
+        and of that only what the algorithm communicates."""
+        shared = self.model.shared_state()
+        return self.make_payload({k: shared[k] for k in self.communicated_keys()}, weight)
 
     def make_payload(self, shared: Mapping[str, Tensor], weight: float) -> dict[str, Tensor]:
         return weighted_payload(shared, weight, self.algorithm.weight_key)
@@ -145,6 +154,9 @@ class ClientAlgorithm:
         """Everything this client keeps between rounds: the trainer's state (private adapter,
         optimizer, counters) and, in its metadata, the algorithm and its extra state."""
         tensors, meta = self.trainer.state_tensors()
+        sent = self.communicated_keys()
+        kept = {k: v for k, v in self.model.shared_state().items() if k not in sent}
+        tensors.update({KEPT_PREFIX + k: v for k, v in kept.items()})
         return tensors, {**meta, "algorithm": self.algorithm.name, "extra": self.extra_state()}
 
     def restore(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
@@ -155,6 +167,11 @@ class ClientAlgorithm:
                 f"not {self.algorithm.name!r}"
             )
         self.trainer.load_state_tensors(tensors, meta)
+        kept_keys = self.model.shared_state_keys() - self.communicated_keys()
+        if kept_keys:
+            n = len(KEPT_PREFIX)
+            kept = {k[n:]: v for k, v in tensors.items() if k.startswith(KEPT_PREFIX)}
+            self.model.load_shared_state(kept, keys=kept_keys)
         self.load_extra_state(meta.get("extra", {}))
 
 
@@ -164,6 +181,8 @@ class Algorithm:
     Class attributes: `name` (registry key), `communicates` (False: nothing is sent),
     `client_class` (the ClientAlgorithm subclass). Hooks a subclass may override:
       model_adapters     the adapter layout its clients train (ranks, head placement)
+      communicated       whether a shared-state tensor travels (False: it stays on the silo,
+                         kept with the private state; FedSA-LoRA keeps B)
       weight_key         which weight key each payload tensor is averaged by
       aggregate          the new global state from the SUM of payloads (pure; default: the
                          weighted mean per weight key, see aggregate.py)
@@ -180,6 +199,10 @@ class Algorithm:
     def model_adapters(self) -> AdapterConfig:
         """The adapter layout this algorithm trains (ranks, head placement)."""
         return self.base_adapters
+
+    def communicated(self, key: str) -> bool:
+        """Whether the shared-state tensor `key` (PEFT's name) is sent and averaged."""
+        return True
 
     def weight_key(self, name: str) -> str:
         return global_weight_key(name)

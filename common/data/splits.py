@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
-from pf2lora.common.data.corpora import load_rotten_tomatoes, load_vader
+from pf2lora.common.data.corpora import load_rotten_tomatoes, load_trec, load_vader
 from pf2lora.common.data.dataset import (
     COLUMNS,
     column_values,
@@ -37,7 +37,7 @@ from pf2lora.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-SOURCES: tuple[str, ...] = ("vader", "rotten-tomatoes")
+SOURCES: tuple[str, ...] = ("vader", "rotten-tomatoes", "trec")
 
 PARTITIONS: tuple[str, ...] = ("natural", "similarity", "dirichlet", "iid")
 
@@ -135,7 +135,8 @@ def build_client_data(
 
     `domains`: VADER domain names, or Rotten Tomatoes movie names, to draw from (default all).
     With partition="natural" on Rotten Tomatoes and fewer clients than movies, num_clients
-    movies are drawn at random (seeded). `num_classes` applies to VADER only.
+    movies are drawn at random (seeded). `num_classes` applies to VADER only; TREC (6 question
+    classes) has no natural split.
     """
     if source not in SOURCES:
         raise ConfigError(f"source must be one of {list(SOURCES)}, got {source!r}")
@@ -155,7 +156,13 @@ def build_client_data(
     if partition == "dirichlet" and not 0.0 < dirichlet_alpha < float("inf"):
         raise ConfigError(f"dirichlet alpha must be a finite number > 0, got {dirichlet_alpha!r}")
     rng = np.random.default_rng([seed, 0])
-    if source == "vader":
+    if source == "trec":
+        if partition == "natural" or domains is not None:
+            raise ConfigError(
+                "source='trec' has no natural domains: use partition similarity, dirichlet or iid"
+            )
+        pooled = load_trec()
+    elif source == "vader":
         pooled = load_vader(domains, num_classes, cache_dir=cache_dir)
     else:
         pooled = load_rotten_tomatoes(min_per_movie, cache_dir=cache_dir)

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 STREAM_LL = 0  # xi: lower level (private adapter)
 STREAM_UL = 1  # zeta: upper level (shared adapter)
 STREAM_AUX = 2  # a third batch where an algorithm needs one (Per-FedAvg's Hessian batch)
+STREAM_LL_EXTRA = 3  # extra lower-level steps (train.ll_steps > 1): streams 3, 4, ...
 
 
 def derive_seed(*parts: int | str) -> int:

@@ -29,7 +29,10 @@ class AdapterConfig:
 
     shared_rank: int = 8
     private_rank: int = 2  # r/4, the paper's default; r/2 is the other setting it mentions
-    alpha: float = 16.0  # the same alpha on both branches: alpha/r and alpha/r_hat
+    alpha: float = 16.0  # the shared branch's scaling is alpha / r
+    # The private branch's scaling is private_alpha / r_hat; None: the same alpha as the shared
+    # branch (so alpha / r_hat, r / r_hat = 4x the shared branch's scaling at r = 8, r_hat = 2).
+    private_alpha: float | None = None
     target_modules: tuple[str, ...] | None = None  # None: attention q and v for the architecture
     head: HeadPlacement = "shared"
     dropout: float = 0.0
@@ -44,6 +47,13 @@ class AdapterConfig:
             "at least one adapter must have a positive rank",
         )
         _check(self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        if self.private_alpha is not None:
+            _check(
+                math.isfinite(self.private_alpha) and self.private_alpha > 0,
+                "private_alpha",
+                self.private_alpha,
+                "must be a finite number > 0, or unset (the shared alpha)",
+            )
         _check(self.head in ("shared", "private"), "head", self.head, "use 'shared' or 'private'")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         if self.target_modules is not None:
@@ -80,6 +90,9 @@ class TrainConfig:
     ul_lr: float = 2e-3  # eta: AdamW learning rate of the upper level (shared adapter)
     weight_decay: float = 0.0
     hypergrad: Hypergrad = "unroll"
+    # Lower-level SGD steps per upper-level step: ll_steps - 1 plain steps on their own batches,
+    # then the one the hypergradient differentiates through (a truncated unroll).
+    ll_steps: int = 1
     neumann_terms: int = 3
     neumann_scale: float = 0.01
     reset_ul_optimizer: bool = False  # the UL AdamW state stays on the silo between rounds
@@ -100,6 +113,14 @@ class TrainConfig:
             self.hypergrad in HYPERGRADS, "hypergrad", self.hypergrad, f"use one of {HYPERGRADS}"
         )
         _check(self.neumann_terms >= 0, "neumann_terms", self.neumann_terms, "must be >= 0")
+        _check(
+            isinstance(self.ll_steps, int)
+            and not isinstance(self.ll_steps, bool)
+            and 1 <= self.ll_steps <= 16,
+            "ll_steps",
+            self.ll_steps,
+            "must be an integer in [1, 16]",
+        )
         for name in ("max_grad_norm", "ll_max_grad_norm"):
             v = getattr(self, name)
             if v is not None and not v:

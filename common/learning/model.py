@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +68,10 @@ class TwoLevelModel(nn.Module):
         elif shared_heads:
             raise ConfigError("head='shared' needs shared_rank > 0")
         if self.has_private:
-            configs.append((PRIVATE, self._lora(adapters.private_rank, targets, private_heads)))
+            private_alpha = adapters.private_alpha or adapters.alpha
+            configs.append(
+                (PRIVATE, self._lora(adapters.private_rank, targets, private_heads, private_alpha))
+            )
         elif private_heads:
             raise ConfigError("head='private' needs private_rank > 0")
         first_name, first_cfg = configs[0]
@@ -90,10 +93,12 @@ class TwoLevelModel(nn.Module):
         self.groups = self._param_groups()
         self._check_groups()
 
-    def _lora(self, rank: int, targets: list[str], heads: list[str]) -> LoraConfig:
+    def _lora(
+        self, rank: int, targets: list[str], heads: list[str], alpha: float | None = None
+    ) -> LoraConfig:
         return LoraConfig(
             r=rank,
-            lora_alpha=self.adapters.alpha,  # type: ignore[arg-type]  # PEFT annotates int; it computes alpha / r in float
+            lora_alpha=alpha or self.adapters.alpha,  # type: ignore[arg-type]  # PEFT annotates int; it computes alpha / r in float
             target_modules=targets,
             lora_dropout=self.adapters.dropout,
             modules_to_save=heads or None,
@@ -185,12 +190,24 @@ class TwoLevelModel(nn.Module):
         state = get_peft_model_state_dict(self.peft, adapter_name=SHARED)
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
+    def shared_state_keys(self) -> set[str]:
+        """The keys of shared_state(), without copying any tensor."""
+        return set(self._shared_key_map()) if self.has_shared else set()
+
     def shared_state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {k: (tuple(v.shape), v.dtype) for k, v in self.shared_state().items()}
 
-    def load_shared_state(self, state: Mapping[str, Tensor]) -> None:
-        """Load a shared state; refuses missing, unknown or mis-shaped tensors with their names."""
+    def load_shared_state(
+        self, state: Mapping[str, Tensor], keys: Collection[str] | None = None
+    ) -> None:
+        """Load a shared state; refuses missing, unknown or mis-shaped tensors with their names.
+
+        keys: the part of the shared state this state holds (an algorithm that communicates
+        only some shared tensors); None: all of it.
+        """
         expected = self._shared_key_map()
+        if keys is not None:
+            expected = {k: v for k, v in expected.items() if k in keys}
         missing = sorted(set(expected) - set(state))
         unknown = sorted(set(state) - set(expected))
         if missing or unknown:

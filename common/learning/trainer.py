@@ -24,6 +24,7 @@ from pf2lora.common.learning import hypergrad as hg
 from pf2lora.common.learning.batching import (
     STREAM_AUX,
     STREAM_LL,
+    STREAM_LL_EXTRA,
     STREAM_UL,
     BatchSource,
     derive_seed,
@@ -145,11 +146,19 @@ class BilevelTrainer:
             self._apply_ul(grads)
             value = float(loss.detach())
             return value, value
+        beta = cfg.ll_lr
+        clip = cfg.ll_max_grad_norm
+        for i in range(cfg.ll_steps - 1):  # lower-level steps the hypergradient does not see
+            batch = source.batch(self.step, STREAM_LL_EXTRA + i)
+            y_hat, _ = hg.lower_level_step(
+                loss_fn, dict(self.y), batch, beta, create_graph=False, max_norm=clip
+            )
+            with torch.no_grad():
+                for n, p in self.y.items():
+                    p.copy_(y_hat[n])
         ll_batch = source.batch(self.step, STREAM_LL)
         ul_batch = source.batch(self.step, STREAM_UL)
         x, y = dict(self.x), dict(self.y)
-        beta = cfg.ll_lr
-        clip = cfg.ll_max_grad_norm
         if cfg.hypergrad == "unroll":
             res = hg.unroll(loss_fn, x, y, ll_batch, ul_batch, beta, ll_max_norm=clip)
         elif cfg.hypergrad == "implicit":

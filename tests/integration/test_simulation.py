@@ -118,3 +118,26 @@ def test_cli_config_file_with_flag_override_and_clear_errors(tmp_path, capsys) -
     assert "nmae" in capsys.readouterr().err
     assert main(["simulate", "--config", str(tmp_path / "missing.toml")]) == 2
     assert main(["simulate", "--algorithm", "fedsgd"]) == 2
+
+
+def _parsed(argv: list[str]) -> SimulationConfig:
+    import argparse
+
+    from pf2lora.cli import simulate
+
+    parser = argparse.ArgumentParser()
+    simulate.register(parser.add_subparsers())
+    return simulate.build_config(parser.parse_args(["simulate", *argv]))  # type: ignore[no-any-return]
+
+
+def test_a_data_source_brings_its_own_defaults_and_flags_and_files_win(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = _parsed(["--data", "synthetic-rank"])
+    train = cfg.algorithm.train
+    assert (cfg.rounds, train.ll_lr, train.ul_lr, train.max_grad_norm) == (600, 0.2, 0.002, None)
+    assert cfg.model.task == "regression" and cfg.data.num_clients == 5
+    assert _parsed(["--data", "synthetic-rank", "--ll-lr", "0.1"]).algorithm.train.ll_lr == 0.1
+    toml = tmp_path / "run.toml"
+    toml.write_text('rounds = 7\n[data]\nsource = "synthetic-rank"\n')
+    assert _parsed(["--config", str(toml)]).rounds == 7
+    plain = _parsed(["--data", "vader"])  # other sources keep the built-in defaults
+    assert (plain.rounds, plain.algorithm.train.ll_lr) == (3, 0.1)

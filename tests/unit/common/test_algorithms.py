@@ -10,6 +10,7 @@ import torch
 from pf2lora.common.algorithms import hetlora as het
 from pf2lora.common.algorithms.aggregate import (
     WEIGHT_KEY,
+    is_weight_key,
     mean_from_sum,
     sum_payloads,
     weighted_payload,
@@ -135,7 +136,7 @@ def test_every_algorithm_runs_rounds_and_never_sends_private_state(name: str, tm
             for p in rt.model.private_parameters().values():
                 p.add_(1000.0)
     results = [rt.run_round(global_state, 0.5) for rt in rts]
-    spec = algo.payload_spec(rts[0].model.shared_state_spec())
+    spec = algo.payload_spec({k: (tuple(v.shape), v.dtype) for k, v in global_state.items()})
     for res in results:
         assert set(res.payload) == set(spec)
         for t in res.payload.values():
@@ -186,3 +187,43 @@ def test_algorithm_layouts_match_the_specification() -> None:
     assert torch.equal(src.batch(3, 0)["input_ids"], src.batch(3, 0)["input_ids"])
     # the lower- and upper-level minibatches of one step are drawn independently
     assert not torch.equal(src.batch(3, 0)["input_ids"], src.batch(3, 1)["input_ids"])
+
+
+def test_fedsa_sends_only_a_and_the_head_and_keeps_b_on_the_silo(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = AlgorithmConfig(name="fedsa", train=TrainConfig(local_steps=2, batch_size=6, ul_lr=0.05))
+    algo = make_algorithm(cfg, MINI.adapters)
+    global_state = initial_global_state(algo, MINI, run_seed=0)
+    assert global_state and all(".lora_B." not in k for k in global_state)
+    assert any(".lora_A." in k for k in global_state) and any(
+        "classifier" in k for k in global_state
+    )
+    data = text_data()
+    rts = [
+        ClientRuntime(algo, MINI, client_index=k, seed=10 + k, train=data, test=data)
+        for k in range(2)
+    ]
+    results = [rt.run_round(global_state, w) for rt, w in zip(rts, (0.25, 0.75), strict=True)]
+    for res in results:  # only A (and the shared head), each multiplied by its weight
+        names = {k for k in res.payload if not is_weight_key(k)}
+        assert names == set(global_state)
+    # the server step is the plain weighted mean of what was sent
+    new = algo.aggregate(sum_payloads([r.payload for r in results]), global_state)
+    sent = [rt.model.shared_state() for rt in rts]
+    for k in global_state:
+        torch.testing.assert_close(new[k], 0.25 * sent[0][k] + 0.75 * sent[1][k])
+    # B trained locally, differs between the silos, survives receive_global and a restart
+    b = [k for k in sent[0] if ".lora_B." in k]
+    assert b and all(not torch.equal(sent[0][k], sent[1][k]) for k in b)
+    rts[0].client.receive_global(new)
+    assert all(torch.equal(rts[0].model.shared_state()[k], sent[0][k]) for k in b)
+    save_state(tmp_path / "s.safetensors", *rts[0].client.state())
+    fresh = ClientRuntime(algo, MINI, client_index=0, seed=10, train=data, test=data)
+    fresh.client.receive_global(new)
+    fresh.client.restore(*load_state(tmp_path / "s.safetensors"))
+    assert all(torch.equal(fresh.model.shared_state()[k], sent[0][k]) for k in b)
+
+
+def test_fedsa_with_a_private_head_keeps_the_head_too() -> None:
+    algo = make_algorithm(AlgorithmConfig(name="fedsa"), AdapterConfig(head="private"))
+    global_state = initial_global_state(algo, MINI, run_seed=0)
+    assert global_state and all(".lora_A." in k for k in global_state)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset
 
-from pf2lora.common.data.corpora import VADER_DOMAINS, load_rotten_tomatoes, load_vader
+from pf2lora.common.data.corpora import VADER_DOMAINS, load_rotten_tomatoes, load_trec, load_vader
 from pf2lora.common.data.files import load_local
 from pf2lora.common.data.splits import ClientData, build_client_data, client_data_from_files
 from pf2lora.common.errors import ConfigError, DataError
@@ -433,3 +433,26 @@ def test_client_data_validates_fields(vader: Dataset) -> None:
         ClientData("c", small, small, 1)
     with pytest.raises(ConfigError, match="columns"):
         ClientData("c", small.remove_columns("domain"), small, 2)
+
+
+def test_trec_has_six_classes_each_question_once_and_the_known_counts() -> None:
+    ds = load_trec()
+    assert ds.features["label"].names == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    texts = ds["text"]
+    assert len(texts) == len(set(texts)) == 5381  # 15,452 lines, 5,382 distinct (label, text)
+    assert np.bincount(ds["label"], minlength=6).tolist() == [86, 1153, 1245, 1215, 824, 858]
+    assert all(
+        d.split(":")[0] == ds.features["label"].names[y]
+        for d, y in zip(ds["domain"][:200], ds["label"][:200], strict=True)
+    )
+
+
+def test_trec_label_sorted_splits_follow_each_clients_own_label_mix() -> None:
+    clients = build_client_data("trec", "similarity", 8, 0, similarity=0.1)
+    assert_client_basics(clients, 6)
+    for c in clients:  # the held-out split has the client's own label mix (stratified)
+        tr = label_shares(c.train, 6)
+        te = label_shares(c.test, 6)
+        assert np.abs(tr - te).max() < 0.1
+    with pytest.raises(ConfigError, match="no natural domains"):
+        build_client_data("trec", "natural", 8, 0)

@@ -7,7 +7,7 @@ import torch
 
 from pf2lora.common.errors import ConfigError, InvalidArgument
 from pf2lora.common.learning.config import AdapterConfig
-from pf2lora.common.learning.model import PRIVATE, SHARED
+from pf2lora.common.learning.model import PRIVATE, SHARED, TwoLevelModel
 from tests.helpers import tiny
 from tests.helpers.tiny import linear_model, mini_model, regression_data, text_data
 
@@ -161,3 +161,20 @@ def test_causal_lm_path_targets_q_v_and_trains(tmp_path) -> None:  # type: ignor
     )
     after = evaluate(m, data)
     assert after["loss"] < before and 0.0 <= after["accuracy"] <= 1.0
+
+
+def test_private_alpha_sets_the_private_branch_scaling_alone() -> None:
+    from peft.tuners.lora import LoraLayer
+
+    def scalings(m: TwoLevelModel) -> set[tuple[float, float]]:
+        return {
+            (mod.scaling["shared"], mod.scaling["private"])
+            for mod in m.peft.modules()
+            if isinstance(mod, LoraLayer)
+        }
+
+    assert scalings(mini_model()) == {(16 / 8, 16 / 2)}  # the same alpha: 4x on the private side
+    assert scalings(mini_model(AdapterConfig(private_alpha=4.0))) == {(16 / 8, 4 / 2)}
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ConfigError, match="private_alpha"):
+            AdapterConfig(private_alpha=bad)

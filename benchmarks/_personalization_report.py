@@ -1,0 +1,228 @@
+"""The personalisation benchmark's documents: personalization.json (every table run), the
+markdown table a user decides with, the selection record, and accuracy-against-round plots."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from _common import machine_info, save_results
+
+SELECTION_LOG = "personalization_selection.jsonl"
+RUN_LOG = "personalization_runs.jsonl"
+BASELINE_ORDER = (
+    "pf2lora-first-order",
+    "joint",
+    "homlora",
+    "hetlora",
+    "perfedavg",
+    "fedsa",
+    "local",
+)
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+    return out
+
+
+def _ms(values: list[float], scale: float = 100.0) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values) * scale
+    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {sd:.1f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def table_markdown(
+    runs: list[dict[str, Any]], choice: dict[str, Any], s: dict[str, Any], command: str
+) -> str:
+    lines = [
+        "# Personalisation: PF2LoRA against every baseline",
+        "",
+        f"Command: `{command}`. Settings: {s['model']}, r = {s['shared_rank']}, "
+        f"r̂ = {s['private_rank']}, {s['clients']} clients, {s['rounds']} rounds x "
+        f"{s['local_steps']} local steps, batch {s['batch_size']}; each method on the settings "
+        "it chose on validation data (personalization_selection.md). Accuracy in % on each "
+        "client's own held-out split, mean ± sd over seeds of the mean over clients; worst = "
+        "the lowest client's accuracy (mean over seeds); Δ = PF2LoRA minus the method, paired "
+        "by seed (positive: PF2LoRA better); s/round = one silo's local training seconds per "
+        "round; sent = parameters each silo sends per round.",
+        "",
+    ]
+    splits = sorted({r["split"] for r in runs})
+    for split in splits:
+        here = [r for r in runs if r["split"] == split]
+        methods = [m for m in ("pf2lora", *BASELINE_ORDER) if any(r["method"] == m for r in here)]
+        seeds = sorted({r["seed"] for r in here})
+        lines += [
+            f"## {split} ({len(seeds)} seed(s): {seeds})",
+            "",
+            "| method | personalised | shared-only | worst client | Δ vs PF2LoRA (paired) "
+            "| worst client below its shared-only | s/round | sent |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        pf2 = {r["seed"]: r for r in here if r["method"] == "pf2lora"}
+        for m in methods:
+            rs = sorted((r for r in here if r["method"] == m), key=lambda r: r["seed"])
+            pers = [r["personalised_acc"] for r in rs]
+            shared = [r["shared_acc"] for r in rs if r["shared_acc"] is not None]
+            worst = [r["worst_client_acc"] for r in rs]
+            deltas = [
+                pf2[r["seed"]]["personalised_acc"] - r["personalised_acc"]
+                for r in rs
+                if r["seed"] in pf2 and m != "pf2lora"
+            ]
+            drops = []
+            for r in rs:
+                gaps = [
+                    (v["shared_acc"] - v["personalised_acc"])
+                    for v in r["per_client"].values()
+                    if v["shared_acc"] is not None
+                ]
+                if gaps:
+                    drops.append(max(gaps))
+            sec = statistics.fmean(r["seconds_per_round"] for r in rs)
+            sent = rs[0]["parameters"]["communicated_per_client"]
+            lines.append(
+                f"| {m} | {_ms(pers)} | {_ms(shared)} | {_ms(worst)} | "
+                f"{_ms(deltas) if deltas else '-'} | {_ms(drops) if drops else '-'} | "
+                f"{sec:.1f} | {sent:,} |"
+            )
+        lines += ["", f"![{split}](personalization_{_slug(split)}.png)", ""]
+    lines += ["Selected settings:", ""]
+    lines += [f"- {m}: `{json.dumps(hp, sort_keys=True)}`" for m, hp in sorted(choice.items())]
+    return "\n".join(lines) + "\n"
+
+
+def selection_markdown(
+    recs: list[dict[str, Any]], choice: dict[str, Any], fixed: dict[str, dict[str, Any]]
+) -> str:
+    lines = [
+        "# Personalisation benchmark: the selection record",
+        "",
+        "Every configuration tried, validation accuracy (% of 20% of each client's training "
+        "data held out, stratified; the test split is not used) per tuning split and their "
+        "mean; the chosen one is marked. Every method had the same budget of six "
+        "configurations; PF2LoRA's six vary one open choice at a time around its base.",
+        "",
+        "| method | configuration | "
+        + " | ".join(sorted({r["split"] for r in recs}))
+        + " | mean | chosen |",
+        "|---|---|" + "---:|" * (len({r["split"] for r in recs}) + 1) + "---|",
+    ]
+    splits = sorted({r["split"] for r in recs})
+    by_cfg: dict[tuple[str, str], dict[str, float]] = {}
+    for r in recs:
+        k = (r["method"], json.dumps(r["config"], sort_keys=True))
+        by_cfg.setdefault(k, {})[r["split"]] = r["personalised_acc"]
+    for (m, cfg), accs in sorted(by_cfg.items()):
+        mean = statistics.fmean(accs.values())
+        chosen = m in choice and json.dumps({**fixed[m], **choice[m]}, sort_keys=True) == cfg
+        cells = " | ".join(_pct(accs.get(sp)) for sp in splits)
+        lines.append(
+            f"| {m} | `{cfg}` | {cells} | {100 * mean:.1f} | {'**yes**' if chosen else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _slug(split: str) -> str:
+    return split.replace("/", "_").replace("=", "")
+
+
+def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[str]:
+    """One PNG per split: mean personalised accuracy (over seeds) against round, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for split in sorted({r["split"] for r in runs}):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in ("pf2lora", *BASELINE_ORDER):
+            rs = [r for r in runs if r["split"] == split and r["method"] == m]
+            if not rs:
+                continue
+            rounds = [c[0] for c in rs[0]["curve"]]
+            ys = [statistics.fmean(r["curve"][i][1] for r in rs) for i in range(len(rounds))]
+            ax.plot(
+                rounds,
+                [100 * y for y in ys],
+                marker="o",
+                ms=3,
+                label=m,
+                lw=2.5 if m == "pf2lora" else 1.2,
+            )
+        ax.set_xlabel("round")
+        ax.set_ylabel("mean personalised accuracy (%)")
+        ax.set_title(f"{split}: {len({r['seed'] for r in runs if r['split'] == split})} seed(s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        name = f"personalization_{_slug(split)}.png"
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def write_report(
+    out: Path,
+    s: dict[str, Any],
+    choice: dict[str, Any],
+    command: str,
+    fixed: dict[str, dict[str, Any]],
+) -> None:
+    selection = [r for r in _read(out / SELECTION_LOG) if r["phase"] == "tune"]
+    runs = [r for r in _read(out / RUN_LOG) if r["phase"] == "table"]
+    if selection:
+        (out / "personalization_selection.md").write_text(
+            selection_markdown(selection, choice, fixed)
+        )
+    if not runs:
+        return
+    fields = (
+        "dataset",
+        "split",
+        "algorithm",
+        "method",
+        "config",
+        "seed",
+        "rounds",
+        "local_steps",
+        "clients",
+        "personalised_acc",
+        "shared_acc",
+        "worst_client_acc",
+        "per_client",
+        "seconds_per_round",
+        "curve",
+        "parameters",
+    )
+    doc = {
+        "config": {
+            **s,
+            "selected": choice,
+            "command": command,
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "machine": machine_info(),
+        },
+        "runs": [{k: r[k] for k in fields} for r in runs],
+    }
+    save_results(out, "personalization", doc, table_markdown(runs, choice, s, command))
+    plot_curves(runs, out)
