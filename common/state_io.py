@@ -32,18 +32,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str | os.PathLike[str], mode: int = 0o700) -> Path:
+    """Create `path` and its missing parents, each with `mode` (less the umask; `Path.mkdir`
+    gives missing parents the default mode instead). Existing directories are left as they are."""
+    target = Path(path)
+    missing: list[Path] = []
+    p = target
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            d.mkdir(mode=mode)
+    return target
+
+
 def atomic_write_bytes(
-    path: str | os.PathLike[str], data: bytes, mode: int = 0o644, *, dir_mode: int = 0o777
+    path: str | os.PathLike[str], data: bytes, mode: int = 0o644, *, dir_mode: int = 0o700
 ) -> None:
     """Write `data` so that `path` holds either the old or the new content, never a mix.
 
     A temp file beside the target (mkstemp: 0600, O_EXCL) gets its final `mode` before any
     byte is written, so a key is never readable by others, not even for a moment; then fsync,
     rename, fsync of the directory. Missing parent directories are created with `dir_mode`
-    (less the umask).
+    (owner-only unless asked otherwise; less the umask).
     """
     target = Path(path)
-    target.parent.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+    make_dirs(target.parent, dir_mode)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)

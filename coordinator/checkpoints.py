@@ -85,6 +85,13 @@ class CheckpointStore:
         self._cached = (run_id, round_, expected_digest, tensors)
         return tensors
 
+    def runs_on_disk(self) -> list[str]:
+        """Run ids with at least one checkpoint under ROOT/runs/."""
+        runs = self.root / "runs"
+        if not runs.is_dir():
+            return []
+        return sorted(d.name for d in runs.iterdir() if d.is_dir() and self.rounds_on_disk(d.name))
+
     def rounds_on_disk(self, run_id: str) -> list[int]:
         d = self.run_dir(run_id)
         if not d.is_dir():

@@ -22,13 +22,12 @@ from pf2lora.common.transport import grpc_factory
 from pf2lora.common.transport.identity import admin_only_interceptor
 from pf2lora.common.transport.metrics_http import MetricsServer
 from pf2lora.common.version import software_version
-from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.coordinator.config import CoordinatorConfig
 from pf2lora.coordinator.control_servicer import ControlServicer
 from pf2lora.coordinator.engine import Engine, InitialState, default_initial_state
 from pf2lora.coordinator.metrics import CoordinatorMetrics
 from pf2lora.coordinator.silo_servicer import SiloServicer
-from pf2lora.coordinator.store import Store
+from pf2lora.coordinator.state_dir import open_state_dir
 from pf2lora.v1 import control_pb2_grpc, silo_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -46,14 +45,12 @@ class Coordinator:
         self, cfg: CoordinatorConfig, *, initial_state: InitialState = default_initial_state
     ):
         self.cfg = cfg
-        state_dir = Path(cfg.storage.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(state_dir / "state.db")
+        self.store, checkpoints = open_state_dir(cfg.storage.state_dir)
         self.metrics = CoordinatorMetrics()
         self.metrics.set_info(cfg.federation.name, software_version())
         self.engine = Engine(
             self.store,
-            CheckpointStore(state_dir),
+            checkpoints,
             federation=cfg.federation.name,
             allowed_silos=cfg.federation.allowed_silos,
             initial_state=initial_state,

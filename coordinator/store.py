@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from pf2lora.common.errors import ConfigError, NotFound
+from pf2lora.common.state_io import make_dirs
 from pf2lora.common.wire.tasks import MetricsKind
 
 logger = logging.getLogger(__name__)
@@ -166,17 +168,27 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
+        if not self.path.exists():  # owner-only from its first byte (SQLite copies the mode
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # to -wal)
         self._lock = threading.RLock()
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
-        # WAL: readers do not block the writer; synchronous=FULL: a committed round survives
-        # power loss (the commit is what marks a round complete).
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            # WAL: readers do not block the writer; synchronous=FULL: a committed round
+            # survives power loss (the commit is what marks a round complete).
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA quick_check").fetchall()
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise ConfigError(
+                f"{self.path} is not a readable SQLite database ({exc}): restore it, together "
+                "with its -wal file, from your backup"
+            ) from None
 
     def close(self) -> None:
         with self._lock:
@@ -290,6 +302,12 @@ class Store:
         if r is None:
             raise NotFound(f"run {run_id!r} does not exist (see `pf2lora run status`)")
         return RunRow(**dict(r))
+
+    def run_ids(self) -> list[str]:
+        """Every run the database knows, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT run_id FROM runs ORDER BY seq").fetchall()
+        return [str(r["run_id"]) for r in rows]
 
     def latest_run_id(self) -> str | None:
         with self._lock:
