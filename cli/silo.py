@@ -75,6 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument(
         "--exit-after-run", action="store_true", help="exit once the current run has ended"
     )
+    s.add_argument(
+        "--start-over",
+        action="store_true",
+        help="if this silo's private state for its run is missing or damaged, set it aside and "
+        "start the private adapter again (without this flag the silo stops with exit code 5)",
+    )
     s.set_defaults(func=run_serve)
 
     e = ssub.add_parser(
@@ -122,7 +128,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return SiloDaemon(cfg, stop=stop).run()
+    return SiloDaemon(cfg, stop=stop, start_over=args.start_over).run()
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from pf2lora.silo.config import SiloConfig
 from pf2lora.silo.metrics import SiloMetrics
 from pf2lora.silo.runtime import RunContext, build_context, count_train_examples
 from pf2lora.silo.secure_round import REFUSALS, SecureRoundDriver, Superseded
-from pf2lora.silo.state import SiloState
+from pf2lora.silo.state import SiloState, StateDamaged
 from pf2lora.silo.wire_record import WireRecord
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_PERMISSION_DENIED = 3
 EXIT_INVALID_ARGUMENT = 4
+EXIT_STATE_DAMAGED = 5  # this silo's own state is missing or damaged: an operator decides
 # The only value a silo with report_metrics = false sends: its final evaluation is done.
 WITHHELD = "metrics_withheld"
 ERROR_PAUSE_S = 5.0  # after an unexpected error, before asking for work again
@@ -63,12 +64,14 @@ class SiloDaemon:
         *,
         stop: threading.Event | None = None,
         interceptors: tuple[grpc_factory.ClientInterceptor, ...] = (),
+        start_over: bool = False,
     ) -> None:
         cfg.require_transport()
         cfg.require_data()
         self.cfg = cfg
         self.stop = stop or threading.Event()
         self.interceptors = interceptors
+        self.start_over = start_over  # set damaged private state aside instead of stopping
         self.state = SiloState(cfg.silo.state_dir, cfg.silo.keep_rounds)
         self.ctx: RunContext | None = None
         self.current_run = self.state.current_run()
@@ -245,7 +248,15 @@ class SiloDaemon:
         return ctx
 
     def _prepare(self, ctx: RunContext, round_: int) -> int:
-        loaded = self.state.prepare(ctx.runtime.client, ctx.run.run_id, round_)
+        try:
+            loaded = self.state.prepare(ctx.runtime.client, ctx.run.run_id, round_)
+        except StateDamaged as exc:
+            if not self.start_over:
+                raise Fatal(EXIT_STATE_DAMAGED, str(exc)) from None
+            logger.warning("%s", exc)
+            self.state.start_over(ctx.run.run_id)
+            self.start_over = False  # once: a second damage in this process stops it
+            loaded = self.state.prepare(ctx.runtime.client, ctx.run.run_id, round_)
         if not ctx.loaded_from_disk:
             ctx.loaded_from_disk = True
             self.state.write_resume_record(ctx.run.run_id, loaded, ctx.runtime.client)

@@ -6,6 +6,8 @@ Layout under STATE_DIR/runs/RUN_ID/:
   state-NNNNN.safetensors           private adapter and trainer state after round NNNNN
                                     (00000 = freshly initialised, before any training)
   global.safetensors                the latest global shared state fetched (for export)
+  saved.json                        the newest round whose state was saved (written after it):
+                                    a state file missing below it is damage, never a fallback
   resume.json                       what the last process start loaded (round, private digest)
   wire.jsonl                        what this silo sent and fetched (silo/wire_record.py)
   secagg/rNNNNN-aA.keys             written (fsync) before the keys of attempt A are sent: a
@@ -19,22 +21,22 @@ out again (after its restart, or a re-opened round) is trained from exactly the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from pf2lora.common.algorithms.base import ClientAlgorithm
 from pf2lora.common.errors import ConfigError, DataError
 from pf2lora.common.learning.trainer import private_tensors
-from pf2lora.common.state_io import atomic_write_bytes, load_state, save_state
+from pf2lora.common.names import is_label
+from pf2lora.common.state_io import atomic_write_bytes, load_state, save_state, tensors_digest
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +45,19 @@ _SECAGG = re.compile(r"r(\d{5,})[-.].*")
 
 
 def private_digest(tensors: Mapping[str, Tensor]) -> str:
-    """SHA-256 over (name, dtype, shape, bytes) of named tensors in sorted order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """SHA-256 over (name, dtype, shape, bytes) of the private tensors in sorted order."""
+    return tensors_digest(tensors)
+
+
+START_OVER = (
+    "restore the file from a backup of this silo's state directory, or start this silo over "
+    "for the run with `pf2lora silo serve --start-over` (its private adapter begins again; "
+    "the damaged files are kept aside)"
+)
+
+
+class StateDamaged(DataError):
+    """This silo's own state is missing or damaged: no silent fallback, the operator decides."""
 
 
 class SiloState:
@@ -90,10 +98,21 @@ class SiloState:
             raise DataError(f"{path}: this silo has no record of run {run_id!r}") from None
 
     def current_run(self) -> str:
+        path = self.root / "current_run"
         try:
-            return (self.root / "current_run").read_text().strip()
+            raw = path.read_bytes()
         except FileNotFoundError:
             return ""
+        try:
+            run_id = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            run_id = "\x00"  # refused below
+        if run_id and not is_label(run_id):
+            raise StateDamaged(
+                f"{path} is damaged (it must name one run, got {raw[:40]!r}): restore it, or "
+                "delete it to let this silo take the coordinator's active run"
+            )
+        return run_id
 
     def clear_current_run(self) -> None:
         (self.root / "current_run").unlink(missing_ok=True)
@@ -101,23 +120,38 @@ class SiloState:
     # --------------------------------------------------------- private state
     def prepare(self, client: ClientAlgorithm, run_id: str, round_: int) -> int:
         """Load the newest state of a round < round_ into the client (saving the fresh state as
-        round 0 first if there is none); returns the round it came from."""
-        before = [r for r in self.rounds_saved(run_id) if r < round_]
+        round 0 first if this silo has none for the run); returns the round it came from.
+
+        StateDamaged (naming the file and the choices) when that state is missing although
+        this silo saved it (saved.json says so) or when it does not read back as written.
+        """
+        saved = self.rounds_saved(run_id)
+        recorded = self.saved_round(run_id)
+        before = [r for r in saved if r < round_]
+        if recorded is not None:
+            needed = min(recorded, round_ - 1)  # this state existed: it must still, unless
+            pruned = needed <= recorded - self.keep_rounds  # keep_rounds pruned it on purpose
+            if not pruned and (not before or before[-1] < needed):
+                raise StateDamaged(
+                    f"{self.state_path(run_id, needed)} is missing: this silo saved its state "
+                    f"after round {recorded} of run {run_id} and round {round_} starts from "
+                    f"round {needed}; {START_OVER}"
+                )
         if not before:
-            if self.rounds_saved(run_id):
+            if saved:
                 raise DataError(
-                    f"run {run_id}: no state before round {round_} (pruned?); "
-                    f"kept {self.rounds_saved(run_id)}"
+                    f"run {run_id}: no state before round {round_} (pruned?); kept {saved}"
                 )
             self.save_after(client, run_id, 0)
             return 0
         r = before[-1]
         path = self.state_path(run_id, r)
-        tensors, meta = load_state(path)
         try:
+            tensors, meta = load_state(path)
             client.restore(tensors, meta)
         except (ConfigError, DataError) as exc:
-            raise DataError(f"state file {path}: {exc}") from exc
+            what = str(exc) if str(path) in str(exc) else f"state file {path}: {exc}"
+            raise StateDamaged(f"{what}; {START_OVER}") from exc
         return r
 
     def save_after(self, client: ClientAlgorithm, run_id: str, round_: int) -> Path:
@@ -125,9 +159,38 @@ class SiloState:
         path = self.state_path(run_id, round_)
         tensors, meta = client.state()
         save_state(path, tensors, meta)
+        if round_ >= (self.saved_round(run_id) or 0):
+            self._write_json(run_id, "saved.json", {"round": round_})
         for old in self.rounds_saved(run_id)[: -self.keep_rounds]:
             self.state_path(run_id, old).unlink(missing_ok=True)
         return path
+
+    def saved_round(self, run_id: str) -> int | None:
+        """The newest round whose state this silo saved for the run (None: none yet)."""
+        path = self.run_dir(run_id) / "saved.json"
+        try:
+            record = json.loads(path.read_bytes())
+            return int(record["round"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateDamaged(f"{path} is damaged ({exc}); {START_OVER}") from None
+
+    def start_over(self, run_id: str) -> Path:
+        """Set this silo's private state for the run aside (never deleted): the next round
+        starts from a fresh private adapter. Secure-aggregation records stay where they are."""
+        aside = self.run_dir(run_id) / f"set-aside-{int(time.time())}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for p in self.run_dir(run_id).iterdir():
+            if _STATE.fullmatch(p.name) or p.name in ("saved.json", "resume.json"):
+                p.rename(aside / p.name)
+        logger.warning(
+            "run %s: this silo starts over: its state was set aside in %s", run_id, aside
+        )
+        return aside
+
+    def _write_json(self, run_id: str, name: str, record: Mapping[str, Any]) -> None:
+        atomic_write_bytes(self.run_dir(run_id) / name, json.dumps(dict(record)).encode(), 0o600)
 
     def private_tensors(self, run_id: str, round_: int) -> dict[str, Tensor]:
         """The private adapter stored in the state after round_."""

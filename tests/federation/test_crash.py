@@ -14,42 +14,15 @@ from pf2lora.common.simulation import DataConfig, SimulationConfig
 from pf2lora.coordinator.checkpoints import CheckpointStore
 from pf2lora.silo.state import SiloState, private_digest
 from pf2lora.v1 import control_pb2 as cpb
-from tests.helpers.federation import Federation, run_config, secure_simulation
+from tests.helpers.federation import (
+    Federation,
+    freeze_in_training,
+    run_config,
+    secure_simulation,
+)
 from tests.helpers.tiny import write_silo_data
 
 pytestmark = pytest.mark.slow
-
-
-def _freeze_in_training(
-    fed: Federation, run_id: str, rounds: tuple[int, ...], silos: list[str], ready: str
-) -> int:
-    """SIGSTOP `silos` while round r (the first of `rounds` where that works) is training and each
-    of them is `ready` ("fetched": has its global state) without having reported; returns r."""
-    for r in rounds:
-
-        def in_round(r: int = r) -> bool:
-            st = fed.status(run_id)
-            mine = {p.silo_id: p.state for p in st.participants}
-            return (
-                st.current_round == r
-                and st.phase == cpb.RUN_PHASE_TRAINING
-                and all(mine.get(s) == ready for s in silos)
-            )
-
-        fed.wait(in_round, 180, f"{silos} {ready} in round {r}", poll=0.01)
-        for s in silos:
-            fed.procs.signal(s, signal.SIGSTOP)
-        st = fed.status(run_id)
-        mine = {p.silo_id: p.state for p in st.participants}
-        if (
-            st.current_round == r
-            and st.phase == cpb.RUN_PHASE_TRAINING
-            and all(mine.get(s) not in (None, "reported") for s in silos)
-        ):
-            return r
-        for s in silos:  # lost the race (it reported already): try the next round
-            fed.procs.signal(s, signal.SIGCONT)
-    raise AssertionError(f"could not catch {silos} mid-round in rounds {rounds}")
 
 
 def test_silo_killed_mid_round_round_completes_and_it_rejoins_bit_identical(
@@ -66,7 +39,7 @@ def test_silo_killed_mid_round_round_completes_and_it_rejoins_bit_identical(
         rounds=4, min_silos=2, round_deadline_s=20.0, enroll_window_s=60.0, local_steps=20
     )
     run_id = fed.start_run(cfg)
-    r = _freeze_in_training(fed, run_id, (2, 3), [target], "fetched")
+    r = freeze_in_training(fed, run_id, (2, 3), [target], "fetched")
     # the state this silo trains round r from, as it is on disk before the kill
     state = SiloState(tmp_path / target)
     before = state.private_tensors(run_id, r - 1)
@@ -113,7 +86,7 @@ def test_coordinator_killed_mid_run_resumes_at_last_completed_round(
     )
     run_id = fed.start_run(cfg)
     # freeze both silos mid-round so the round cannot complete, then kill the coordinator
-    r = _freeze_in_training(fed, run_id, (2, 3), names, "fetched")
+    r = freeze_in_training(fed, run_id, (2, 3), names, "fetched")
     st = fed.status(run_id)
     assert st.completed_rounds == r - 1
     committed = {h.round: h.checkpoint_digest for h in st.history}

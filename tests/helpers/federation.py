@@ -244,11 +244,10 @@ class Federation:
         return path
 
     def start_silo(
-        self, silo_id: str, env: dict[str, str] | None = None
+        self, silo_id: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
     ) -> subprocess.Popen[bytes]:
-        return self.procs.start(
-            silo_id, PY + ["silo", "serve", "--config", str(self.silo_config(silo_id))], env
-        )
+        cmd = PY + ["silo", "serve", "--config", str(self.silo_config(silo_id)), *args]
+        return self.procs.start(silo_id, cmd, env)
 
     def start(self) -> None:
         self.start_coordinator()
@@ -406,3 +405,35 @@ def secure_simulation(sim_cfg: Any, roster_size: int, clip: float = 4.0) -> Any:
     finally:
         simulation.sum_payloads = plain_sum
         torch.set_num_threads(threads)
+
+
+def freeze_in_training(
+    fed: Federation, run_id: str, rounds: tuple[int, ...], silos: list[str], ready: str
+) -> int:
+    """SIGSTOP `silos` while round r (the first of `rounds` where that works) is training and each
+    of them is `ready` ("fetched": has its global state) without having reported; returns r."""
+    for r in rounds:
+
+        def in_round(r: int = r) -> bool:
+            st = fed.status(run_id)
+            mine = {p.silo_id: p.state for p in st.participants}
+            return (
+                st.current_round == r
+                and st.phase == cpb.RUN_PHASE_TRAINING
+                and all(mine.get(s) == ready for s in silos)
+            )
+
+        fed.wait(in_round, 180, f"{silos} {ready} in round {r}", poll=0.01)
+        for s in silos:
+            fed.procs.signal(s, signal.SIGSTOP)
+        st = fed.status(run_id)
+        mine = {p.silo_id: p.state for p in st.participants}
+        if (
+            st.current_round == r
+            and st.phase == cpb.RUN_PHASE_TRAINING
+            and all(mine.get(s) not in (None, "reported") for s in silos)
+        ):
+            return r
+        for s in silos:  # lost the race (it reported already): try the next round
+            fed.procs.signal(s, signal.SIGCONT)
+    raise AssertionError(f"could not catch {silos} mid-round in rounds {rounds}")

@@ -3,6 +3,7 @@ adapter read back, refusals naming the file, run records and secure-aggregation 
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from pf2lora.common.algorithms.base import AlgorithmConfig, ClientAlgorithm
 from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.errors import DataError
 from pf2lora.common.learning.config import TrainConfig
-from pf2lora.silo.state import SiloState, private_digest
+from pf2lora.common.state_io import save_state
+from pf2lora.silo.state import SiloState, StateDamaged, private_digest
 from tests.helpers.tiny import linear_model, regression_data, source
 
 TRAIN = TrainConfig(local_steps=2, batch_size=8, ll_lr=0.05, ul_lr=0.01)
@@ -82,3 +84,64 @@ def test_run_records_and_secure_aggregation_markers(tmp_path: Path) -> None:
     assert state.unmask_record("run-1", 1) == {"attempt": 2, "survivors": ["silo-a", "silo-b"]}
     state.mark_keys_advertised("run-1", 3, 1)  # round 3 cannot re-open round 1: markers go
     assert not state.keys_advertised("run-1", 1, 1) and state.unmask_record("run-1", 1) is None
+
+
+def _flip_a_private_byte(path: Path) -> None:
+    """Flip one bit inside a private tensor's bytes of a safetensors file."""
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k.startswith("private/"))
+    start, end = header[name]["data_offsets"]
+    raw[8 + n + (start + end) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def _saved(tmp_path: Path, rounds: int) -> tuple[SiloState, ClientAlgorithm]:
+    state = SiloState(tmp_path / "silo", keep_rounds=3)
+    client = _client()
+    state.prepare(client, "run-1", 1)
+    data = source(regression_data())
+    for r in range(1, rounds + 1):
+        client.local_round(data)
+        state.save_after(client, "run-1", r)
+    return state, client
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "truncated", "deleted"])
+def test_a_damaged_or_missing_latest_state_is_refused_naming_the_file_and_the_choices(
+    tmp_path: Path, damage: str
+) -> None:
+    state, _ = _saved(tmp_path, 2)
+    latest = state.state_path("run-1", 2)
+    if damage == "bit flip":
+        _flip_a_private_byte(latest)
+    elif damage == "truncated":
+        latest.write_bytes(latest.read_bytes()[:100])
+    else:
+        latest.unlink()  # round 1's state is still there: it must not be taken instead
+    with pytest.raises(StateDamaged, match=r"state-00002\.safetensors.*--start-over"):
+        state.prepare(_client(seed=3), "run-1", 3)
+    assert state.prepare(_client(seed=3), "run-1", 2) == 1  # round 2 again needs round 1 only
+
+
+def test_a_state_newer_than_the_record_is_used_and_start_over_sets_state_aside(
+    tmp_path: Path,
+) -> None:
+    state, client = _saved(tmp_path, 2)
+    client.local_round(source(regression_data()))
+    save_state(state.state_path("run-1", 3), *client.state())  # killed before saved.json
+    assert state.prepare(_client(seed=3), "run-1", 4) == 3
+    _flip_a_private_byte(state.state_path("run-1", 3))
+    aside = state.start_over("run-1")
+    assert {p.name for p in aside.iterdir()} == {"saved.json"} | {
+        f"state-0000{r}.safetensors" for r in range(4)
+    }
+    assert state.prepare(_client(seed=3), "run-1", 4) == 0  # a fresh private adapter
+
+
+def test_a_garbage_current_run_is_one_clear_error(tmp_path: Path) -> None:
+    state = SiloState(tmp_path / "silo")
+    (tmp_path / "silo" / "current_run").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(StateDamaged, match=r"current_run is damaged"):
+        state.current_run()
