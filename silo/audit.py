@@ -27,6 +27,7 @@ class AuditLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        _cut_torn_tail(self.path)
         self._fh = open(self.path, "ab")  # noqa: SIM115 - closed in close()
         logger.info("auditing every message sent to the coordinator in %s", self.path)
 
@@ -44,17 +45,43 @@ class AuditLog:
             self._fh.close()
 
 
-def read_audit_log(path: str | Path) -> Iterator[tuple[str, bytes]]:
-    """(method, serialised request) for every recorded message, in order."""
-    raw = Path(path).read_bytes()
+def _records(raw: bytes) -> Iterator[tuple[int, str, bytes]]:
+    """(end offset, method, request) of each complete record; stops at a torn tail."""
     pos = 0
-    while pos < len(raw):
+    while pos + 2 <= len(raw):
         (n,) = struct.unpack_from(">H", raw, pos)
-        method = raw[pos + 2 : pos + 2 + n].decode()
-        pos += 2 + n
-        (size,) = struct.unpack_from(">I", raw, pos)
-        yield method, raw[pos + 4 : pos + 4 + size]
-        pos += 4 + size
+        if pos + 2 + n + 4 > len(raw):
+            return
+        method = raw[pos + 2 : pos + 2 + n].decode(errors="replace")
+        (size,) = struct.unpack_from(">I", raw, pos + 2 + n)
+        end = pos + 2 + n + 4 + size
+        if end > len(raw):
+            return
+        yield end, method, raw[pos + 2 + n + 4 : end]
+        pos = end
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop an incomplete last record (the process was killed mid-write) before appending:
+    the next record would otherwise be read as part of it."""
+    if not path.exists():
+        return
+    raw = path.read_bytes()
+    good = max((end for end, _, _ in _records(raw)), default=0)
+    if good < len(raw):
+        logger.warning(
+            "%s: dropping an incomplete last record (%d bytes) before appending",
+            path,
+            len(raw) - good,
+        )
+        with path.open("r+b") as fh:
+            fh.truncate(good)
+
+
+def read_audit_log(path: str | Path) -> Iterator[tuple[str, bytes]]:
+    """(method, serialised request) for every complete recorded message, in order."""
+    for _, method, data in _records(Path(path).read_bytes()):
+        yield method, data
 
 
 class AuditInterceptor(

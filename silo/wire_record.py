@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pf2lora.common.secagg.layout import VectorLayout
+from pf2lora.common.state_io import make_dirs
 from pf2lora.common.wire.manifest import layout_to_list, tensor_info_to_dict
 from pf2lora.common.wire.streams import StreamInfo
 
@@ -48,9 +50,18 @@ class WireRecord:
             **event,
         }
         path = self.path(run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as fh:
-            fh.write(json.dumps(event, sort_keys=True) + "\n")
+        make_dirs(path.parent)
+        with path.open("ab") as fh:
+            # A torn last line (the process was killed mid-write) is fenced off by a newline:
+            # it stays one unreadable line (skipped with a warning) and this record is whole.
+            if fh.tell() > 0:
+                with path.open("rb") as tail:
+                    tail.seek(-1, 2)
+                    if tail.read(1) != b"\n":
+                        fh.write(b"\n")
+            fh.write(json.dumps(event, sort_keys=True).encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def fetched(self, run_id: str, round_: int, digest_hex: str) -> None:
         self._append(run_id, {"event": "global", "round": round_, "manifest_digest": digest_hex})
