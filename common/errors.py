@@ -1,4 +1,6 @@
-"""The project's own exception types; servicers and the CLI map each to one status or exit code."""
+"""The project's own exception types (servicers and the CLI map each to one status or exit
+code), and `bounded`, how any message quotes client input.
+"""
 
 from __future__ import annotations
 
@@ -29,3 +31,15 @@ class PermissionDenied(Pf2LoraError):
 
 class NotFound(Pf2LoraError):
     """The named object (run, silo, checkpoint) does not exist."""
+
+
+# Status details and log lines echo client input: bounded, so a 4 MB field neither floods the
+# log nor exceeds a gRPC client's metadata limit (which would replace the real status).
+MAX_ECHO = 1000
+
+
+def bounded(text: str, limit: int = MAX_ECHO) -> str:
+    """`text`, cut to `limit` characters with its full length said."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"

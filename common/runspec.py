@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,11 +16,18 @@ from typing import Any, TypeVar
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.learning.config import ModelConfig, from_mapping
+from pf2lora.common.learning.config import ModelConfig, check_int, check_number, from_mapping
 from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.fixedpoint import check_no_overflow, choose_frac_bits
 
 T = TypeVar("T")
+
+
+# Bounds on run settings: what the wire (uint32 rounds), the clock (deadline arithmetic in
+# milliseconds) and a federation can carry; a value outside is refused at `run start`.
+MAX_ROUNDS = 1_000_000
+MAX_SILOS = 100_000
+MAX_DEADLINE_S = 30 * 24 * 3600.0  # 30 days
 
 
 @dataclass(frozen=True)
@@ -54,11 +60,7 @@ class SecAggSettings:
         self.library_config(
             1.0 if self.clip is None else self.clip
         )  # validates every field by name
-        v = self.stage_deadline_s
-        if not (
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-        ):
-            raise ConfigError(f"secagg.stage_deadline_s={v!r}: must be a number of seconds > 0")
+        check_number("secagg.stage_deadline_s", self.stage_deadline_s, 0, MAX_DEADLINE_S)
 
     def library_config(self, clip: float, frac_bits: int | None = None) -> SecAggConfig:
         return SecAggConfig(
@@ -107,30 +109,16 @@ class RunConfig:
     secagg: SecAggSettings = field(default_factory=SecAggSettings)
 
     def __post_init__(self) -> None:
-        def check(ok: bool, name: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
-
-        check(_is_int(self.rounds) and self.rounds >= 1, "rounds", "must be an integer >= 1")
-        check(
-            _is_int(self.min_silos) and self.min_silos >= 1, "min_silos", "must be an integer >= 1"
-        )
-        for name in ("round_deadline_s", "enroll_window_s", "eval_deadline_s"):
-            v = getattr(self, name)
-            check(
-                isinstance(v, int | float)
-                and not isinstance(v, bool)
-                and math.isfinite(v)
-                and v > 0,
-                name,
-                "must be a number of seconds > 0",
+        check_int("rounds", self.rounds, 1, MAX_ROUNDS)
+        check_int("min_silos", self.min_silos, 1, MAX_SILOS)
+        for name in ("round_deadline_s", "eval_deadline_s"):
+            check_number(name, getattr(self, name), 0, MAX_DEADLINE_S)
+        check_number("enroll_window_s", self.enroll_window_s, 0, MAX_DEADLINE_S)
+        check_int("seed", self.seed, 0, 2**63 - 1)
+        if not isinstance(self.secure_aggregation, bool):
+            raise ConfigError(
+                f"secure_aggregation={self.secure_aggregation!r}: must be true or false"
             )
-        check(
-            _is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "must be an integer in [0, 2^63)"
-        )
-        check(
-            isinstance(self.secure_aggregation, bool), "secure_aggregation", "must be true or false"
-        )
 
     @property
     def secagg_clip(self) -> float:
@@ -155,10 +143,6 @@ def default_clip(algorithm: str) -> float:
     return ALGORITHM_CLIP.get(algorithm, DEFAULT_CLIP)
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def to_dict(cfg: Any) -> Any:
     """A config dataclass as plain JSON-able values (tuples become lists)."""
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
@@ -179,6 +163,8 @@ def from_json(cls: type[T], text: str, where: str = "") -> T:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{where or cls.__name__}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{where or cls.__name__}: JSON nested too deeply") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or cls.__name__}: expected a JSON object")
     return from_mapping(cls, data, where)

@@ -17,6 +17,7 @@ from pf2lora.common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    bounded,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,9 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> No
     for cls, code in STATUS_OF:
         if isinstance(exc, cls):
             level = logging.WARNING if code != grpc.StatusCode.INTERNAL else logging.ERROR
-            logger.log(level, "%s from %s: %s: %s", method, context.peer(), code.name, exc)
-            context.abort(code, str(exc))
+            message = bounded(str(exc))
+            logger.log(level, "%s from %s: %s: %s", method, context.peer(), code.name, message)
+            context.abort(code, message)
     logger.exception("%s from %s failed unexpectedly", method, context.peer())
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

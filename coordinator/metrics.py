@@ -80,6 +80,11 @@ class CoordinatorMetrics:
         self.updates_accepted = Counter(
             "pf2lora_coordinator_updates_accepted", "updates added to a round's sum", registry=r
         )
+        self.undecodable_requests = Counter(
+            "pf2lora_coordinator_undecodable_requests",
+            "requests gRPC could not deserialize (refused INTERNAL; logged at a bounded rate)",
+            registry=r,
+        )
         self.current_round = Gauge(
             "pf2lora_coordinator_current_round",
             "round the active run is in (0: no active run)",

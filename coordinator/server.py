@@ -74,6 +74,7 @@ class Coordinator:
 
     def start(self) -> None:
         s = self.cfg.server
+        grpc_factory.bound_undecodable_logs(self.metrics.undecodable_requests.inc)
         insecure = s.insecure
         self.silo_server = grpc_factory.create_server(s.max_workers)
         silo_pb2_grpc.add_SiloApiServicer_to_server(

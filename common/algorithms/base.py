@@ -26,7 +26,14 @@ from pf2lora.common.algorithms.aggregate import (
 )
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.batching import BatchSource, EncodedData
-from pf2lora.common.learning.config import AdapterConfig, TrainConfig
+from pf2lora.common.learning.config import (
+    MAX_LR,
+    MAX_RANK,
+    AdapterConfig,
+    TrainConfig,
+    check_int,
+    check_number,
+)
 from pf2lora.common.learning.evaluation import evaluate
 from pf2lora.common.learning.model import TwoLevelModel
 from pf2lora.common.learning.trainer import BilevelTrainer, Objective
@@ -55,16 +62,15 @@ class AlgorithmConfig:
     def __post_init__(self) -> None:
         if self.weighting not in ("samples", "equal"):
             raise ConfigError(f"weighting={self.weighting!r}: use 'samples' or 'equal'")
-        if not 0 < self.hetlora_gamma < 1:
-            raise ConfigError(f"hetlora_gamma={self.hetlora_gamma!r}: must be in (0, 1)")
-        if self.hetlora_lambda < 0:
-            raise ConfigError(f"hetlora_lambda={self.hetlora_lambda!r}: must be >= 0")
-        if self.perfedavg_alpha <= 0:
-            raise ConfigError(f"perfedavg_alpha={self.perfedavg_alpha!r}: must be > 0")
-        if self.perfedavg_personalize_steps < 0:
-            raise ConfigError(
-                f"perfedavg_personalize_steps={self.perfedavg_personalize_steps!r}: must be >= 0"
-            )
+        check_number("hetlora_gamma", self.hetlora_gamma, 0, 1)
+        if self.hetlora_gamma == 1:
+            raise ConfigError("hetlora_gamma=1: must be in (0, 1)")
+        check_number("hetlora_lambda", self.hetlora_lambda, 0, MAX_LR, low_open=False)
+        check_number("perfedavg_alpha", self.perfedavg_alpha, 0, MAX_LR)
+        check_int("perfedavg_personalize_steps", self.perfedavg_personalize_steps, 0, 1000)
+        for name in ("hetlora_min_rank", "hetlora_max_rank"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1, MAX_RANK)
 
     def replace(self, **changes: Any) -> AlgorithmConfig:
         return dataclasses.replace(self, **changes)

@@ -33,6 +33,11 @@ def resolve_model_path(path: str) -> str:
         return str(prepared_smollm2_path())
     if not Path(path).exists():
         raise ConfigError(f"model path {path!r} does not exist (give a local Hugging Face folder)")
+    if not Path(path).is_dir():
+        raise ConfigError(
+            f"model path {path!r} is a file: give the Hugging Face model folder that holds "
+            "config.json and the weights"
+        )
     return path
 
 
@@ -45,7 +50,10 @@ def load_base_model(cfg: ModelConfig) -> nn.Module:
     kwargs: dict[str, Any] = {}
     if cfg.num_hidden_layers is not None:
         kwargs["num_hidden_layers"] = cfg.num_hidden_layers
-    hf_config = AutoConfig.from_pretrained(path, **kwargs)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"model path {path!r}: not a model folder ({exc})") from exc
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -55,6 +63,8 @@ def load_base_model(cfg: ModelConfig) -> nn.Module:
         warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations
         try:
             return _from_pretrained(cfg, path, hf_config)
+        except (OSError, ValueError, KeyError) as exc:  # no weights, a foreign config, ...
+            raise ConfigError(f"model path {path!r}: not a loadable model folder ({exc})") from exc
         finally:
             hf_logging.set_verbosity(verbosity)
 

@@ -23,6 +23,30 @@ def _check(cond: bool, name: str, value: object, why: str) -> None:
         raise ConfigError(f"{name}={value!r}: {why}")
 
 
+def check_int(name: str, value: object, lo: int, hi: int) -> None:
+    """ConfigError unless value is an integer in [lo, hi] (bounds keep it inside what the wire,
+    the clock and the machine can carry)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+    _check(ok, name, value, f"must be an integer in [{lo}, {hi}]")
+
+
+def check_number(name: str, value: object, lo: float, hi: float, *, low_open: bool = True) -> None:
+    """ConfigError unless value is a finite number in (lo, hi] ([lo, hi] with low_open=False)."""
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > lo if low_open else value >= lo)
+        and value <= hi
+    )
+    _check(ok, name, value, f"must be a number in {'(' if low_open else '['}{lo:g}, {hi:g}]")
+
+
+MAX_RANK = 4096
+MAX_SCALE = 1e6
+MAX_LR = 1e3
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """The two LoRA adapters: shared (rank r) and private (rank r_hat), both active."""
@@ -38,22 +62,17 @@ class AdapterConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.shared_rank >= 0, "shared_rank", self.shared_rank, "must be >= 0")
-        _check(self.private_rank >= 0, "private_rank", self.private_rank, "must be >= 0")
+        check_int("shared_rank", self.shared_rank, 0, MAX_RANK)
+        check_int("private_rank", self.private_rank, 0, MAX_RANK)
         _check(
             self.shared_rank + self.private_rank > 0,
             "shared_rank+private_rank",
             self.shared_rank + self.private_rank,
             "at least one adapter must have a positive rank",
         )
-        _check(self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        check_number("alpha", self.alpha, 0, MAX_SCALE)
         if self.private_alpha is not None:
-            _check(
-                math.isfinite(self.private_alpha) and self.private_alpha > 0,
-                "private_alpha",
-                self.private_alpha,
-                "must be a finite number > 0, or unset (the shared alpha)",
-            )
+            check_number("private_alpha", self.private_alpha, 0, MAX_SCALE)
         _check(self.head in ("shared", "private"), "head", self.head, "use 'shared' or 'private'")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         if self.target_modules is not None:
@@ -74,10 +93,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.task in TASK_TYPES, "task", self.task, f"use one of {TASK_TYPES}")
-        _check(self.num_labels >= 1, "num_labels", self.num_labels, "must be >= 1")
-        _check(self.max_length >= 4, "max_length", self.max_length, "must be >= 4")
+        check_int("num_labels", self.num_labels, 1, 1_000_000)
+        check_int("max_length", self.max_length, 4, 1 << 20)
         if self.num_hidden_layers is not None:
-            _check(self.num_hidden_layers >= 1, "num_hidden_layers", self.num_hidden_layers, ">= 1")
+            check_int("num_hidden_layers", self.num_hidden_layers, 1, 4096)
+        _check(isinstance(self.path, str), "path", self.path, "must be a string")
 
 
 @dataclass(frozen=True)
@@ -103,30 +123,22 @@ class TrainConfig:
     progress: bool = False  # a progress bar over local steps
 
     def __post_init__(self) -> None:
-        _check(self.local_steps >= 1, "local_steps", self.local_steps, "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check_int("local_steps", self.local_steps, 1, 1_000_000)
+        check_int("batch_size", self.batch_size, 1, 1 << 20)
         for name in ("ll_lr", "ul_lr", "neumann_scale"):
-            v = getattr(self, name)
-            _check(math.isfinite(v) and v > 0, name, v, "must be a finite number > 0")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+            check_number(name, getattr(self, name), 0, MAX_LR)
+        check_number("weight_decay", self.weight_decay, 0, MAX_LR, low_open=False)
         _check(
             self.hypergrad in HYPERGRADS, "hypergrad", self.hypergrad, f"use one of {HYPERGRADS}"
         )
-        _check(self.neumann_terms >= 0, "neumann_terms", self.neumann_terms, "must be >= 0")
-        _check(
-            isinstance(self.ll_steps, int)
-            and not isinstance(self.ll_steps, bool)
-            and 1 <= self.ll_steps <= 16,
-            "ll_steps",
-            self.ll_steps,
-            "must be an integer in [1, 16]",
-        )
+        check_int("neumann_terms", self.neumann_terms, 0, 100)
+        check_int("ll_steps", self.ll_steps, 1, 16)
         for name in ("max_grad_norm", "ll_max_grad_norm"):
             v = getattr(self, name)
             if v is not None and not v:
                 object.__setattr__(self, name, None)  # TOML has no null: 0/false = off
             elif v is not None:
-                _check(math.isfinite(v) and v > 0, name, v, "must be a finite number > 0, or None")
+                check_number(name, v, 0, 1e9)
 
 
 T = TypeVar("T")

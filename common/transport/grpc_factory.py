@@ -5,8 +5,10 @@ reason.
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,3 +359,50 @@ def create_health_server(
         raise ConfigError(f"address={address!r}: cannot listen there ({exc})") from exc
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, servicer, port
+
+
+class UndecodableRequests(logging.Filter):
+    """Bounds what undecodable requests cost the log: gRPC logs a traceback for each message it
+    cannot deserialize (a fuzzer sends thousands). This filter on gRPC's own logger counts them
+    (`on_count`), drops the tracebacks, and lets one line through per `every_s` seconds with the
+    number seen since the last."""
+
+    MESSAGE = "Exception deserializing message!"
+
+    def __init__(self, on_count: Callable[[], None] | None = None, every_s: float = 60.0) -> None:
+        super().__init__()
+        self.on_count = on_count
+        self.every_s = every_s
+        self.seen = 0
+        self._since = 0
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != self.MESSAGE:
+            return True
+        if self.on_count is not None:
+            self.on_count()
+        with self._lock:
+            self.seen += 1
+            self._since += 1
+            now = time.monotonic()
+            if now - self._last < self.every_s:
+                return False
+            record.msg = "%d undecodable request(s) refused (INTERNAL) since the last report"
+            record.args = (self._since,)
+            record.exc_info, record.exc_text, record.levelno = None, None, logging.WARNING
+            record.levelname = "WARNING"
+            self._since, self._last = 0, now
+            return True
+
+
+def bound_undecodable_logs(on_count: Callable[[], None] | None = None) -> UndecodableRequests:
+    """Install an UndecodableRequests filter on gRPC's logger (once per process)."""
+    target = logging.getLogger("grpc._common")
+    for f in target.filters:
+        if isinstance(f, UndecodableRequests):
+            target.removeFilter(f)
+    flt = UndecodableRequests(on_count)
+    target.addFilter(flt)
+    return flt

@@ -12,7 +12,7 @@ from typing import Any, Literal, NoReturn, TypeVar, cast, get_args
 import grpc
 from cryptography import x509
 
-from pf2lora.common.errors import ConfigError, InvalidArgument, PermissionDenied
+from pf2lora.common.errors import ConfigError, InvalidArgument, PermissionDenied, bounded
 from pf2lora.common.names import LABEL_PATTERN, LABEL_RULE, is_label
 
 logger = logging.getLogger(__name__)
@@ -205,8 +205,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _abort(context: grpc.ServicerContext, exc: PermissionDenied) -> NoReturn:
-    logger.warning("permission denied for %s: %s", context.peer(), exc)
-    context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    message = bounded(str(exc))
+    logger.warning("permission denied for %s: %s", context.peer(), message)
+    context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
