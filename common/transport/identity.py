@@ -11,6 +11,7 @@ from typing import Any, Literal, NoReturn, TypeVar, cast, get_args
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from pf2lora.common.errors import ConfigError, InvalidArgument, PermissionDenied, bounded
 from pf2lora.common.names import LABEL_PATTERN, LABEL_RULE, is_label
@@ -28,8 +29,12 @@ _SPIFFE_RE = re.compile(
     rf"spiffe://(?P<federation>{LABEL_PATTERN})/(?P<role>silo|admin)/(?P<name>{LABEL_PATTERN})"
 )
 
-# The auth-context property gRPC fills with every subjectAltName entry (DNS, URI, e-mail, IP).
-SAN_PROPERTY = "x509_subject_alternative_name"
+# The auth-context property holding the verified peer certificate (PEM). The identity is read
+# from the certificate itself: gRPC's SAN property mixes every SAN type (a dNSName spelling
+# spiffe://... would pass for a URI) and cuts strings at a NUL.
+PEM_PROPERTY = "x509_pem_cert"
+MIN_RSA_BITS = 2048
+MIN_EC_BITS = 256
 
 
 def validate_label(field: str, value: object) -> str:
@@ -98,38 +103,49 @@ def identity_from_cert(cert: x509.Certificate) -> Identity:
     )
 
 
-def _san_strings(context: grpc.ServicerContext) -> list[str]:
-    """The peer certificate's SAN entries as gRPC reports them (empty without a client cert).
+def check_key_strength(cert: x509.Certificate, where: str) -> None:
+    """InvalidArgument unless the certificate's key is RSA >= 2048 bits, EC >= P-256 or Ed25519."""
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise InvalidArgument(f"{where}: RSA key of {key.key_size} bits; at least 2048")
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.key_size < MIN_EC_BITS:
+            raise InvalidArgument(f"{where}: EC key on {key.curve.name}; P-256 or stronger")
+    elif not isinstance(key, ed25519.Ed25519PublicKey):
+        raise InvalidArgument(f"{where}: {type(key).__name__} keys are not accepted")
 
-    Only the SAN property: context.peer_identities() falls back to the subject CN for a
-    certificate without a SAN, and a CN must never pass for an identity.
-    """
-    auth = context.auth_context() or {}
-    return [
-        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-        for v in auth.get(SAN_PROPERTY, ())
-    ]
+
+def _peer_certificate(context: grpc.ServicerContext) -> x509.Certificate | None:
+    """The verified client certificate (None without one)."""
+    pems = (context.auth_context() or {}).get(PEM_PROPERTY)
+    if not pems:
+        return None
+    return x509.load_pem_x509_certificate(pems[0])
 
 
 def peer_identity(context: grpc.ServicerContext, federation: str) -> Identity:
     """The caller's identity from its verified client certificate, for `federation`.
 
-    The TLS layer has already checked the chain to the federation CA; this reads the SAN the
-    certificate carries. PermissionDenied when there is no certificate, no SPIFFE URI, more than
-    one, a malformed one, or one of another federation.
+    The TLS layer has already checked the chain to the federation CA; this reads the one SPIFFE
+    URI among the certificate's URI-type SANs (no other SAN type, never the subject CN) and
+    checks its key size. PermissionDenied when there is no certificate, no SPIFFE URI, more than
+    one, a malformed one (a NUL included), a weak key, or an identity of another federation.
     """
-    sans = _san_strings(context)
-    if not sans:
+    cert = _peer_certificate(context)
+    if cert is None:
         raise PermissionDenied(
             f"peer {context.peer()}: no client certificate identity (mutual TLS required)"
         )
+    where = f"peer {context.peer()}"
     try:
-        ident = parse_spiffe_uri(_single_spiffe_uri(sans, f"peer {context.peer()}"))
+        check_key_strength(cert, where)
+        ident = identity_from_cert(cert)
     except InvalidArgument as exc:
         raise PermissionDenied(str(exc)) from None
     if ident.federation != federation:
         raise PermissionDenied(
-            f"peer {context.peer()}: identity {ident.uri!r} belongs to federation "
+            f"{where}: identity {ident.uri!r} belongs to federation "
             f"{ident.federation!r}, not {federation!r}"
         )
     return ident

@@ -6,12 +6,13 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -311,7 +312,7 @@ def test_identity_in_the_common_name_is_ignored(fed: Federation) -> None:
     cn_only = pki.IssuedCertificate(cert, key)
     ca = fed.ca.cert_pem()
     code, details = _code(_call, fed.silo_port, "Admin", b"", ca_pem=ca, client=cn_only)
-    assert code == grpc.StatusCode.PERMISSION_DENIED and "mutual TLS required" in details
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "no subjectAltName" in details
 
 
 def test_insecure_mode_trusts_the_claim_only_where_asked(fed: Federation) -> None:
@@ -412,3 +413,62 @@ def test_server_certificate_has_no_identity(fed: Federation) -> None:
     server = x509.load_pem_x509_certificate((fed.dir / "coordinator/tls.crt").read_bytes())
     with pytest.raises(InvalidArgument, match="no SPIFFE URI"):
         identity_from_cert(server)
+
+
+def _leaf(fed: Federation, key: Any, sans: list[x509.GeneralName]) -> pki.IssuedCertificate:
+    """A client certificate of this federation's CA with any key and any SANs."""
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "probe")]))
+        .issuer_name(fed.ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(fed.ca.key, hashes.SHA256())
+    )
+    return pki.IssuedCertificate(cert, key)
+
+
+def test_only_a_uri_san_is_an_identity(fed: Federation) -> None:
+    """A dNSName that spells a SPIFFE id is not one (gRPC's SAN property mixes SAN types)."""
+    dns = _leaf(
+        fed, ec.generate_private_key(ec.SECP256R1()), [x509.DNSName("spiffe://acme/admin/ops")]
+    )
+    code, details = _code(_call, fed.silo_port, "Admin", b"", ca_pem=fed.ca.cert_pem(), client=dns)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "no SPIFFE URI" in details
+
+
+def test_a_uri_with_a_nul_is_refused_not_cut(fed: Federation) -> None:
+    nul = _leaf(
+        fed,
+        ec.generate_private_key(ec.SECP256R1()),
+        [x509.UniformResourceIdentifier("spiffe://acme/admin/ops\x00.attacker")],
+    )
+    code, _ = _code(_call, fed.silo_port, "Admin", b"", ca_pem=fed.ca.cert_pem(), client=nul)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_weak_client_key_is_refused(fed: Federation) -> None:
+    weak = _leaf(
+        fed,
+        rsa.generate_private_key(public_exponent=65537, key_size=1024),
+        [x509.UniformResourceIdentifier("spiffe://acme/silo/hospital-a")],
+    )
+    code, details = _code(
+        _call, fed.silo_port, "Silo", b"hospital-a", ca_pem=fed.ca.cert_pem(), client=weak
+    )
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "1024 bits" in details
+    small_curve = _leaf(
+        fed,
+        ec.generate_private_key(ec.SECP224R1()),
+        [x509.UniformResourceIdentifier("spiffe://acme/silo/hospital-a")],
+    )
+    from pf2lora.common.transport.identity import check_key_strength
+
+    with pytest.raises(InvalidArgument, match="P-256 or stronger"):
+        check_key_strength(small_curve.cert, "probe")
