@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from pf2lora.common.data.dataset import column, make_dataset, read_file
 from pf2lora.common.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
+
+_INTEGER = re.compile(r"[+-]?\d+")
 
 LOCAL_FORMATS: dict[str, str] = {
     ".jsonl": "json",
@@ -59,11 +62,35 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and v != v)
 
 
+def _is_number(v: Any) -> bool:
+    """An integer label, also as CSV text ("1")."""
+    if isinstance(v, str):
+        return _INTEGER.fullmatch(v.strip()) is not None
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _rows(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:3])) + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
+
+
 def infer_label_names(tables: Sequence[tuple[Path, list[Any]]], column: str) -> list[str]:
-    """Sorted unique string labels over all files, or '0'..'max' for integer labels."""
+    """Sorted unique string labels over all files, or '0'..'max' for integer labels.
+
+    A column must mean one thing: numbers (class indices) or words (class names). A file that
+    mixes them (`1` and `positive`) is refused with the rows of each; give `labels` (the class
+    names, in index order) to read numbers as indices beside names.
+    """
     strings: set[str] = set()
     top = -1
     for path, raw in tables:
+        numbers = [i for i, v in enumerate(raw) if not _missing(v) and _is_number(v)]
+        words = [i for i, v in enumerate(raw) if isinstance(v, str) and not _is_number(v)]
+        if numbers and words:
+            raise DataError(
+                f"{path}: column {column!r} mixes numbers (rows {_rows(numbers)}) and words "
+                f"(rows {_rows(words)}): use one kind, or give the label names (labels=...) to "
+                "read numbers as indices into them"
+            )
         for i, v in enumerate(raw):
             if _missing(v):
                 raise DataError(f"{path}: column {column!r} row {i}: missing label")
@@ -92,6 +119,8 @@ def encode_labels(raw: Sequence[Any], names: Sequence[str], path: Path, column: 
         where = f"{path}: column {column!r} row {i}"
         if _missing(v):
             raise DataError(f"{where}: missing label")
+        if isinstance(v, str) and v not in index and _INTEGER.fullmatch(v.strip()):
+            v = int(v)  # a number written as text (CSV): an index into the names
         if isinstance(v, str):
             if v not in index:
                 raise DataError(f"{where}: unknown label {v!r}; expected one of {list(names)}")

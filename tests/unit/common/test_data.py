@@ -456,3 +456,28 @@ def test_trec_label_sorted_splits_follow_each_clients_own_label_mix() -> None:
         assert np.abs(tr - te).max() < 0.1
     with pytest.raises(ConfigError, match="no natural domains"):
         build_client_data("trec", "natural", 8, 0)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_label_column_mixing_numbers_and_words_is_refused_with_its_rows(
+    tmp_path: Path, suffix: str
+) -> None:
+    rows = [{"text": f"t{i}", "label": v} for i, v in enumerate([1, "positive", "negative", 0])]
+    path = write(tmp_path / f"mixed{suffix}", rows)  # type: ignore[arg-type]
+    with pytest.raises(
+        DataError,
+        match=r"mixed.* column 'label' mixes numbers \(rows 0, 3\) and "
+        r"words \(rows 1, 2\)",
+    ):
+        load_local(path, cache_dir=tmp_path / "cache")
+    if suffix == ".jsonl":
+        return  # `datasets` reads a mixed JSON column as JSON text: only refusing makes sense
+    # with explicit label names the numbers are indices into them: that stays allowed
+    assert load_local(path, labels=["negative", "positive"], cache_dir=tmp_path / "c2")[
+        "label"
+    ] == [
+        1,
+        1,
+        0,
+        0,
+    ]
