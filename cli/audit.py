@@ -205,6 +205,45 @@ def _prod(shape: Iterable[int]) -> int:
     return out
 
 
+def audit_log_check(
+    streams: list[tuple[str, dict[str, Any]]],
+    run_id: str,
+    recorded: set[str],
+    shared_of: dict[int, set[str]],
+) -> tuple[list[Finding], list[str]]:
+    """Findings and notes on the PushUpdate streams of a silo's audit log for one run: a stream
+    of another run is said to be so (and not checked against this run's rounds); one of this
+    run the silo's record does not hold was not accepted; every tensor sent must be shared."""
+    findings: list[Finding] = []
+    notes: list[str] = []
+    for digest, header in streams:
+        if header.get("run_id", run_id) != run_id:
+            notes.append(
+                f"a {header['kind']} stream {digest[:16]} in the audit log belongs to run "
+                f"{header['run_id']!r} (round {header['round']}), not audited here"
+            )
+            continue
+        if digest not in recorded:
+            notes.append(
+                f"round {header['round']}: a {header['kind']} stream {digest[:16]} in the audit "
+                "log was not accepted (refused or interrupted)"
+            )
+        shared = shared_of.get(header["round"])
+        if shared is None:
+            continue
+        for name in header["tensors"]:
+            masked = header["kind"] == "MASKED_UPDATE" and name == MASKED_TENSOR
+            if not (masked or name in shared or is_weight_key(name)):
+                findings.append(
+                    Finding(
+                        header["round"],
+                        0,
+                        f"the audit log shows {name!r} sent: not a shared-state tensor",
+                    )
+                )
+    return findings, notes
+
+
 def audit_log_streams(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(manifest digest hex, header as a dict) of every PushUpdate stream in an audit log."""
     from pf2lora.common.wire import streams
@@ -221,6 +260,7 @@ def audit_log_streams(path: Path) -> list[tuple[str, dict[str, Any]]]:
                     (
                         info.manifest_digest.hex(),
                         {
+                            "run_id": info.run_id,
                             "round": info.round,
                             "kind": str(info.kind),
                             "tensors": [t.name for t in info.tensors],
@@ -259,26 +299,11 @@ def run_audit(args: argparse.Namespace) -> int:
             notes += round_notes
     recorded = {e["manifest_digest"] for e in events if e["event"] == "update"}
     if args.audit_log is not None:
-        for digest, header in audit_log_streams(args.audit_log):
-            if digest not in recorded:
-                notes.append(
-                    f"round {header['round']}: a {header['kind']} stream {digest[:16]} in the "
-                    "audit log "
-                    "was not accepted (refused or interrupted)"
-                )
-            shared = shared_of.get(header["round"])
-            if shared is None:
-                continue
-            for name in header["tensors"]:
-                masked = header["kind"] == "MASKED_UPDATE" and name == MASKED_TENSOR
-                if not (masked or name in shared or is_weight_key(name)):
-                    findings.append(
-                        Finding(
-                            header["round"],
-                            0,
-                            f"the audit log shows {name!r} sent: not a shared-state tensor",
-                        )
-                    )
+        log_findings, log_notes = audit_log_check(
+            audit_log_streams(args.audit_log), args.run_id, recorded, shared_of
+        )
+        findings += log_findings
+        notes += log_notes
     if args.json:
         print(
             json.dumps(
