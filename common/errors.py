@@ -33,6 +33,10 @@ class NotFound(Pf2LoraError):
     """The named object (run, silo, checkpoint) does not exist."""
 
 
+class AlreadyExists(Pf2LoraError):
+    """What the request would create exists and is in use (a second live session of a silo)."""
+
+
 # Status details and log lines echo client input: bounded, so a 4 MB field neither floods the
 # log nor exceeds a gRPC client's metadata limit (which would replace the real status).
 MAX_ECHO = 1000

@@ -67,6 +67,9 @@ class ActiveRun:
     stage_started_ms: int = 0  # wall clock when the current stage (enroll, train) began
     eval_targets: set[str] = field(default_factory=set)
     eval_reported: set[str] = field(default_factory=set)
+    # Each silo's sample count for the whole run, fixed when it first enrolls: its weight p_k
+    # cannot change inside a run (a second process, or other data, would change it silently).
+    samples: dict[str, int] = field(default_factory=dict)
 
     def reset_for_round(self, round_: int, attempt: int, now: float, now_ms: int) -> None:
         """Attempt `attempt` of round `round_` enrolls from scratch: nothing of an earlier
@@ -198,6 +201,10 @@ def load_running_run(store: Store, checkpoints: CheckpointStore, now_ms: int) ->
         logger.error("cannot resume run %s: %s", run_id, exc)
         store.finish_run(run_id, "failed", f"cannot resume: {exc}", now_ms)
         return None
-    return build_active_run(
+    run = build_active_run(
         run_id, cfg, algorithm, state, rr.checkpoint_digest, row.completed_rounds
     )
+    for r in range(1, row.completed_rounds + 1):  # the counts the run's rounds were weighted by
+        for p in store.participants(run_id, r):
+            run.samples.setdefault(p.silo_id, p.num_samples)
+    return run

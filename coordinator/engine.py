@@ -168,6 +168,15 @@ class Engine:
         if not 1 <= num_samples < 2**53:
             raise InvalidArgument(f"num_samples={num_samples}: a silo needs at least one example")
         with self._lock:
+            run = self._run
+            fixed = run.samples.get(silo_id) if run is not None else None
+            if fixed is not None and fixed != num_samples:
+                assert run is not None
+                raise FailedPrecondition(
+                    f"silo {silo_id!r} takes part in run {run.run_id} with {fixed} examples and "
+                    f"now joins with {num_samples}: a silo's count (its weight) cannot change "
+                    "inside a run; rejoin with the same data, or after the run"
+                )
             self.store.upsert_silo(silo_id, num_samples, version[:64], self._now_ms())
             row = self.store.silo(silo_id)
             assert row is not None
@@ -190,7 +199,8 @@ class Engine:
                 except NotFound:
                     return StopTask(current_run_id, "unknown", "this coordinator has no such run")
             if run is not None and run.phase is Phase.ENROLLING and silo_id not in run.enrolled:
-                run.enrolled[silo_id] = self._registered[silo_id].num_samples
+                n = run.samples.setdefault(silo_id, self._registered[silo_id].num_samples)
+                run.enrolled[silo_id] = n
                 logger.info(
                     "round %d: silo %s enrolled (%d)", run.round, silo_id, len(run.enrolled)
                 )
@@ -201,16 +211,23 @@ class Engine:
                 return IdleTask(IDLE_RETRY_S, "no active run")
             return run.task_for(silo_id, self._client_index)
 
-    def wait_task(self, silo_id: str, current_run_id: str, wait_s: float) -> Task:
-        """get_task, holding the call up to wait_s while the answer would be IDLE (long poll)."""
+    def wait_task(
+        self,
+        silo_id: str,
+        current_run_id: str,
+        wait_s: float,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> Task:
+        """get_task, holding the call up to wait_s while the answer would be IDLE (long poll);
+        it ends early once `alive()` says the caller went away."""
         end = self._clock() + max(0.0, wait_s)
         with self._cond:
             while True:
                 task = self.get_task(silo_id, current_run_id)
                 left = end - self._clock()
-                if not isinstance(task, IdleTask) or left <= 0:
+                if not isinstance(task, IdleTask) or left <= 0 or not alive():
                     return task
-                self._cond.wait(timeout=min(left, 0.5))
+                self._cond.wait(timeout=min(left, 0.2))  # also how soon a gone caller ends
 
     def global_state(self, silo_id: str, run_id: str, round_: int) -> tuple[dict[str, Tensor], str]:
         """The global state after `round_` of a run (0 = initial) and its hex digest."""

@@ -11,6 +11,7 @@ from typing import Any, NoReturn, TypeVar, cast
 import grpc
 
 from pf2lora.common.errors import (
+    AlreadyExists,
     ConfigError,
     DataError,
     FailedPrecondition,
@@ -29,6 +30,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (DataError, grpc.StatusCode.INTERNAL),  # damaged files on the coordinator's side
 )
 

@@ -11,16 +11,18 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 
 import grpc
 
-from pf2lora.common.errors import InvalidArgument
+from pf2lora.common.errors import InvalidArgument, bounded
 from pf2lora.common.transport.identity import require_silo
 from pf2lora.common.wire import streams, task_proto
 from pf2lora.common.wire.manifest import MASKED_TENSOR
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.grpc_errors import map_errors
 from pf2lora.coordinator.secure_round import SecureRound
+from pf2lora.coordinator.sessions import Sessions
 from pf2lora.v1 import silo_pb2, silo_pb2_grpc
 from pf2lora.v1 import tensors_pb2 as tpb
 
@@ -28,6 +30,14 @@ logger = logging.getLogger(__name__)
 
 MAX_METRICS = 256
 MAX_METRIC_NAME = 128
+
+
+def session_of(context: grpc.ServicerContext) -> str:
+    """The session id the silo process sent (empty from a client that sends none)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == task_proto.SESSION_METADATA:
+            return bounded(str(value), 64)
+    return ""
 
 
 def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -58,6 +68,7 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         self.insecure = insecure
         self.long_poll_s = long_poll_s
         self.version = version
+        self.sessions = Sessions()
 
     def _silo(self, context: grpc.ServicerContext, claimed: str) -> str:
         """The caller's silo id: its certificate's (or, with --insecure, its claim)."""
@@ -66,11 +77,16 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         )
         return ident.name
 
+    def _session(self, context: grpc.ServicerContext, silo: str) -> AbstractContextManager[None]:
+        """The request counts as its silo's only if it comes from the silo's bound session."""
+        return self.sessions.call(silo, session_of(context))
+
     @map_errors
     def Join(
         self, request: silo_pb2.JoinRequest, context: grpc.ServicerContext
     ) -> silo_pb2.JoinReply:
         silo = self._silo(context, request.silo_id)
+        self.sessions.join(silo, session_of(context), context.peer())
         active = self.engine.join(silo, request.num_samples, request.software_version)
         return silo_pb2.JoinReply(
             federation=self.engine.federation,
@@ -87,22 +103,25 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         wait = min(
             request.wait_ms / 1000 if request.wait_ms else self.long_poll_s, self.long_poll_s
         )
-        return task_proto.task_to_proto(self.engine.wait_task(silo, request.current_run_id, wait))
+        with self._session(context, silo):  # in flight while it waits: the session is alive
+            task = self.engine.wait_task(silo, request.current_run_id, wait, context.is_active)
+        return task_proto.task_to_proto(task)
 
     @map_errors
     def FetchGlobal(
         self, request: silo_pb2.FetchGlobalRequest, context: grpc.ServicerContext
     ) -> Iterator[tpb.StreamMessage]:
         silo = self._silo(context, request.silo_id)
-        tensors, _ = self.engine.global_state(silo, request.run_id, request.round)
-        yield from self.engine.metrics.count_sent(
-            streams.tensors_to_stream(
-                tensors,
-                run_id=request.run_id,
-                round=request.round,
-                kind=streams.StreamKind.GLOBAL_MODEL,
+        with self._session(context, silo):
+            tensors, _ = self.engine.global_state(silo, request.run_id, request.round)
+            yield from self.engine.metrics.count_sent(
+                streams.tensors_to_stream(
+                    tensors,
+                    run_id=request.run_id,
+                    round=request.round,
+                    kind=streams.StreamKind.GLOBAL_MODEL,
+                )
             )
-        )
 
     @map_errors
     def PushUpdate(
@@ -114,6 +133,13 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
             raise InvalidArgument("an update stream must start with its header")
         header = first.header
         silo = self._silo(context, header.silo_id)
+        with self._session(context, silo):
+            return self._push(silo, first, messages)
+
+    def _push(
+        self, silo: str, first: tpb.StreamMessage, messages: Iterator[tpb.StreamMessage]
+    ) -> silo_pb2.PushUpdateReply:
+        header = first.header
         attempt = task_proto.attempt_of(header)
         if header.kind == tpb.STREAM_KIND_MASKED_UPDATE:
             return self._push_masked(silo, attempt, itertools.chain([first], messages))
@@ -165,14 +191,16 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
 
     def _stage(
         self,
+        context: grpc.ServicerContext,
         silo: str,
         header: silo_pb2.SecAggHeader,
         step: Callable[[SecureRound], tuple[int, int]],
     ) -> silo_pb2.SecAggAck:
         """One stage message of the authenticated silo, for the attempt its header names."""
-        received, expected = self.engine.secure_step(
-            silo, header.run_id, header.round, header.attempt, step
-        )
+        with self._session(context, silo):
+            received, expected = self.engine.secure_step(
+                silo, header.run_id, header.round, header.attempt, step
+            )
         return silo_pb2.SecAggAck(received=received, expected=expected)
 
     @map_errors
@@ -181,7 +209,7 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
     ) -> silo_pb2.SecAggAck:
         silo = self._silo(context, request.header.silo_id)  # identity first, then the message
         keys = task_proto.keys_from_proto(request.keys)
-        return self._stage(silo, request.header, lambda r: r.receive_keys(silo, keys))
+        return self._stage(context, silo, request.header, lambda r: r.receive_keys(silo, keys))
 
     @map_errors
     def ShareKeys(
@@ -189,7 +217,7 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
     ) -> silo_pb2.SecAggAck:
         silo = self._silo(context, request.header.silo_id)
         shares = [task_proto.share_from_proto(s) for s in request.shares]
-        return self._stage(silo, request.header, lambda r: r.receive_shares(silo, shares))
+        return self._stage(context, silo, request.header, lambda r: r.receive_shares(silo, shares))
 
     @map_errors
     def ConsistencyCheck(
@@ -197,7 +225,9 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
     ) -> silo_pb2.SecAggAck:
         silo = self._silo(context, request.header.silo_id)
         signature = task_proto.signature_from_proto(request.signature)
-        return self._stage(silo, request.header, lambda r: r.receive_consistency(silo, signature))
+        return self._stage(
+            context, silo, request.header, lambda r: r.receive_consistency(silo, signature)
+        )
 
     @map_errors
     def Unmask(
@@ -205,7 +235,9 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
     ) -> silo_pb2.SecAggAck:
         silo = self._silo(context, request.header.silo_id)
         response = task_proto.response_from_proto(request.response)
-        return self._stage(silo, request.header, lambda r: r.receive_unmask(silo, response))
+        return self._stage(
+            context, silo, request.header, lambda r: r.receive_unmask(silo, response)
+        )
 
     @map_errors
     def ReportMetrics(
@@ -214,5 +246,6 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         silo = self._silo(context, request.silo_id)
         kind = task_proto.metrics_kind_from_proto(request.kind)
         values = check_metrics(request.metrics)
-        self.engine.report_metrics(silo, request.run_id, request.round, kind, values)
+        with self._session(context, silo):
+            self.engine.report_metrics(silo, request.run_id, request.round, kind, values)
         return silo_pb2.ReportMetricsReply()

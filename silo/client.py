@@ -9,12 +9,14 @@ plain tasks (common.tasks) and tensors (through serde).
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from torch import Tensor
@@ -56,6 +58,51 @@ class PushReceipt:
     received: int
     participants: int
     sent: streams.StreamInfo | None = None  # the header of the accepted stream: what was sent
+
+
+class SessionInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds this process's session id to the metadata of every call."""
+
+    def __init__(self, session_id: str) -> None:
+        self.metadata = (task_proto.SESSION_METADATA, session_id)
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self.metadata]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Callable, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
 
 
 class Backoff:
@@ -106,7 +153,14 @@ class CoordinatorClient:
         self.silo_id = cfg.silo.id
         c = cfg.coordinator
         self.audit = AuditLog(cfg.silo.audit_log) if cfg.silo.audit_log else None
-        self._chain = tuple(interceptors) + ((AuditInterceptor(self.audit),) if self.audit else ())
+        # One random session id for this process's lifetime, on every request (all channels):
+        # the coordinator keeps one live session per silo identity (coordinator/sessions.py).
+        self.session_id = secrets.token_hex(16)
+        self._chain = (
+            SessionInterceptor(self.session_id),
+            *interceptors,
+            *((AuditInterceptor(self.audit),) if self.audit else ()),
+        )
         self._tls = None if c.insecure else cfg.tls.files().read()
         self.channel, self.stub = self._connect(self._tls)
         # A handshake refused for an expired certificate is UNAVAILABLE too: each retry first

@@ -44,6 +44,9 @@ from pf2lora.v1 import tensors_pb2 as tpb
 MAX_INSTANCE_ID = 256
 # The update stream's header scalar that carries the task's attempt (PushUpdate).
 ATTEMPT_SCALAR = "attempt"
+# gRPC metadata key of the random id a silo process sends with every request: the coordinator
+# keeps one live session per silo identity (coordinator/sessions.py).
+SESSION_METADATA = "pf2lora-session"
 METRICS_KIND_TO_PROTO: dict[MetricsKind, silo_pb2.MetricsKind] = {
     "train": silo_pb2.METRICS_KIND_TRAIN,
     "evaluate": silo_pb2.METRICS_KIND_EVALUATE,

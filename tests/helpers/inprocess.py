@@ -72,6 +72,7 @@ def coordinator_config(
     *,
     tls_dir: Path | None = None,
     health: bool = False,
+    long_poll_s: float = 0.5,
 ) -> CoordinatorConfig:
     """A coordinator on loopback ports chosen by the OS; mutual TLS with the certificate in
     tls_dir, plaintext (--insecure) without one."""
@@ -82,7 +83,7 @@ def coordinator_config(
             control_api_listen="127.0.0.1:0",
             health_listen="127.0.0.1:0" if health else "",
             metrics_listen="",
-            long_poll_s=0.5,
+            long_poll_s=long_poll_s,
             insecure=tls_dir is None,
         ),
         tls=tls_section(tls_dir) if tls_dir is not None else TlsSection(),
