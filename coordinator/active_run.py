@@ -70,6 +70,9 @@ class ActiveRun:
     # Each silo's sample count for the whole run, fixed when it first enrolls: its weight p_k
     # cannot change inside a run (a second process, or other data, would change it silently).
     samples: dict[str, int] = field(default_factory=dict)
+    # After a coordinator restart: the silos the last committed round had, which the re-opened
+    # round's enrolment waits for a little longer (they are reconnecting).
+    awaited: set[str] = field(default_factory=set)
 
     def reset_for_round(self, round_: int, attempt: int, now: float, now_ms: int) -> None:
         """Attempt `attempt` of round `round_` enrolls from scratch: nothing of an earlier
@@ -207,4 +210,6 @@ def load_running_run(store: Store, checkpoints: CheckpointStore, now_ms: int) ->
     for r in range(1, row.completed_rounds + 1):  # the counts the run's rounds were weighted by
         for p in store.participants(run_id, r):
             run.samples.setdefault(p.silo_id, p.num_samples)
+    last = store.participants(run_id, row.completed_rounds)
+    run.awaited = {p.silo_id for p in last if p.reported_ms is not None}
     return run

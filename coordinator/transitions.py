@@ -23,6 +23,10 @@ from pf2lora.coordinator.views import Phase
 
 logger = logging.getLogger(__name__)
 
+# How much longer than enroll_window_s the first round after a coordinator restart waits for
+# the silos of the last committed round (reconnecting: silo retry_max_s is 5 s by default).
+RESTART_GRACE_S = 10.0
+
 
 class Transitions:
     """The write side of the round engine: every phase change of an ActiveRun."""
@@ -62,8 +66,13 @@ class Transitions:
         if len(run.enrolled) < run.cfg.round_min_silos:
             return
         everyone = expected <= set(run.enrolled)
-        if not everyone and self.clock() - run.opened_at < run.cfg.enroll_window_s:
+        waited = self.clock() - run.opened_at
+        if not everyone and waited < run.cfg.enroll_window_s:
             return
+        missing = run.awaited - set(run.enrolled)
+        if missing and waited < run.cfg.enroll_window_s + RESTART_GRACE_S:
+            return  # the round before the restart had them: give them time to reconnect
+        run.awaited = set()
         silos = sorted(run.enrolled)
         weights = client_weights([run.enrolled[s] for s in silos], run.cfg.algorithm.weighting)
         run.participants = {

@@ -174,7 +174,11 @@ class CoordinatorClient:
         creds = None if material is None else grpc_factory.channel_credentials(*material)
         c = self.cfg.coordinator
         channel = grpc_factory.create_channel(
-            c.address, creds, server_name_override=c.server_name, interceptors=self._chain
+            c.address,
+            creds,
+            server_name_override=c.server_name,
+            interceptors=self._chain,
+            reconnect_backoff_s=(c.retry_initial_s, c.retry_max_s),
         )
         return channel, silo_pb2_grpc.SiloApiStub(channel)
 

@@ -76,9 +76,11 @@ class CoordinatorSection:
     call_timeout_s: float = 30.0
     # Deadline of a tensor transfer (FetchGlobal, PushUpdate).
     transfer_timeout_s: float = 600.0
-    # Exponential backoff with full jitter between retries on UNAVAILABLE.
+    # Exponential backoff with full jitter between retries on UNAVAILABLE; the channel's own
+    # reconnection follows the same bounds. A short maximum brings silos back within seconds
+    # of a coordinator restart (its re-opened round is waiting for them).
     retry_initial_s: float = 0.5
-    retry_max_s: float = 30.0
+    retry_max_s: float = 5.0
     # Plaintext gRPC (`--insecure`); logs a warning.
     insecure: bool = False
 

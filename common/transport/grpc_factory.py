@@ -93,10 +93,23 @@ def server_options(max_connection_age_s: float | None = DEFAULT_MAX_CONNECTION_A
     return options
 
 
-def channel_options(server_name_override: str | None = None) -> list:
+# Reconnection after the server went away (a coordinator restart): gRPC's own defaults (1 s,
+# growing 1.6x up to 120 s) let silos come back tens of seconds late; these follow the silo's
+# retry policy instead (silo.toml [coordinator] retry_initial_s, retry_max_s).
+DEFAULT_RECONNECT_BACKOFF_S = (0.5, 5.0)
+
+
+def channel_options(
+    server_name_override: str | None = None,
+    reconnect_backoff_s: tuple[float, float] = DEFAULT_RECONNECT_BACKOFF_S,
+) -> list:
     """The channel arguments every pf2lora client channel uses."""
+    initial_s, max_s = reconnect_backoff_s
     options: list[tuple[str, int | str]] = [
         *_message_limit_options(),
+        ("grpc.initial_reconnect_backoff_ms", int(initial_s * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(min(initial_s, max_s) * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(max_s * 1000)),
         # SECURITY.md keepalive: detect a dead coordinator within ~80 s and keep NAT/firewall
         # state alive on idle connections; permitted by the server's ping policy above.
         ("grpc.keepalive_time_ms", CLIENT_KEEPALIVE_TIME_MS),
@@ -172,9 +185,10 @@ def create_channel(
     *,
     server_name_override: str | None = None,
     interceptors: Sequence[ClientInterceptor] | None = None,
+    reconnect_backoff_s: tuple[float, float] = DEFAULT_RECONNECT_BACKOFF_S,
 ) -> grpc.Channel:
     """A client channel with pf2lora's options; credentials None is plaintext (logs a warning)."""
-    options = channel_options(server_name_override)
+    options = channel_options(server_name_override, reconnect_backoff_s)
     if credentials is None:
         logger.warning(
             "connecting to %s WITHOUT TLS: the server is not authenticated and traffic is "

@@ -65,3 +65,16 @@ def test_servers_bind_where_asked_and_refuse_bad_addresses() -> None:
     channel = grpc_factory.create_channel("127.0.0.1:1", None)
     assert isinstance(channel, grpc.Channel)
     channel.close()
+
+
+def test_reconnection_follows_the_retry_policy_not_grpcs_two_minutes() -> None:
+    opts = dict(grpc_factory.channel_options())
+    assert opts["grpc.max_reconnect_backoff_ms"] <= 5000  # gRPC's default is 120 s
+    custom = dict(grpc_factory.channel_options(reconnect_backoff_s=(0.2, 2.0)))
+    assert (
+        custom["grpc.initial_reconnect_backoff_ms"],
+        custom["grpc.max_reconnect_backoff_ms"],
+    ) == (
+        200,
+        2000,
+    )

@@ -26,6 +26,7 @@ from pf2lora.coordinator.checkpoints import CheckpointStore, state_digest
 from pf2lora.coordinator.engine import Engine
 from pf2lora.coordinator.status import list_silos, round_manifest, run_status
 from pf2lora.coordinator.store import Store
+from pf2lora.coordinator.transitions import RESTART_GRACE_S
 from pf2lora.coordinator.views import Phase
 from tests.helpers.inprocess import Clock, fake_engine, plain_run_config
 
@@ -314,3 +315,47 @@ def test_run_config_json_roundtrip() -> None:
         from_json(RunConfig, '{"roundz": 3}')
     with pytest.raises(ConfigError, match="min_silos"):
         RunConfig(min_silos=0)
+
+
+def test_after_a_restart_the_reopened_round_waits_a_little_for_its_silos(tmp_path: Path) -> None:
+    """Silos reconnect a few seconds after a coordinator restart: the re-opened round's
+    enrolment does not seal without the last round's silos until enroll_window + grace."""
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    join_all(eng)
+    eng.start_run(run_cfg(rounds=3, min_silos=2, enroll_window_s=5.0))
+    for s in "abc":
+        eng.get_task(s)
+    for s, t in {s: eng.get_task(s) for s in "abc"}.items():
+        push(eng, s, t, 1.0)  # round 1 committed with a, b and c
+    eng.store.close()
+
+    eng2 = make_engine(tmp_path, clock)  # the restart: round 2 opens again
+    eng2.get_task("a")
+    eng2.get_task("b")
+    clock.t += 6.0  # past enroll_window_s: without c it would seal now
+    assert isinstance(eng2.get_task("a"), IdleTask)
+    assert run_status(eng2, "").phase is Phase.ENROLLING
+    eng2.get_task("c")  # c is back: everyone expected enrolled
+    assert isinstance(eng2.get_task("c"), TrainTask)
+    assert sorted(p.silo_id for p in run_status(eng2, "").participants) == ["a", "b", "c"]
+
+
+def test_the_grace_ends_and_the_round_goes_on_without_a_silo_that_stays_away(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    join_all(eng)
+    eng.start_run(run_cfg(rounds=3, min_silos=2, enroll_window_s=5.0))
+    for s in "abc":
+        eng.get_task(s)
+    for s, t in {s: eng.get_task(s) for s in "abc"}.items():
+        push(eng, s, t, 1.0)
+    eng.store.close()
+    eng2 = make_engine(tmp_path, clock)
+    eng2.get_task("a")
+    eng2.get_task("b")
+    clock.t += 5.0 + RESTART_GRACE_S + 0.1
+    eng2.tick()
+    assert sorted(p.silo_id for p in run_status(eng2, "").participants) == ["a", "b"]
