@@ -148,9 +148,25 @@ def describe(status: cpb.RunStatus) -> str:
             lines.append(f"    enrolled: {', '.join(status.enrolled)}")
         for p in status.participants:
             lines.append(f"    {p.silo_id}: {p.state} (weight {p.weight:.4f})")
+        waiting = waiting_line(status)
+        if waiting:
+            lines.append(f"    {waiting}")
     for h in status.history:
         lines.append("  " + round_line(h, status.rounds))
     return "\n".join(lines)
+
+
+def waiting_line(status: cpb.RunStatus) -> str:
+    """What the round in progress waits for and until when, e.g. "waiting for masked_input from
+    silo-b, 94 s left"; empty when it waits for nobody."""
+    if not status.waiting_for:
+        return ""
+    what = status.secagg_stage or PHASE_NAMES.get(status.phase, "?")
+    line = f"waiting for {what} from {', '.join(status.waiting_for)}"
+    if status.deadline_unix_ms:
+        left = status.deadline_unix_ms / 1000 - time.time()
+        line += f", {max(0, round(left))} s left"
+    return line
 
 
 def evaluation_table(status: cpb.RunStatus, title: str = "") -> None:

@@ -118,12 +118,17 @@ def build_run_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
+WAITING_NOTE_S = 10.0  # how long a round waits on the same silos before --wait says so
+
+
 def follow(args: argparse.Namespace, stub: Any, run_id: str, poll_s: float = 1.0) -> Any:
     """Print each completed round and phase change until the run ends; returns the last status."""
     from pf2lora.v1 import control_pb2 as cpb
 
     printed: set[int] = set()
     last_phase = None
+    last_waiting: tuple[Any, ...] = ()
+    waiting_since, told = time.monotonic(), False
     while True:
         status = control.call(
             args,
@@ -150,6 +155,15 @@ def follow(args: argparse.Namespace, stub: Any, run_id: str, poll_s: float = 1.0
                 else ""
             )
             print(f"{where}: {name}{parts}", flush=True)
+        # What the round waits for and until when: said once it has not changed for
+        # WAITING_NOTE_S (a slow or missing silo), and again whenever it changes after that.
+        waiting = (status.current_round, status.attempt, status.secagg_stage, *status.waiting_for)
+        if waiting != last_waiting:
+            last_waiting, waiting_since, told = waiting, time.monotonic(), False
+        slow = time.monotonic() - waiting_since >= WAITING_NOTE_S
+        if slow and not told and status.waiting_for and status.state == cpb.RUN_STATE_RUNNING:
+            print(f"  {control.waiting_line(status)}", flush=True)
+            told = True
         if status.state != cpb.RUN_STATE_RUNNING:
             return status
         time.sleep(poll_s)

@@ -135,6 +135,18 @@ class ActiveRun:
             )
         return IdleTask(IDLE_RETRY_S, "evaluation reported, waiting for the run to finish")
 
+    def waiting_for(self, expected: set[str]) -> tuple[str, ...]:
+        """Who the current phase (or secure-aggregation stage) still waits for."""
+        if self.phase is Phase.ENROLLING:
+            return tuple(sorted((expected | self.awaited) - set(self.enrolled)))
+        if self.phase is Phase.TRAINING and self.secure is not None:
+            return tuple(sorted(self.secure.expected - self.secure.done))
+        if self.phase is Phase.TRAINING:
+            return tuple(sorted(s for s, p in self.participants.items() if p.state != "reported"))
+        if self.phase is Phase.EVALUATING:
+            return tuple(sorted(self.eval_targets - self.eval_reported))
+        return ()
+
     def set_deadline(self, seconds: float, now: float, now_ms: int) -> None:
         self.deadline = now + seconds
         self.deadline_unix_ms = now_ms + int(seconds * 1000)

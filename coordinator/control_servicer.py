@@ -78,6 +78,7 @@ def run_view_to_proto(v: RunView) -> cpb.RunStatus:
         finished_unix_ms=v.finished_ms or 0,
         reason=v.reason,
         secagg_stage=v.secagg_stage,
+        waiting_for=list(v.waiting_for),
     )
 
 

@@ -127,6 +127,11 @@ class Engine:
     def _expected(self) -> set[str]:
         return set(self.allowed) if self.allowed is not None else set(self._registered)
 
+    def expected_silos(self) -> set[str]:
+        """The silos a round's enrolment waits for (the allow-list, or every registered one)."""
+        with self._lock:
+            return self._expected()
+
     def _active(self, run_id: str) -> ActiveRun:
         run = self._run
         if run is None or run.run_id != run_id:
@@ -185,6 +190,25 @@ class Engine:
             logger.info("silo %s joined (%d examples, version %s)", silo_id, num_samples, version)
             self._notify()
             return self._run.run_id if self._run else ""
+
+    def silo_restarted(self, silo_id: str) -> None:
+        """A new process of this silo joined: if the round's secure aggregation waits for its
+        dead predecessor (keys advertised), stop waiting now instead of at the deadline."""
+        with self._lock:
+            run = self._run
+            if run is None or run.secure is None or silo_id not in run.participants:
+                return
+            if run.secure.withdraw(silo_id):
+                logger.warning(
+                    "round %d attempt %d: silo %s restarted after advertising keys: the attempt "
+                    "goes on without it (stage %s)",
+                    run.round,
+                    run.attempt,
+                    silo_id,
+                    run.secure.stage,
+                )
+                self.transitions.advance_secure(run)
+                self._notify()
 
     def get_task(self, silo_id: str, current_run_id: str = "") -> Task:
         """The silo's next task, without waiting."""

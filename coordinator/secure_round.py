@@ -138,6 +138,7 @@ class SecureRound:
         self.expected: set[str] = set(roster)  # who the current stage waits for
         self.done: set[str] = set()  # who completed the current stage
         self.progress: dict[str, ParticipantState] = {}
+        self.withdrawn: set[str] = set()  # restarted after advertising keys: gone for good
         self.timings: list[StageTiming] = []
         self._keys: dict[str, tuple[SignedKeys, ...]] = {}
         self._shares: dict[str, tuple[EncryptedShare, ...]] = {}
@@ -246,6 +247,17 @@ class SecureRound:
         self.server.receive_unmask(silo_id, response)
         return self._completed("unmask", silo_id)
 
+    def withdraw(self, silo_id: str) -> bool:
+        """The silo restarted after advertising keys for this attempt: it will sit the attempt
+        out, so no stage waits for it any more (its masks are recovered at unmask). False when
+        it had not advertised keys yet (it trains again and takes part as usual)."""
+        if self.stage_index == 0 and silo_id not in self.done:
+            return False
+        self.withdrawn.add(silo_id)
+        if silo_id not in self.done:
+            self.expected.discard(silo_id)
+        return True
+
     # ----------------------------------------------------------- transitions
     def advance(self, now: float, now_ms: int, *, deadline_passed: bool = False) -> Outcome:
         """Close the current stage if everyone it waits for answered (or its deadline passed)."""
@@ -271,6 +283,7 @@ class SecureRound:
             logger.warning("round %d attempt %d: %s", self.round, self.attempt, self.failure)
             self.stage_index = len(STAGES)
             return Outcome.FAILED
+        self.expected -= self.withdrawn  # the next stage waits for none of them
         self.stage_index += 1
         self._started_ms = now_ms
         self.deadline = now + self.stage_deadline_s

@@ -37,8 +37,9 @@ class Sessions:
         # (it notices the closed connection within a fraction of a second): wait that long.
         self.grace_s = grace_s
 
-    def join(self, silo_id: str, session_id: str, peer: str) -> None:
-        """Bind silo_id to this session, unless another session of it is alive."""
+    def join(self, silo_id: str, session_id: str, peer: str) -> bool:
+        """Bind silo_id to this session, unless another session of it is alive; True when this
+        replaced an earlier session (the silo restarted)."""
         with self._lock:
             s = self._by_silo.get(silo_id)
             if s is not None and s.session_id != session_id:
@@ -51,6 +52,7 @@ class Sessions:
                 )
             if s is None or s.session_id != session_id:
                 self._by_silo[silo_id] = Session(session_id, peer)
+            return s is not None and s.session_id != session_id
 
     @contextlib.contextmanager
     def call(self, silo_id: str, session_id: str) -> Iterator[None]:

@@ -86,8 +86,10 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         self, request: silo_pb2.JoinRequest, context: grpc.ServicerContext
     ) -> silo_pb2.JoinReply:
         silo = self._silo(context, request.silo_id)
-        self.sessions.join(silo, session_of(context), context.peer())
+        restarted = self.sessions.join(silo, session_of(context), context.peer())
         active = self.engine.join(silo, request.num_samples, request.software_version)
+        if restarted:
+            self.engine.silo_restarted(silo)
         return silo_pb2.JoinReply(
             federation=self.engine.federation,
             coordinator_version=self.version,

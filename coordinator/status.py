@@ -89,9 +89,10 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
             enrolled = tuple(sorted(active.enrolled)) if phase is Phase.ENROLLING else ()
             deadline = active.deadline_unix_ms
             secagg_stage = active.secure.stage if active.secure is not None else ""
+            waiting = active.waiting_for(engine.expected_silos())
         else:
             phase, participants, current, attempt, enrolled, deadline = Phase.DONE, (), 0, 0, (), 0
-            secagg_stage = ""
+            secagg_stage, waiting = "", ()
         return RunView(
             run_id=run_id,
             state=row.state,
@@ -110,6 +111,7 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
             finished_ms=row.finished_ms,
             reason=row.reason,
             secagg_stage=secagg_stage,
+            waiting_for=waiting,
         )
 
 

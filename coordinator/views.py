@@ -86,6 +86,7 @@ class RunView:
     finished_ms: int | None
     reason: str
     secagg_stage: str = ""  # the secure-aggregation stage of the round in progress
+    waiting_for: tuple[str, ...] = ()  # silos the round in progress waits for
 
 
 @dataclass(frozen=True)

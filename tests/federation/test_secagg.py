@@ -7,6 +7,7 @@ of the coordinator and of a silo answer SERVING and expose nothing else."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,3 +117,41 @@ def test_silo_killed_after_key_sharing_round_completes_with_the_survivors_mean(
     print(f"dropout: max |federation - simulation of the 4 survivors| = {worst:.3g}")
     for name, value in fed_global.items():
         torch.testing.assert_close(value, sim.final_global[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_silo_restarted_after_key_sharing_does_not_hold_the_round_to_its_deadline(
+    tmp_path: Path,
+    federation: Callable[..., Federation],
+) -> None:
+    """Killed after sharing its keys and restarted at once, the silo joins again: the round
+    drops it from the attempt then, not at the 120 s stage deadline."""
+    silos = {s: write_silo_data(tmp_path / "data" / s, k, 16) for k, s in enumerate(SILOS[:3])}
+    victim = "silo-2"
+    fed = federation(silos, tls=True)
+    fed.start_coordinator()
+    for s in silos:
+        fed.start_silo(s, env={FAILPOINT_ENV: "stop-before:masked_input"} if s == victim else None)
+    fed.wait_for_silos(180)
+    stage_deadline_s = 120.0
+    cfg = run_config(
+        rounds=1,
+        min_silos=2,
+        round_deadline_s=300.0,
+        local_steps=2,
+        secagg=SecAggSettings(stage_deadline_s=stage_deadline_s),
+    )
+    run_id = fed.start_run(cfg, "restart")
+    fed.wait(lambda: fed.procs.stopped(victim), 240, f"{victim} stopped before its masked input")
+    fed.wait(lambda: fed.status(run_id).waiting_for == [victim], 60, f"the round waits on {victim}")
+    st = fed.status(run_id)
+    assert st.secagg_stage == "masked_input" and st.deadline_unix_ms > 0
+    fed.procs.kill9(victim)
+    t0 = time.monotonic()
+    fed.start_silo(victim)  # at once, without the failpoint
+    final = fed.wait_run_done(run_id, 240)
+    waited = time.monotonic() - t0
+    assert final.state == cpb.RUN_STATE_COMPLETED, fed.procs.tails()
+    h = final.history[0]
+    assert sorted(h.reported) == ["silo-0", "silo-1"] and list(h.dropped) == [victim]
+    print(f"round done {waited:.1f} s after the restart (stage deadline {stage_deadline_s:.0f} s)")
+    assert waited < stage_deadline_s / 2

@@ -359,3 +359,19 @@ def test_the_grace_ends_and_the_round_goes_on_without_a_silo_that_stays_away(
     clock.t += 5.0 + RESTART_GRACE_S + 0.1
     eng2.tick()
     assert sorted(p.silo_id for p in run_status(eng2, "").participants) == ["a", "b"]
+
+
+def test_run_status_names_the_silos_the_round_waits_for(tmp_path: Path) -> None:
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    join_all(eng, silos=("a", "b"), samples=(10, 30))
+    run_id = eng.start_run(run_cfg(rounds=1))
+    eng.get_task("a")
+    assert run_status(eng, run_id).waiting_for == ("b", "c")  # enrolment: c never joined
+    eng.get_task("b")
+    clock.t += 61
+    eng.tick()  # enrolment window over: the round trains with a and b
+    tasks = {s: eng.get_task(s) for s in "ab"}
+    assert run_status(eng, run_id).waiting_for == ("a", "b")
+    push(eng, "a", tasks["a"], 1.0)
+    assert run_status(eng, run_id).waiting_for == ("b",)
