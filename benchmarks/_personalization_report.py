@@ -110,8 +110,12 @@ def table_markdown(
 
 
 def selection_markdown(
-    recs: list[dict[str, Any]], choice: dict[str, Any], fixed: dict[str, dict[str, Any]]
+    recs: list[dict[str, Any]],
+    choice: dict[str, Any],
+    fixed: dict[str, dict[str, Any]],
+    tuning_splits: list[str],
 ) -> str:
+    other = sorted({r["split"] for r in recs} - set(tuning_splits))
     lines = [
         "# Personalisation benchmark: the selection record",
         "",
@@ -120,23 +124,29 @@ def selection_markdown(
         "mean; the chosen one is marked. Every method had the same budget of six "
         "configurations; PF2LoRA's six vary one open choice at a time around its base.",
         "",
-        "| method | configuration | "
-        + " | ".join(sorted({r["split"] for r in recs}))
-        + " | mean | chosen |",
-        "|---|---|" + "---:|" * (len({r["split"] for r in recs}) + 1) + "---|",
     ]
-    splits = sorted({r["split"] for r in recs})
+    if other:
+        lines += [
+            f"Columns marked *(not used)* ({', '.join(other)}) are runs made before the "
+            "selection was narrowed to the tuning split(s); they are shown, not counted.",
+            "",
+        ]
+    splits = list(tuning_splits) + other
+    names = list(tuning_splits) + [f"{sp} *(not used)*" for sp in other]
+    lines += [
+        "| method | configuration | " + " | ".join(names) + " | mean | chosen |",
+        "|---|---|" + "---:|" * (len(splits) + 1) + "---|",
+    ]
     by_cfg: dict[tuple[str, str], dict[str, float]] = {}
     for r in recs:
         k = (r["method"], json.dumps(r["config"], sort_keys=True))
         by_cfg.setdefault(k, {})[r["split"]] = r["personalised_acc"]
     for (m, cfg), accs in sorted(by_cfg.items()):
-        mean = statistics.fmean(accs.values())
+        counted = [accs[sp] for sp in tuning_splits if sp in accs]
+        mean = _pct(statistics.fmean(counted)) if len(counted) == len(tuning_splits) else "-"
         chosen = m in choice and json.dumps({**fixed[m], **choice[m]}, sort_keys=True) == cfg
         cells = " | ".join(_pct(accs.get(sp)) for sp in splits)
-        lines.append(
-            f"| {m} | `{cfg}` | {cells} | {100 * mean:.1f} | {'**yes**' if chosen else ''} |"
-        )
+        lines.append(f"| {m} | `{cfg}` | {cells} | {mean} | {'**yes**' if chosen else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,7 +202,7 @@ def write_report(
     runs = [r for r in _read(out / RUN_LOG) if r["phase"] == "table"]
     if selection:
         (out / "personalization_selection.md").write_text(
-            selection_markdown(selection, choice, fixed)
+            selection_markdown(selection, choice, fixed, s["tuning_splits"])
         )
     if not runs:
         return

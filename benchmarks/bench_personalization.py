@@ -31,14 +31,17 @@ SELECTION_LOG = "personalization_selection.jsonl"
 RUN_LOG = "personalization_runs.jsonl"
 
 # split label -> data settings (VADER pooled over its 4 domains: binary; TREC: 6 classes)
-SPLITS: dict[str, dict[str, Any]] = {
-    "vader/s=0.1": {"source": "vader", "partition": "similarity", "similarity": 0.1},
-    "vader/s=0.5": {"source": "vader", "partition": "similarity", "similarity": 0.5},
-    "vader/natural": {"source": "vader", "partition": "natural"},
+SPLITS: dict[str, dict[str, Any]] = {  # table order: the label-sorted splits first
     "trec/s=0.1": {"source": "trec", "partition": "similarity", "similarity": 0.1},
+    "vader/s=0.1": {"source": "vader", "partition": "similarity", "similarity": 0.1},
     "trec/s=0.5": {"source": "trec", "partition": "similarity", "similarity": 0.5},
+    "vader/natural": {"source": "vader", "partition": "natural"},
+    "vader/s=0.5": {"source": "vader", "partition": "similarity", "similarity": 0.5},
 }
-TUNING_SPLITS = ("vader/s=0.1", "trec/s=0.1")  # the label-sorted regime the promise is about
+# Selection on the label-sorted regime the promise is about. TREC only: VADER at s=0.1 is binary
+# with nearly one label per client, so the first configurations tried all scored the same there
+# (0.929) while costing twice TREC's time; its records stay in the log, unused.
+TUNING_SPLITS = ("trec/s=0.1",)
 
 # method -> (algorithm, fixed settings)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -51,7 +54,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "fedsa": ("fedsa", {}),
     "local": ("local", {}),
 }
-# The same tuning budget for every method: six configurations, each run on both tuning splits.
+# The same tuning budget for every method: six configurations, each run on the tuning split.
 LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 PF2_BASE = {"ul_lr": 1e-2, "ll_lr": 0.1}  # the accuracy benchmark's validation choice
 TUNING: dict[str, list[dict[str, Any]]] = {
@@ -245,7 +248,11 @@ def run_all(specs: list[dict[str, Any]], log: Path, workers: int) -> None:
 def selected(out: Path) -> dict[str, dict[str, Any]]:
     """method -> its configuration with the best mean validation accuracy over the tuning
     splits (rounded to 4 decimals, ties to the earlier configuration)."""
-    recs = [r for r in read_log(out / SELECTION_LOG) if r["phase"] == "tune"]
+    recs = [
+        r
+        for r in read_log(out / SELECTION_LOG)
+        if r["phase"] == "tune" and r["split"] in TUNING_SPLITS
+    ]
     choice: dict[str, dict[str, Any]] = {}
     for method, grid in TUNING.items():
         scores = []
