@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from pf2lora.common.errors import ConfigError, Pf2LoraError
-from pf2lora.common.transport import grpc_factory
+from pf2lora.common.transport import grpc_factory, tls_check
 from pf2lora.v1 import control_pb2 as cpb
 from pf2lora.v1 import control_pb2_grpc
 
@@ -47,18 +47,23 @@ def add_connection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-name", help="DNS name expected in the coordinator's certificate")
 
 
-def connect(args: argparse.Namespace) -> tuple[control_pb2_grpc.ControlApiStub, grpc.Channel]:
+def tls_files(args: argparse.Namespace) -> grpc_factory.TlsFiles | None:
+    """The admin certificate's files from --tls-dir or --ca/cert/key-file; None if not given."""
+    if args.tls_dir:
+        return grpc_factory.TlsFiles.in_dir(args.tls_dir)
     files = [args.ca_file, args.cert_file, args.key_file]
-    if args.insecure and (args.tls_dir or any(files)):
+    return grpc_factory.TlsFiles(*files) if all(files) else None
+
+
+def connect(args: argparse.Namespace) -> tuple[control_pb2_grpc.ControlApiStub, grpc.Channel]:
+    given = [args.tls_dir, args.ca_file, args.cert_file, args.key_file]
+    if args.insecure and any(given):
         raise ConfigError("--insecure conflicts with --tls-dir/--ca-file/--cert-file/--key-file")
+    files = tls_files(args)
     if args.insecure:
         creds = None
-    elif args.tls_dir:
-        ca, cert, key = grpc_factory.TlsFiles.in_dir(args.tls_dir).read()
-        creds = grpc_factory.channel_credentials(ca, cert, key)
-    elif all(files):
-        ca, cert, key = grpc_factory.TlsFiles(*files).read()
-        creds = grpc_factory.channel_credentials(ca, cert, key)
+    elif files is not None:
+        creds = grpc_factory.channel_credentials(*files.read())
     else:
         raise ConfigError(
             "the control API needs an admin certificate: pass --tls-dir DIR (ca.crt, tls.crt, "
@@ -78,6 +83,11 @@ def call(args: argparse.Namespace, fn: Callable[[], T]) -> T:
     except grpc.RpcError as exc:
         code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
         where = args.coordinator
+        files = None if args.insecure else tls_files(args)
+        if code == grpc.StatusCode.UNAVAILABLE and files is not None:
+            found = tls_check.diagnose(where, files, args.server_name)
+            if found.cause not in ("ok", "unreachable"):  # unreachable: the hint below says more
+                raise ControlError(f"{found.message} (gRPC: {details})") from None
         if code == grpc.StatusCode.UNAVAILABLE:
             hint = (
                 f"cannot reach the coordinator's control API at {where}: is `pf2lora coordinator "

@@ -14,6 +14,7 @@ import logging
 import random
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,7 +29,7 @@ from pf2lora.common.secagg.messages import (
     SignedKeys,
     UnmaskResponse,
 )
-from pf2lora.common.transport import grpc_factory
+from pf2lora.common.transport import grpc_factory, tls_check
 from pf2lora.common.wire import streams, task_proto
 from pf2lora.common.wire.tasks import MetricsKind, Task
 from pf2lora.silo.audit import AuditInterceptor, AuditLog
@@ -39,6 +40,8 @@ from pf2lora.v1 import tensors_pb2 as tpb
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+TLS_CHECK_EVERY_S = 60.0  # while the coordinator stays UNAVAILABLE, look for a TLS cause this often
 
 
 class Stopped(Pf2LoraError):
@@ -163,9 +166,11 @@ class CoordinatorClient:
         )
         self._tls = None if c.insecure else cfg.tls.files().read()
         self.channel, self.stub = self._connect(self._tls)
-        # A handshake refused for an expired certificate is UNAVAILABLE too: each retry first
-        # looks for rotated files.
-        self.retry = Backoff(c.retry_initial_s, c.retry_max_s, stop, self.reload_tls_if_changed)
+        # A failed TLS handshake is UNAVAILABLE too: before a retry, say why when the cause is
+        # TLS (gRPC's detail is often just "Socket closed") and look for rotated files.
+        self._tls_checked_at: float | None = None
+        self._tls_said = ""
+        self.retry = Backoff(c.retry_initial_s, c.retry_max_s, stop, self._before_retry)
 
     def _connect(
         self, material: tuple[bytes, bytes, bytes] | None
@@ -181,6 +186,26 @@ class CoordinatorClient:
             reconnect_backoff_s=(c.retry_initial_s, c.retry_max_s),
         )
         return channel, silo_pb2_grpc.SiloApiStub(channel)
+
+    def _before_retry(self) -> None:
+        self.explain_unavailable()
+        self.reload_tls_if_changed()
+
+    def explain_unavailable(self) -> tls_check.Diagnosis | None:
+        """After an UNAVAILABLE: repeat the handshake outside gRPC and log the cause when it is
+        TLS or nothing listens (once per cause, checked at most every TLS_CHECK_EVERY_S)."""
+        c = self.cfg.coordinator
+        now = time.monotonic()
+        if c.insecure or (
+            self._tls_checked_at is not None and now - self._tls_checked_at < TLS_CHECK_EVERY_S
+        ):
+            return None
+        self._tls_checked_at = now
+        found = tls_check.diagnose(c.address, self.cfg.tls.files(), c.server_name)
+        if not found.ok and found.cause != self._tls_said:
+            logger.error("cannot connect to the coordinator: %s", found.message)
+        self._tls_said = "" if found.ok else found.cause
+        return found
 
     def reload_tls_if_changed(self) -> bool:
         """Re-read the [tls] files; when they changed and fit together, later calls use a new
