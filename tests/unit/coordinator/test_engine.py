@@ -375,3 +375,26 @@ def test_run_status_names_the_silos_the_round_waits_for(tmp_path: Path) -> None:
     assert run_status(eng, run_id).waiting_for == ("a", "b")
     push(eng, "a", tasks["a"], 1.0)
     assert run_status(eng, run_id).waiting_for == ("b",)
+
+
+def test_an_older_checkpoint_is_verified_when_served(tmp_path: Path) -> None:
+    """A silo resuming from an earlier round fetches that round's state: a changed file is
+    refused with its name, never served."""
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    join_all(eng)
+    run_id = eng.start_run(run_cfg(rounds=3))
+    for _ in range(2):
+        for s in "abc":
+            eng.get_task(s)
+        tasks = {s: eng.get_task(s) for s in "abc"}
+        for s in "abc":
+            push(eng, s, tasks[s], 2.0)
+    assert run_status(eng, run_id).completed_rounds == 2
+    older = eng.checkpoints.path(run_id, 1)
+    eng.checkpoints.write(run_id, 1, {k: v + 1 for k, v in INITIAL.items()}, {})  # altered
+    eng.store.close()
+    eng2 = make_engine(tmp_path, clock)  # a restart: nothing cached
+    with pytest.raises(DataError, match=f"{older}.*does not match the digest"):
+        eng2.global_state("a", run_id, 1)
+    assert run_status(eng2, run_id).completed_rounds == 2  # the latest is intact: run goes on
