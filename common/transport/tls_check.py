@@ -139,6 +139,8 @@ def _peer_certificate(
     with socket.create_connection((host, port), timeout=timeout_s) as raw:
         with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
             der = tls.getpeercert(binary_form=True)
+    if der is None:
+        raise ValueError("the server showed no certificate")
     return x509.load_der_x509_certificate(der)
 
 
