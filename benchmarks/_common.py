@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,25 @@ def save_results(out: Path, stem: str, doc: dict[str, Any], markdown: str, inden
 
     atomic_write_bytes(out / f"{stem}.json", (json.dumps(doc, indent=indent) + "\n").encode())
     atomic_write_bytes(out / f"{stem}.md", markdown.encode())
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL log; a torn last line (a killed run) is skipped with a warning."""
+    if not path.exists():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"{path.name}: line {i + 1} is not a complete record; ignored", file=sys.stderr)
+    return out
+
+
+def append_log(path: Path, rec: dict[str, Any]) -> None:
+    """One record appended to a JSONL log and synced (a finished run is never lost)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -25,6 +24,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+
+from _common import append_log, read_log  # benchmarks/_common.py (scripts run from benchmarks/)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SELECTION_LOG = "personalization_selection.jsonl"
@@ -198,27 +199,6 @@ def key(rec: dict[str, Any]) -> str:
     return json.dumps(
         [rec["phase"], rec["split"], rec["method"], rec["config"], rec["seed"]], sort_keys=True
     )
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL log; a torn last line (a killed run) is skipped with a warning."""
-    if not path.exists():
-        return []
-    out = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"{path.name}: line {i + 1} is not a complete record; ignored", file=sys.stderr)
-    return out
-
-
-def append_log(path: Path, rec: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(rec, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def run_all(specs: list[dict[str, Any]], log: Path, workers: int) -> None:

@@ -39,6 +39,17 @@ ALGORITHM_FLAGS: dict[str, Flag] = {
 }
 
 MODEL_FLAGS: dict[str, Flag] = {
+    "task": (
+        ("model", "task"),
+        str,
+        "seq-cls (classification, the default) | causal-lm (a decoder on instruction data)",
+    ),
+    "generate_examples": (
+        ("model", "generate_examples"),
+        int,
+        "causal-lm: greedy answers scored (exact match, ROUGE-L) per evaluation (default 32)",
+    ),
+    "max_new_tokens": (("model", "max_new_tokens"), int, "causal-lm: longest generated answer"),
     "num_layers": (("model", "num_hidden_layers"), int, "truncate the model to N layers"),
     "max_length": (("model", "max_length"), int, "max tokens per text"),
     "shared_rank": (("model", "adapters", "shared_rank"), int, "r (shared adapter rank)"),

@@ -19,9 +19,12 @@ logger = logging.getLogger(__name__)
 FLAGS: dict[str, Flag] = {
     **ALGORITHM_FLAGS,
     "model": (("model", "path"), str, "minilm | smollm2 | a local Hugging Face folder"),
-    "task": (("model", "task"), str, "seq-cls | causal-lm"),
     **MODEL_FLAGS,
-    "data": (("data", "source"), str, "vader | rotten-tomatoes | trec | synthetic-rank | files"),
+    "data": (
+        ("data", "source"),
+        str,
+        "vader | rotten-tomatoes | trec | synthetic-rank | files | instructions",
+    ),
     "partition": (("data", "partition"), str, "natural | similarity | dirichlet | iid"),
     "clients": (("data", "num_clients"), int, "number of clients"),
     "similarity": (("data", "similarity"), float, "label-sorted mixture similarity s in [0, 1]"),

@@ -13,8 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from pf2lora.common.algorithms.base import Algorithm, ClientAlgorithm
+from pf2lora.common.data.dataset import column_values
+from pf2lora.common.errors import DataError
 from pf2lora.common.learning.batching import BatchSource, EncodedData, derive_seed, encode_texts
 from pf2lora.common.learning.config import ModelConfig
+from pf2lora.common.learning.conversations import encode_conversations
 from pf2lora.common.learning.model import TwoLevelModel, build_two_level_model
 
 logger = logging.getLogger(__name__)
@@ -33,8 +36,18 @@ def client_seed(run_seed: int, client_index: int) -> int:
     return derive_seed(run_seed, "client", client_index)
 
 
-def encode_dataset(ds: Any, tokenizer: Any, cfg: ModelConfig) -> EncodedData:
-    """A `datasets.Dataset` with text/label columns -> EncodedData for the model's task."""
+def encode_dataset(ds: Any, tokenizer: Any, cfg: ModelConfig, where: str = "") -> EncodedData:
+    """A `datasets.Dataset` -> EncodedData for the model's task: instruction data (a
+    `messages` column) with answer-only labels, else text/label columns."""
+    if "messages" in ds.column_names:
+        if cfg.task != "causal-lm":
+            raise DataError(
+                f"{where or 'data'}: instruction data (messages, or prompt and completion) "
+                f"needs task causal-lm, not {cfg.task!r}"
+            )
+        return encode_conversations(
+            column_values(ds, "messages"), tokenizer, cfg.max_length, where=where
+        )
     labels = list(ds["label"]) if cfg.task == "seq-cls" else None
     return encode_texts(list(ds["text"]), labels, tokenizer, cfg.max_length, cfg.task)
 
@@ -67,6 +80,7 @@ class ClientRuntime:
         device: torch.device | str = "cpu",
     ) -> None:
         self.algorithm = algorithm
+        self.model_cfg = model_cfg
         self.name = name or f"client-{client_index}"
         self.seed = seed
         adapters = algorithm.model_adapters()
@@ -99,4 +113,9 @@ class ClientRuntime:
     def evaluate(self, global_state: Mapping[str, Tensor]) -> dict[str, float]:
         """Metrics of the personalised (and shared-only) model under the given global state."""
         self.client.receive_global(global_state)
-        return self.client.evaluate(self.test, self.source)
+        return self.client.evaluate(
+            self.test,
+            self.source,
+            generate=self.model_cfg.generate_examples,
+            max_new_tokens=self.model_cfg.max_new_tokens,
+        )

@@ -32,7 +32,11 @@ from pf2lora.common.learning.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("vader", "rotten-tomatoes", "trec", "synthetic-rank", "files")
+SOURCES = ("vader", "rotten-tomatoes", "trec", "synthetic-rank", "files", "instructions")
+
+
+# Per-client metrics averaged over the clients after each evaluation (those every client has).
+SUMMARY_METRICS = ("accuracy", "mse", "answer_loss", "perplexity", "exact_match", "rouge_l")
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class SimulationConfig:
     rounds: int = 3
     seed: int = 0
     eval_every: int = 1  # evaluate every k rounds (and always after the last)
+    # Also evaluate the initial model before any training (recorded as round 0).
+    evaluate_initial: bool = False
     device: str = "cpu"  # "auto" picks a CUDA GPU when torch sees one
 
     def __post_init__(self) -> None:
@@ -155,9 +161,24 @@ def _prepare(cfg: SimulationConfig) -> tuple[ModelConfig, nn.Module, list[Client
         ]
         return model_cfg, LinearMap(problem.base_weight), clients
 
-    from pf2lora.common.data.splits import build_client_data, client_data_from_files
+    from pf2lora.common.data.splits import (
+        build_client_data,
+        client_data_from_files,
+        instruction_client_data,
+        instruction_data_from_files,
+    )
 
-    if d.source == "files":
+    if d.source == "instructions":
+        data = instruction_client_data(
+            d.num_clients,
+            cfg.seed,
+            tasks=d.domains,
+            train_per_client=d.max_train_per_client or 200,
+            test_per_client=d.max_test_per_client or 100,
+        )
+    elif d.source == "files" and cfg.model.task == "causal-lm" and d.test_files:
+        data = instruction_data_from_files(list(d.train_files), list(d.test_files))
+    elif d.source == "files":
         data = client_data_from_files(
             list(d.train_files),
             list(d.test_files) or None,
@@ -182,7 +203,9 @@ def _prepare(cfg: SimulationConfig) -> tuple[ModelConfig, nn.Module, list[Client
     tok = load_tokenizer(model_cfg)
     clients = [
         ClientSpec(
-            c.name, encode_dataset(c.train, tok, model_cfg), encode_dataset(c.test, tok, model_cfg)
+            c.name,
+            encode_dataset(c.train, tok, model_cfg, where=f"{c.name} train"),
+            encode_dataset(c.test, tok, model_cfg, where=f"{c.name} held-out"),
         )
         for c in data
     ]
@@ -196,13 +219,16 @@ def _validation_split(specs: list[ClientSpec], fraction: float, seed: int) -> li
 
     out = []
     for k, s in enumerate(specs):
-        if "labels" not in s.train.tensors or s.train.tensors["labels"].dim() != 1:
-            raise ConfigError("data.validation_fraction needs class labels (seq-cls data)")
+        if "labels" not in s.train.tensors:
+            raise ConfigError("data.validation_fraction needs labelled or instruction data")
         labels = s.train.tensors["labels"].numpy()
+        if labels.ndim != 1:  # token labels (instruction data): one stratum
+            labels = np.zeros(len(labels), dtype=np.int64)
         rng = np.random.default_rng([seed, 0xA1, k])
         tr, va = (torch.from_numpy(i) for i in train_test_split_indices(labels, fraction, rng))
-        train = EncodedData({n: t[tr] for n, t in s.train.tensors.items()})
-        val = EncodedData({n: t[va] for n, t in s.train.tensors.items()})
+        tok = s.train.tokenizer
+        train = EncodedData({n: t[tr] for n, t in s.train.tensors.items()}, tok)
+        val = EncodedData({n: t[va] for n, t in s.train.tensors.items()}, tok)
         out.append(ClientSpec(s.name, train, val, dict(s.extra)))
     return out
 
@@ -238,6 +264,13 @@ def run_simulation(
     rounds: list[dict[str, Any]] = []
     last_eval: list[dict[str, float]] = [{} for _ in runtimes]
     communicated = 0
+    if cfg.evaluate_initial:
+        initial = [rt.evaluate(global_state) for rt in runtimes]
+        record0: dict[str, Any] = {"round": 0, "eval": initial, "seconds": 0.0}
+        record0.update(_summary(initial, [len(r.test) for r in runtimes]))
+        rounds.append(record0)
+        if on_round is not None:
+            on_round(record0)
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         results = [rt.run_round(global_state, w) for rt, w in zip(runtimes, weights, strict=True)]
@@ -307,7 +340,7 @@ def _attach_rank_analysis(
 
 def _summary(evals: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for key in ("personal_accuracy", "shared_accuracy", "personal_mse", "shared_mse"):
+    for key in [f"{level}_{m}" for m in SUMMARY_METRICS for level in ("personal", "shared")]:
         vals = [e[key] for e in evals if key in e]
         if len(vals) == len(evals):
             out[f"mean_{key}"] = sum(vals) / len(vals)

@@ -22,11 +22,26 @@ logger = logging.getLogger(__name__)
 
 
 def _load_files(files: tuple[str, ...], data: DataSection, labels: list[str] | None) -> Any:
+    """The silo's files as one dataset: instruction files (messages, or prompt and completion)
+    or text/label files; the two kinds do not mix."""
     from datasets import concatenate_datasets
 
     from pf2lora.common.data.files import load_local
+    from pf2lora.common.data.instructions import is_instruction_file, load_instructions
 
-    parts = [load_local(f, data.text_column, data.label_column, labels) for f in files]
+    kinds = {f: is_instruction_file(f) for f in files}
+    if len(set(kinds.values())) > 1:
+        raise DataError(
+            "data files mix instruction files (messages, or prompt and completion: "
+            f"{[f for f, k in kinds.items() if k]}) with text/label files "
+            f"({[f for f, k in kinds.items() if not k]}): use one kind"
+        )
+    parts = [
+        load_instructions(f)
+        if kinds[f]
+        else load_local(f, data.text_column, data.label_column, labels)
+        for f in files
+    ]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
@@ -64,7 +79,7 @@ def build_context(run: RunInfo, client_index: int, cfg: SiloConfig) -> RunContex
     labels = (
         list(cfg.data.labels) if cfg.data.labels else [str(i) for i in range(model_cfg.num_labels)]
     )
-    if len(labels) != model_cfg.num_labels:
+    if model_cfg.task == "seq-cls" and len(labels) != model_cfg.num_labels:
         raise DataError(
             f"data.labels has {len(labels)} names but the run's model has {model_cfg.num_labels} "
             "labels"
@@ -77,8 +92,8 @@ def build_context(run: RunInfo, client_index: int, cfg: SiloConfig) -> RunContex
         model_cfg,
         client_index=client_index,
         seed=seed,
-        train=encode_dataset(train, tok, model_cfg),
-        test=encode_dataset(test, tok, model_cfg),
+        train=encode_dataset(train, tok, model_cfg, where="data.train_files"),
+        test=encode_dataset(test, tok, model_cfg, where="data.eval_files"),
         name=cfg.silo.id,
         device=resolve_device(cfg.silo.device),
     )

@@ -137,15 +137,24 @@ class ClientAlgorithm:
         """The model as this silo would use it (Per-FedAvg adapts it first)."""
         yield self.model
 
-    def evaluate(self, test: EncodedData, source: BatchSource | None = None) -> dict[str, float]:
-        """Personalised and shared-only metrics on the silo's held-out split."""
+    def evaluate(
+        self,
+        test: EncodedData,
+        source: BatchSource | None = None,
+        *,
+        generate: int = 0,
+        max_new_tokens: int = 32,
+    ) -> dict[str, float]:
+        """Personalised and shared-only metrics on the silo's held-out split (with generate > 0,
+        also greedy answers to that many held-out prompts, on instruction data)."""
         out: dict[str, float] = {}
+        gen: dict[str, int] = {"generate": generate, "max_new_tokens": max_new_tokens}
         with self.personalised(source) as model:
-            for k, v in evaluate(model, test).items():
+            for k, v in evaluate(model, test, **gen).items():
                 out[f"personal_{k}"] = v
         if self.algorithm.communicates and self.model.has_shared:
             with self.model.private_disabled():
-                for k, v in evaluate(self.model, test).items():
+                for k, v in evaluate(self.model, test, **gen).items():
                     out[f"shared_{k}"] = v
         return out
 

@@ -25,6 +25,12 @@ from pf2lora.common.data.files import (
     infer_label_names,
     read_table,
 )
+from pf2lora.common.data.instructions import (
+    INSTRUCTION_TASKS,
+    instruction_task,
+    is_instruction_dataset,
+    load_instructions,
+)
 from pf2lora.common.data.partition import (
     partition_dirichlet,
     partition_iid,
@@ -64,6 +70,10 @@ class ClientData:
             ds = getattr(self, field)
             if not isinstance(ds, Dataset):
                 raise ConfigError(f"{field} must be a datasets.Dataset, got {type(ds).__name__}")
+            if is_instruction_dataset(ds):
+                if len(ds) == 0:
+                    raise ConfigError(f"{field} of client {self.name!r} is empty")
+                continue
             missing = [c for c in COLUMNS if c not in ds.column_names]
             if missing:
                 raise ConfigError(f"{field} of client {self.name!r} lacks columns {missing}")
@@ -287,3 +297,70 @@ def _cap(ds: Dataset, cap: int | None, rng: np.random.Generator) -> Dataset:
     if cap is None or len(ds) <= cap:
         return ds
     return ds.select(stratified_subsample(labels_of(ds), cap, rng))
+
+
+def instruction_client_data(
+    num_clients: int,
+    seed: int,
+    *,
+    tasks: Sequence[str] | None = None,
+    train_per_client: int = 200,
+    test_per_client: int = 100,
+) -> list[ClientData]:
+    """The packaged instruction tasks, one per client in turn (client j asks task j mod T):
+    each client draws its own train and held-out examples of its task (seeded, disjoint)."""
+    chosen = list(tasks) if tasks is not None else sorted(INSTRUCTION_TASKS)
+    unknown = [t for t in chosen if t not in INSTRUCTION_TASKS]
+    if unknown or not chosen:
+        raise ConfigError(f"instruction tasks {unknown or chosen}: use {sorted(INSTRUCTION_TASKS)}")
+    _check_cap("max_train_per_client", train_per_client)
+    _check_cap("max_test_per_client", test_per_client)
+    per_task: dict[str, int] = {}
+    for j in range(num_clients):
+        per_task[chosen[j % len(chosen)]] = per_task.get(chosen[j % len(chosen)], 0) + 1
+    size = train_per_client + test_per_client
+    pools = {t: instruction_task(t, size * n, seed) for t, n in per_task.items()}
+    clients: list[ClientData] = []
+    used: dict[str, int] = {}
+    for j in range(num_clients):
+        task = chosen[j % len(chosen)]
+        lo = used.get(task, 0) * size
+        used[task] = used.get(task, 0) + 1
+        pool = pools[task]
+        if len(pool) < lo + size:
+            raise ConfigError(
+                f"instruction task {task!r} has too few examples for {num_clients} clients"
+            )
+        name = task if per_task[task] == 1 else f"{task}-{used[task] - 1}"
+        train = pool.select(range(lo, lo + train_per_client))
+        test = pool.select(range(lo + train_per_client, lo + size))
+        clients.append(ClientData(name, train, test, 1))
+    return clients
+
+
+def instruction_data_from_files(
+    train_paths: Sequence[str | os.PathLike[str]],
+    test_paths: Sequence[str | os.PathLike[str]],
+    *,
+    names: Sequence[str] | None = None,
+    cache_dir: Path | None = None,
+) -> list[ClientData]:
+    """One client per local instruction file (messages, or prompt and completion) with its
+    held-out file."""
+    if not train_paths or len(test_paths) != len(train_paths):
+        raise ConfigError(
+            f"instruction data needs one held-out file per training file "
+            f"({len(train_paths)} train, {len(test_paths)} held-out)"
+        )
+    client_names = list(names) if names is not None else [Path(p).stem for p in train_paths]
+    if len(set(client_names)) != len(client_names):
+        client_names = [f"{n}-{j}" for j, n in enumerate(client_names)]
+    return [
+        ClientData(
+            name,
+            load_instructions(tr, cache_dir=cache_dir),
+            load_instructions(te, cache_dir=cache_dir),
+            1,
+        )
+        for name, tr, te in zip(client_names, train_paths, test_paths, strict=True)
+    ]

@@ -30,9 +30,12 @@ def derive_seed(*parts: int | str) -> int:
 
 @dataclass(frozen=True)
 class EncodedData:
-    """Tensors of one split. Text tasks: input_ids/attention_mask/labels; regression: x/y."""
+    """Tensors of one split. Text tasks: input_ids/attention_mask/labels; regression: x/y.
+    Instruction data also has answer_start/answer_end and keeps its tokenizer (to decode
+    generated answers)."""
 
     tensors: Mapping[str, Tensor]
+    tokenizer: Any = None
 
     def __post_init__(self) -> None:
         lengths = {k: v.shape[0] for k, v in self.tensors.items()}

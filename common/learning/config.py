@@ -90,11 +90,17 @@ class ModelConfig:
     num_hidden_layers: int | None = None  # truncate the encoder (tests, quick runs)
     max_length: int = 64
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    # Instruction data (causal-lm): greedy answers to this many held-out prompts are scored by
+    # exact match and ROUGE-L at each evaluation (0: answer loss and perplexity only).
+    generate_examples: int = 32
+    max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
         _check(self.task in TASK_TYPES, "task", self.task, f"use one of {TASK_TYPES}")
         check_int("num_labels", self.num_labels, 1, 1_000_000)
         check_int("max_length", self.max_length, 4, 1 << 20)
+        check_int("generate_examples", self.generate_examples, 0, 1_000_000)
+        check_int("max_new_tokens", self.max_new_tokens, 1, 1 << 16)
         if self.num_hidden_layers is not None:
             check_int("num_hidden_layers", self.num_hidden_layers, 1, 4096)
         _check(isinstance(self.path, str), "path", self.path, "must be a string")

@@ -100,3 +100,37 @@ def write_silo_data(d: Path, k: int, n_train: int, n_test: int = 12) -> tuple[Pa
                 fh.write(json.dumps({"text": text, "label": label}) + "\n")
         paths.append(p)
     return paths[0], paths[1]
+
+
+@functools.lru_cache(maxsize=1)
+def chat_tokenizer():  # type: ignore[no-untyped-def]
+    """SmolLM2's tokenizer (a ChatML chat template), read from the packaged GGUF file."""
+    from transformers import AutoTokenizer
+
+    from pf2lora.common.learning.smollm import gguf_path
+
+    path = gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def tiny_llama_folder(folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer Llama (SmolLM2's architecture, hidden 32) saved with
+    SmolLM2's tokenizer: a causal LM with a chat template that loads in well under a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = chat_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
