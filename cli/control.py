@@ -161,9 +161,15 @@ def describe(status: cpb.RunStatus) -> str:
         waiting = waiting_line(status)
         if waiting:
             lines.append(f"    {waiting}")
+    for r in status.refused:
+        lines.append(f"  {refusal_line(r)}")
     for h in status.history:
         lines.append("  " + round_line(h, status.rounds))
     return "\n".join(lines)
+
+
+def refusal_line(r: cpb.SiloRefusal) -> str:
+    return f"refused by {r.silo_id} at {_ms(r.unix_ms)}: {r.reason}"
 
 
 def waiting_line(status: cpb.RunStatus) -> str:

@@ -126,6 +126,7 @@ def follow(args: argparse.Namespace, stub: Any, run_id: str, poll_s: float = 1.0
     from pf2lora.v1 import control_pb2 as cpb
 
     printed: set[int] = set()
+    refusals: set[str] = set()
     last_phase = None
     last_waiting: tuple[Any, ...] = ()
     waiting_since, told = time.monotonic(), False
@@ -140,6 +141,10 @@ def follow(args: argparse.Namespace, stub: Any, run_id: str, poll_s: float = 1.0
             if h.round not in printed:
                 printed.add(h.round)
                 print(control.round_line(h, status.rounds), flush=True)
+        for r in status.refused:
+            if r.silo_id not in refusals:
+                refusals.add(r.silo_id)
+                print(control.refusal_line(r), flush=True)
         phase = (status.phase, status.current_round, status.attempt)
         if phase != last_phase and status.state == cpb.RUN_STATE_RUNNING:
             last_phase = phase

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 IDLE_RETRY_S = 1.0  # how soon a silo with nothing to do asks again
+REFUSED_RETRY_S = 30.0  # a silo that refused the run asks again this rarely
 
 
 @dataclass
@@ -73,6 +74,9 @@ class ActiveRun:
     # After a coordinator restart: the silos the last committed round had, which the re-opened
     # round's enrolment waits for a little longer (they are reconnecting).
     awaited: set[str] = field(default_factory=set)
+    # Silos that refused this run (RefuseRun: their model differs, ...): silo -> (reason, when).
+    # Rounds neither enrol nor wait for them; a new session of the silo clears its entry.
+    refused: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def reset_for_round(self, round_: int, attempt: int, now: float, now_ms: int) -> None:
         """Attempt `attempt` of round `round_` enrolls from scratch: nothing of an earlier
@@ -91,6 +95,12 @@ class ActiveRun:
 
     def task_for(self, silo_id: str, client_index: Callable[[str], int]) -> Task:
         """What `silo_id` should do now (in this phase, round and attempt)."""
+        if silo_id in self.refused:
+            return IdleTask(
+                REFUSED_RETRY_S,
+                f"you refused run {self.run_id}: {self.refused[silo_id][0]} "
+                "(restart this silo to take part again)",
+            )
         if self.phase is Phase.ENROLLING:
             return IdleTask(
                 IDLE_RETRY_S,
@@ -138,7 +148,8 @@ class ActiveRun:
     def waiting_for(self, expected: set[str]) -> tuple[str, ...]:
         """Who the current phase (or secure-aggregation stage) still waits for."""
         if self.phase is Phase.ENROLLING:
-            return tuple(sorted((expected | self.awaited) - set(self.enrolled)))
+            wanted = (expected | self.awaited) - set(self.refused)
+            return tuple(sorted(wanted - set(self.enrolled)))
         if self.phase is Phase.TRAINING and self.secure is not None:
             return tuple(sorted(self.secure.expected - self.secure.done))
         if self.phase is Phase.TRAINING:

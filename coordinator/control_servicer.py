@@ -79,6 +79,7 @@ def run_view_to_proto(v: RunView) -> cpb.RunStatus:
         reason=v.reason,
         secagg_stage=v.secagg_stage,
         waiting_for=list(v.waiting_for),
+        refused=[cpb.SiloRefusal(silo_id=s, reason=why, unix_ms=ms) for s, why, ms in v.refused],
     )
 
 

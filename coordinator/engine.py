@@ -19,6 +19,7 @@ the next one again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -31,12 +32,14 @@ from pf2lora.common.algorithms.aggregate import sum_payloads
 from pf2lora.common.algorithms.base import Algorithm
 from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.errors import (
+    ConfigError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
 )
 from pf2lora.common.learning.config import ModelConfig
+from pf2lora.common.learning.fingerprint import with_identity
 from pf2lora.common.names import is_label
 from pf2lora.common.runspec import RunConfig, from_json, to_dict, to_json
 from pf2lora.common.wire.manifest import TensorInfo, tensors_to_json
@@ -68,6 +71,10 @@ def default_initial_state(algorithm: Algorithm, model: ModelConfig, seed: int) -
     return initial_global_state(algorithm, model, seed)
 
 
+def _unnamed(model: ModelConfig) -> ModelConfig:
+    return model
+
+
 class Engine:
     """All coordinator state transitions, under one lock; blocking waits on its condition."""
 
@@ -82,8 +89,14 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         metrics: CoordinatorMetrics | None = None,
+        name_model: Callable[[ModelConfig], ModelConfig] | None = None,
     ) -> None:
         self.store = store
+        # The run's model gets its id and fingerprint at run start; an injected initial_state
+        # (tests, tools) stands in for the model, so by default there is nothing to fingerprint.
+        if name_model is None:
+            name_model = with_identity if initial_state is default_initial_state else _unnamed
+        self._name_model = name_model
         self.metrics = metrics or CoordinatorMetrics()  # hooks below; served by server.py
         self.checkpoints = checkpoints
         self.federation = federation
@@ -125,7 +138,8 @@ class Engine:
         return self._registered[silo_id].join_order
 
     def _expected(self) -> set[str]:
-        return set(self.allowed) if self.allowed is not None else set(self._registered)
+        silos = set(self.allowed) if self.allowed is not None else set(self._registered)
+        return silos - set(self._run.refused) if self._run is not None else silos
 
     def expected_silos(self) -> set[str]:
         """The silos a round's enrolment waits for (the allow-list, or every registered one)."""
@@ -187,6 +201,8 @@ class Engine:
             assert row is not None
             self._registered[silo_id] = row
             self._last_seen[silo_id] = self._now_ms()
+            if run is not None and run.refused.pop(silo_id, None) is not None:
+                logger.info("silo %s joined again: it may take part in run %s", silo_id, run.run_id)
             logger.info("silo %s joined (%d examples, version %s)", silo_id, num_samples, version)
             self._notify()
             return self._run.run_id if self._run else ""
@@ -209,6 +225,37 @@ class Engine:
                 )
                 self.transitions.advance_secure(run)
                 self._notify()
+
+    def refuse_run(self, silo_id: str, run_id: str, reason: str) -> None:
+        """The silo cannot take part in the run (its model differs, ...): record why, and stop
+        waiting for it in this round (enrolment, its update or its secure-aggregation stages)
+        and in the rounds after, until the silo joins again."""
+        with self._lock:
+            self._require_joined(silo_id)
+            run = self._active(run_id)
+            reason = " ".join(reason.split())[:1000] or "no reason given"
+            if silo_id not in run.refused:
+                logger.error("run %s: silo %s refused the run: %s", run_id, silo_id, reason)
+            run.refused[silo_id] = (reason, self._now_ms())
+            if run.phase is Phase.ENROLLING:
+                run.enrolled.pop(silo_id, None)
+                self.transitions.maybe_seal(run, self._expected(), self._client_index)
+            elif run.phase is Phase.TRAINING and silo_id in run.participants:
+                if run.participants[silo_id].state == "reported":
+                    pass  # its update is in this round's sum already
+                elif run.secure is not None:
+                    if run.secure.decline(silo_id):
+                        self.transitions.advance_secure(run)
+                else:
+                    del run.participants[silo_id]
+                    if len(run.participants) < run.cfg.min_silos:
+                        self.transitions.reopen(run, 1)
+                    elif all(p.state == "reported" for p in run.participants.values()):
+                        self.transitions.complete_round(run)
+            elif run.phase is Phase.EVALUATING:
+                run.eval_targets.discard(silo_id)
+                self.transitions.tick(run, self._expected(), self._client_index)
+            self._notify()
 
     def get_task(self, silo_id: str, current_run_id: str = "") -> Task:
         """The silo's next task, without waiting."""
@@ -470,6 +517,10 @@ class Engine:
         algorithm = make_algorithm(cfg.algorithm, cfg.model.adapters)
         with self._lock:
             self._refuse_if_active()
+        try:  # the run names its base model: silos with another model refuse it at once
+            cfg = dataclasses.replace(cfg, model=self._name_model(cfg.model))
+        except ConfigError as exc:
+            raise InvalidArgument(f"model: {exc}") from None
         initial = canonical(self._initial_state(algorithm, cfg.model, cfg.seed))  # slow: no lock
         with self._lock:
             self._refuse_if_active()

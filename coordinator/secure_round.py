@@ -258,6 +258,15 @@ class SecureRound:
             self.expected.discard(silo_id)
         return True
 
+    def decline(self, silo_id: str) -> bool:
+        """The silo will not take part in this attempt (it refused the run): no stage waits for
+        it any more. Before its keys arrived it simply never joins the protocol; after, as
+        `withdraw`. False when it had already finished the attempt's first stages."""
+        if self.stage_index == 0 and silo_id not in self.done:
+            self.expected.discard(silo_id)
+            return True
+        return self.withdraw(silo_id)
+
     # ----------------------------------------------------------- transitions
     def advance(self, now: float, now_ms: int, *, deadline_passed: bool = False) -> Outcome:
         """Close the current stage if everyone it waits for answered (or its deadline passed)."""

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 MAX_METRICS = 256
 MAX_METRIC_NAME = 128
+MAX_REASON_CHARS = 1000  # a RefuseRun reason (one line for the operator)
 
 
 def session_of(context: grpc.ServicerContext) -> str:
@@ -251,3 +252,14 @@ class SiloServicer(silo_pb2_grpc.SiloApiServicer):
         with self._session(context, silo):
             self.engine.report_metrics(silo, request.run_id, request.round, kind, values)
         return silo_pb2.ReportMetricsReply()
+
+    @map_errors
+    def RefuseRun(
+        self, request: silo_pb2.RefuseRunRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.RefuseRunReply:
+        silo = self._silo(context, request.silo_id)
+        if len(request.reason) > MAX_REASON_CHARS:
+            raise InvalidArgument(f"reason longer than {MAX_REASON_CHARS} characters")
+        with self._session(context, silo):
+            self.engine.refuse_run(silo, request.run_id, request.reason)
+        return silo_pb2.RefuseRunReply()

@@ -90,9 +90,10 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
             deadline = active.deadline_unix_ms
             secagg_stage = active.secure.stage if active.secure is not None else ""
             waiting = active.waiting_for(engine.expected_silos())
+            refused = tuple((s, why, ms) for s, (why, ms) in sorted(active.refused.items()))
         else:
             phase, participants, current, attempt, enrolled, deadline = Phase.DONE, (), 0, 0, (), 0
-            secagg_stage, waiting = "", ()
+            secagg_stage, waiting, refused = "", (), ()
         return RunView(
             run_id=run_id,
             state=row.state,
@@ -112,6 +113,7 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
             reason=row.reason,
             secagg_stage=secagg_stage,
             waiting_for=waiting,
+            refused=refused,
         )
 
 

@@ -87,6 +87,7 @@ class RunView:
     reason: str
     secagg_stage: str = ""  # the secure-aggregation stage of the round in progress
     waiting_for: tuple[str, ...] = ()  # silos the round in progress waits for
+    refused: tuple[tuple[str, str, int], ...] = ()  # (silo, reason, unix ms) of refusals
 
 
 @dataclass(frozen=True)

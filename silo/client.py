@@ -357,6 +357,12 @@ class CoordinatorClient:
         self._stage_call("Unmask", req)
         return req.ByteSize()
 
+    def refuse_run(self, run_id: str, reason: str) -> None:
+        """Tell the coordinator this silo cannot take part in the run, and why."""
+        req = silo_pb2.RefuseRunRequest(silo_id=self.silo_id, run_id=run_id, reason=reason[:1000])
+        timeout = self.cfg.coordinator.call_timeout_s
+        self.retry.call("RefuseRun", lambda: self.stub.RefuseRun(req, timeout=timeout))
+
     def report_metrics(
         self, run_id: str, round_: int, kind: MetricsKind, metrics: Mapping[str, float]
     ) -> None:

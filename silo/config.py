@@ -101,8 +101,18 @@ class CoordinatorSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    # The local base model folder (or "minilm"); None uses the run's model.path as is.
+    # The local base model folder (or "minilm", "smollm2") for any run; None uses the run's
+    # model.path as is.
     path: str | None = None
+    # Per model id (the run's model.id): this silo's folder for it, e.g.
+    # [model.paths] smollm2 = "/models/smollm2". Takes precedence over `path`.
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.paths, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in self.paths.items()
+        ):
+            raise ConfigError(f"model.paths={self.paths!r}: a table of model id = folder")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import torch
 
 from pf2lora.common.errors import DataError
 from pf2lora.common.learning.batching import resolve_device
+from pf2lora.common.learning.fingerprint import ModelMismatch
 from pf2lora.common.transport import grpc_factory
 from pf2lora.common.version import software_version
 from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
@@ -188,9 +189,11 @@ class SiloDaemon:
             logger.debug("idle: %s", task.reason)
             self.stop.wait(max(0.0, task.retry_after_s - (time.monotonic() - t0)))
         elif isinstance(task, TrainTask):
-            self._guarded(f"round {task.round}", lambda: self._train(task), num_samples)
+            self._guarded(
+                f"round {task.round}", lambda: self._train(task), num_samples, task.run.run_id
+            )
         elif isinstance(task, EvaluateTask):
-            self._guarded("evaluation", lambda: self._evaluate(task), num_samples)
+            self._guarded("evaluation", lambda: self._evaluate(task), num_samples, task.run.run_id)
         elif isinstance(task, StopTask):
             logger.info(
                 "run %s ended: %s%s",
@@ -204,12 +207,14 @@ class SiloDaemon:
             return self.cfg.silo.exit_after_run
         return False
 
-    def _guarded(self, what: str, fn: Any, num_samples: int) -> None:
+    def _guarded(self, what: str, fn: Any, num_samples: int, run_id: str) -> None:
         try:
             fn()
         except Superseded as exc:  # the coordinator moved on while a secure round waited
             logger.warning("%s: %s; taking that task", what, exc)
             self._pending = exc.task
+        except ModelMismatch as exc:  # before REFUSALS: it is a ConfigError too
+            self._refuse_run(run_id, exc)
         except REFUSALS as exc:  # a secure round this silo does not (or no longer) take part in
             logger.error("%s: sitting this attempt out: %s", what, exc)
             self.stop.wait(ERROR_PAUSE_S)
@@ -222,6 +227,14 @@ class SiloDaemon:
         except DataError as exc:
             logger.error("%s failed: %s; asking for work again in %.0f s", what, exc, ERROR_PAUSE_S)
             self.stop.wait(ERROR_PAUSE_S)
+
+    def _refuse_run(self, run_id: str, exc: ModelMismatch) -> None:
+        """This silo cannot take part in the run: say so to the coordinator, which stops
+        waiting for it, shows the reason in `run status` and gives it no more of the run's
+        tasks (until this silo joins again)."""
+        logger.error("run %s refused: %s", run_id, exc)
+        self.client.refuse_run(run_id, str(exc))
+        self.ctx = None
 
     # ------------------------------------------------------------------- tasks
     def _context(self, run: RunInfo, client_index: int) -> RunContext:

@@ -11,9 +11,10 @@ from pf2lora.common.algorithms.base import Algorithm, AlgorithmConfig
 from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.client_runtime import ClientRuntime, client_seed, encode_dataset
 from pf2lora.common.errors import DataError
-from pf2lora.common.learning.base_model import load_tokenizer
+from pf2lora.common.learning.base_model import load_tokenizer, resolve_model_path
 from pf2lora.common.learning.batching import resolve_device
 from pf2lora.common.learning.config import ModelConfig
+from pf2lora.common.learning.fingerprint import check_model
 from pf2lora.common.runspec import from_json
 from pf2lora.common.wire.tasks import RunInfo
 from pf2lora.silo.config import DataSection, SiloConfig
@@ -64,16 +65,27 @@ class RunContext:
 
 
 def model_config_for_silo(run: RunInfo, cfg: SiloConfig) -> ModelConfig:
+    """The run's model config with this silo's own folder for the run's model id
+    ([model.paths], else [model] path, else the run's path as is)."""
     model = from_json(ModelConfig, run.model_json, "run model config")
-    if cfg.model.path:
-        model = dataclasses.replace(model, path=cfg.model.path)
+    path = cfg.model.paths.get(model.id) or cfg.model.path
+    if path:
+        model = dataclasses.replace(model, path=path)
     return model
+
+
+def check_run_model(model: ModelConfig) -> None:
+    """ModelMismatch (naming the files that differ) unless this silo's folder for the run's
+    model has the run's fingerprint; cheap (about 1 MiB read per weights file)."""
+    if model.fingerprint:
+        check_model(model.fingerprint, resolve_model_path(model.path), model.id or model.path)
 
 
 def build_context(run: RunInfo, client_index: int, cfg: SiloConfig) -> RunContext:
     """Load this silo's data and base model for a run and build its ClientRuntime."""
     algo_cfg = from_json(AlgorithmConfig, run.algorithm_json, "run algorithm config")
     model_cfg = model_config_for_silo(run, cfg)
+    check_run_model(model_cfg)  # before anything is loaded: refuse another model at once
     algorithm = make_algorithm(algo_cfg, model_cfg.adapters)
     seed = cfg.silo.seed if cfg.silo.seed is not None else client_seed(run.seed, client_index)
     labels = (

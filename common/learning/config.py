@@ -85,6 +85,12 @@ class ModelConfig:
     """Which base model to wrap and for which task."""
 
     path: str = "minilm"  # a local HF folder, or "minilm" / "smollm2" for the packaged models
+    # The model's name in a run: silos map it to their own folder ([model.paths] in silo.toml).
+    # "" at run start: the packaged name or the folder's name.
+    id: str = ""
+    # `file=digest` of config.json, the tokenizer files and the weights files (learning/
+    # fingerprint.py), filled in when a run starts; a silo whose folder differs refuses the run.
+    fingerprint: tuple[str, ...] = ()
     task: TaskType = "seq-cls"
     num_labels: int = 2
     num_hidden_layers: int | None = None  # truncate the encoder (tests, quick runs)
@@ -104,6 +110,14 @@ class ModelConfig:
         if self.num_hidden_layers is not None:
             check_int("num_hidden_layers", self.num_hidden_layers, 1, 4096)
         _check(isinstance(self.path, str), "path", self.path, "must be a string")
+        _check(isinstance(self.id, str) and len(self.id) <= 256, "id", self.id, "a short string")
+        object.__setattr__(self, "fingerprint", tuple(self.fingerprint))
+        _check(
+            all(isinstance(x, str) and "=" in x for x in self.fingerprint),
+            "fingerprint",
+            self.fingerprint,
+            "must be a list of 'file=digest' strings",
+        )
 
 
 @dataclass(frozen=True)

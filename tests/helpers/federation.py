@@ -231,7 +231,7 @@ class Federation:
             f'cert_file = "{cert}"',
             f'key_file = "{key}"',
             "[model]",
-            'path = "minilm"',
+            f'path = "{extra.get("model_path", "minilm")}"',
             "[data]",
             f'train_files = ["{train}"]',
             f'eval_files = ["{test}"]',

@@ -126,7 +126,7 @@ class SiloMetrics(_message.Message):
     def __init__(self, silo_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RunStatus(_message.Message):
-    __slots__ = ("run_id", "state", "phase", "rounds", "completed_rounds", "current_round", "attempt", "enrolled", "participants", "deadline_unix_ms", "history", "evaluation", "config_json", "created_unix_ms", "finished_unix_ms", "reason", "secagg_stage", "waiting_for")
+    __slots__ = ("run_id", "state", "phase", "rounds", "completed_rounds", "current_round", "attempt", "enrolled", "participants", "deadline_unix_ms", "history", "evaluation", "config_json", "created_unix_ms", "finished_unix_ms", "reason", "secagg_stage", "waiting_for", "refused")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class RunStatus(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     SECAGG_STAGE_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: RunState
     phase: RunPhase
@@ -163,7 +164,18 @@ class RunStatus(_message.Message):
     reason: str
     secagg_stage: str
     waiting_for: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., attempt: _Optional[int] = ..., enrolled: _Optional[_Iterable[str]] = ..., participants: _Optional[_Iterable[_Union[ParticipantStatus, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., evaluation: _Optional[_Iterable[_Union[SiloMetrics, _Mapping]]] = ..., config_json: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., reason: _Optional[str] = ..., secagg_stage: _Optional[str] = ..., waiting_for: _Optional[_Iterable[str]] = ...) -> None: ...
+    refused: _containers.RepeatedCompositeFieldContainer[SiloRefusal]
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., phase: _Optional[_Union[RunPhase, str]] = ..., rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., attempt: _Optional[int] = ..., enrolled: _Optional[_Iterable[str]] = ..., participants: _Optional[_Iterable[_Union[ParticipantStatus, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., evaluation: _Optional[_Iterable[_Union[SiloMetrics, _Mapping]]] = ..., config_json: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., reason: _Optional[str] = ..., secagg_stage: _Optional[str] = ..., waiting_for: _Optional[_Iterable[str]] = ..., refused: _Optional[_Iterable[_Union[SiloRefusal, _Mapping]]] = ...) -> None: ...
+
+class SiloRefusal(_message.Message):
+    __slots__ = ("silo_id", "reason", "unix_ms")
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    silo_id: str
+    reason: str
+    unix_ms: int
+    def __init__(self, silo_id: _Optional[str] = ..., reason: _Optional[str] = ..., unix_ms: _Optional[int] = ...) -> None: ...
 
 class ListSilosRequest(_message.Message):
     __slots__ = ()

@@ -244,6 +244,20 @@ class ReportMetricsReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RefuseRunRequest(_message.Message):
+    __slots__ = ("silo_id", "run_id", "reason")
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    silo_id: str
+    run_id: str
+    reason: str
+    def __init__(self, silo_id: _Optional[str] = ..., run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RefuseRunReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class SecAggHeader(_message.Message):
     __slots__ = ("silo_id", "run_id", "round", "attempt")
     SILO_ID_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,11 @@ class SiloApiStub:
                 request_serializer=pf2lora_dot_v1_dot_silo__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=pf2lora_dot_v1_dot_silo__pb2.ReportMetricsReply.FromString,
                 _registered_method=True)
+        self.RefuseRun = channel.unary_unary(
+                '/pf2lora.v1.SiloApi/RefuseRun',
+                request_serializer=pf2lora_dot_v1_dot_silo__pb2.RefuseRunRequest.SerializeToString,
+                response_deserializer=pf2lora_dot_v1_dot_silo__pb2.RefuseRunReply.FromString,
+                _registered_method=True)
         self.AdvertiseKeys = channel.unary_unary(
                 '/pf2lora.v1.SiloApi/AdvertiseKeys',
                 request_serializer=pf2lora_dot_v1_dot_silo__pb2.AdvertiseKeysRequest.SerializeToString,
@@ -116,6 +121,15 @@ class SiloApiServicer:
 
     def ReportMetrics(self, request, context):
         """Scalar metrics of one round (training) or of the final evaluation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefuseRun(self, request, context):
+        """The silo cannot take part in this run (its base model differs from the run's, ...): the
+        run stops waiting for it and `run status` shows the reason. A new session of the silo
+        (Join after a restart) may take part again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,6 +193,11 @@ def add_SiloApiServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=pf2lora_dot_v1_dot_silo__pb2.ReportMetricsRequest.FromString,
                     response_serializer=pf2lora_dot_v1_dot_silo__pb2.ReportMetricsReply.SerializeToString,
+            ),
+            'RefuseRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefuseRun,
+                    request_deserializer=pf2lora_dot_v1_dot_silo__pb2.RefuseRunRequest.FromString,
+                    response_serializer=pf2lora_dot_v1_dot_silo__pb2.RefuseRunReply.SerializeToString,
             ),
             'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.AdvertiseKeys,
@@ -336,6 +355,33 @@ class SiloApi:
             '/pf2lora.v1.SiloApi/ReportMetrics',
             pf2lora_dot_v1_dot_silo__pb2.ReportMetricsRequest.SerializeToString,
             pf2lora_dot_v1_dot_silo__pb2.ReportMetricsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefuseRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pf2lora.v1.SiloApi/RefuseRun',
+            pf2lora_dot_v1_dot_silo__pb2.RefuseRunRequest.SerializeToString,
+            pf2lora_dot_v1_dot_silo__pb2.RefuseRunReply.FromString,
             options,
             channel_credentials,
             insecure,
