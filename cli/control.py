@@ -168,6 +168,41 @@ def describe(status: cpb.RunStatus) -> str:
     return "\n".join(lines)
 
 
+GENERATION_COLUMNS = (
+    ("answer loss: base", "base_answer_loss"),
+    ("personalised", "personal_answer_loss"),
+    ("shared-only", "shared_answer_loss"),
+    ("exact match: pers.", "personal_exact_match"),
+    ("shared", "shared_exact_match"),
+    ("ROUGE-L: pers.", "personal_rouge_l"),
+    ("shared", "shared_rouge_l"),
+)
+
+
+def generation_table(status: cpb.RunStatus, title: str = "") -> None:
+    """The final evaluation of a decoder run: held-out answer loss of the base model (before
+    training), the personalised and the shared-only model, then exact match and ROUGE-L of
+    their greedy answers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or f"run {status.run_id}: final evaluation (round {status.rounds})")
+    table.add_column("silo")
+    table.add_column("held-out", justify="right")
+    for header, _ in GENERATION_COLUMNS:
+        table.add_column(header, justify="right")
+    rows = [dict(e.metrics) for e in sorted(status.evaluation, key=lambda e: e.silo_id)]
+    for e, m in zip(sorted(status.evaluation, key=lambda e: e.silo_id), rows, strict=True):
+        cells = ["-" if key not in m else f"{m[key]:.3f}" for _, key in GENERATION_COLUMNS]
+        table.add_row(e.silo_id, f"{int(m.get('personal_n', 0))}", *cells)
+    means = []
+    for _, key in GENERATION_COLUMNS:
+        vals = [m[key] for m in rows if key in m]
+        means.append(f"{sum(vals) / len(vals):.3f}" if vals and len(vals) == len(rows) else "")
+    table.add_row("mean", "", *means, style="bold")
+    Console().print(table)
+
+
 def refusal_line(r: cpb.SiloRefusal) -> str:
     return f"refused by {r.silo_id} at {_ms(r.unix_ms)}: {r.reason}"
 
@@ -188,6 +223,9 @@ def waiting_line(status: cpb.RunStatus) -> str:
 def evaluation_table(status: cpb.RunStatus, title: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
+
+    if any("personal_answer_loss" in e.metrics for e in status.evaluation):
+        return generation_table(status, title)
 
     table = Table(title=title or f"run {status.run_id}: final evaluation (round {status.rounds})")
     for col in ("silo", "held-out", "personalised acc", "shared-only acc", "personalised loss"):

@@ -22,6 +22,7 @@ import torch
 from pf2lora.common.errors import DataError
 from pf2lora.common.learning.batching import resolve_device
 from pf2lora.common.learning.fingerprint import ModelMismatch
+from pf2lora.common.learning.trainer import Diverged
 from pf2lora.common.transport import grpc_factory
 from pf2lora.common.version import software_version
 from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, RunInfo, StopTask, Task, TrainTask
@@ -213,7 +214,7 @@ class SiloDaemon:
         except Superseded as exc:  # the coordinator moved on while a secure round waited
             logger.warning("%s: %s; taking that task", what, exc)
             self._pending = exc.task
-        except ModelMismatch as exc:  # before REFUSALS: it is a ConfigError too
+        except (ModelMismatch, Diverged) as exc:  # before REFUSALS: ModelMismatch is one too
             self._refuse_run(run_id, exc)
         except REFUSALS as exc:  # a secure round this silo does not (or no longer) take part in
             logger.error("%s: sitting this attempt out: %s", what, exc)
@@ -228,7 +229,7 @@ class SiloDaemon:
             logger.error("%s failed: %s; asking for work again in %.0f s", what, exc, ERROR_PAUSE_S)
             self.stop.wait(ERROR_PAUSE_S)
 
-    def _refuse_run(self, run_id: str, exc: ModelMismatch) -> None:
+    def _refuse_run(self, run_id: str, exc: Exception) -> None:
         """This silo cannot take part in the run: say so to the coordinator, which stops
         waiting for it, shows the reason in `run status` and gives it no more of the run's
         tasks (until this silo joins again)."""

@@ -23,6 +23,14 @@ TRAIN_BUCKETS_S = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 
 TRANSFER_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
+GENERATION_GAUGES = {
+    "answer_loss": "held-out cross-entropy of the answer tokens",
+    "perplexity": "held-out perplexity of the answer tokens",
+    "exact_match": "share of greedy answers equal to the reference (normalised)",
+    "rouge_l": "mean ROUGE-L F-measure of greedy answers against the references",
+}
+
+
 class SiloMetrics:
     """The silo's metrics and the hooks that move them (all thread-safe)."""
 
@@ -67,6 +75,16 @@ class SiloMetrics:
             "held-out accuracy with the shared adapter only, final evaluation",
             registry=r,
         )
+        # Decoder runs on instruction data (final evaluation), per level: personal | shared.
+        self.generation = {
+            name: Gauge(
+                f"pf2lora_silo_{name}",
+                f"{what}, final evaluation (causal-lm runs)",
+                ["level"],
+                registry=r,
+            )
+            for name, what in GENERATION_GAUGES.items()
+        }
         self.evaluations = Counter(
             "pf2lora_silo_evaluations", "final evaluations reported", registry=r
         )
@@ -98,6 +116,10 @@ class SiloMetrics:
             self.personal_accuracy.set(float(metrics["personal_accuracy"]))
         if "shared_accuracy" in metrics:
             self.shared_accuracy.set(float(metrics["shared_accuracy"]))
+        for name, gauge in self.generation.items():
+            for level in ("personal", "shared"):
+                if f"{level}_{name}" in metrics:
+                    gauge.labels(level=level).set(float(metrics[f"{level}_{name}"]))
         self.evaluations.inc()
 
     def serve(self, listen: str) -> MetricsServer:

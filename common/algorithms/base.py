@@ -156,6 +156,9 @@ class ClientAlgorithm:
             with self.model.private_disabled():
                 for k, v in evaluate(self.model, test, **gen).items():
                     out[f"shared_{k}"] = v
+        if "answer_start" in test.tensors:  # the base model before any training, for reference
+            with self.model.peft.disable_adapter():
+                out["base_answer_loss"] = evaluate(self.model, test)["answer_loss"]
         return out
 
     # -- durable state -------------------------------------------------------------

@@ -11,6 +11,7 @@ derived from (seed, step), so no RNG state is needed.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -38,6 +39,16 @@ Objective = Literal["bilevel", "plain", "maml"]
 STATE_VERSION = 1
 PRIVATE_PREFIX = "private/"  # state tensor names of the private adapter: private/<parameter>
 UL_OPT_PREFIX = "ul_opt/"  # the UL optimizer's state: ul_opt/<parameter>/<moment>
+
+
+# A step whose loss is this many times the round's first (and at least DIVERGED_MARGIN above
+# it) ends the round as diverged, as does a non-finite loss: nothing of it is sent.
+DIVERGED_RATIO = 10.0
+DIVERGED_MARGIN = 5.0
+
+
+class Diverged(DataError):
+    """Local training diverged (a non-finite or exploding loss); the round must not be sent."""
 
 
 def private_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -118,6 +129,7 @@ class BilevelTrainer:
         for _ in bar:
             torch.manual_seed(derive_seed(self.seed, self.step, "dropout"))
             ll, ul = self._one_step(source)
+            self._check_diverged(ll, ul, ul_losses[0] if ul_losses else ul)
             ll_losses.append(ll)
             ul_losses.append(ul)
             self.step += 1
@@ -129,6 +141,17 @@ class BilevelTrainer:
             "train_seconds": time.perf_counter() - t0,
             "local_steps": float(steps),
         }
+
+    def _check_diverged(self, ll: float, ul: float, first: float) -> None:
+        exploding = ul > DIVERGED_RATIO * first and ul > first + DIVERGED_MARGIN
+        if math.isfinite(ll) and math.isfinite(ul) and not exploding:
+            return
+        raise Diverged(
+            f"local training diverged at step {self.step} (round {self.rounds + 1}): loss "
+            f"{ul:.4g} (lower level {ll:.4g}, first step of the round {first:.4g}); nothing of "
+            "this round is sent. Lower the learning rates (ul_lr, ll_lr) or clip the lower "
+            "level (ll_max_grad_norm)"
+        )
 
     def _one_step(self, source: BatchSource) -> tuple[float, float]:
         loss_fn = self._loss_fn()

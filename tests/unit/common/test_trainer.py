@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from pf2lora.common.errors import ConfigError, DataError
 from pf2lora.common.learning.config import TrainConfig
-from pf2lora.common.learning.trainer import BilevelTrainer
+from pf2lora.common.learning.trainer import BilevelTrainer, Diverged
 from pf2lora.common.state_io import load_state, save_state
 from tests.helpers.tiny import linear_model, mini_model, regression_data, source, text_data
 
@@ -117,7 +119,10 @@ def test_lower_level_clip_bounds_every_private_step() -> None:
         steps = []
         for _ in range(5):
             y0 = torch.cat([p.detach().flatten().clone() for p in m.private_parameters().values()])
-            tr.train_round(src)
+            try:
+                tr.train_round(src)
+            except Diverged:  # unclipped, the private steps blow up (loss inf by round 4)
+                return math.inf
             y1 = torch.cat([p.detach().flatten() for p in m.private_parameters().values()])
             steps.append(float((y1 - y0).norm()))
         return max(steps)
@@ -160,3 +165,15 @@ def test_more_lower_level_steps_move_the_private_adapter_further(hypergrad: str)
     assert after < before
     assert any(not torch.equal(one[k], three[k]) for k in one)
     assert all(torch.equal(three[k], again[k]) for k in three)
+
+
+def test_a_diverging_round_stops_with_a_clear_error_instead_of_finishing() -> None:
+    m = linear_model(d=6, r=3, r_hat=2)
+    data = regression_data(128, d=6)
+    # a lower-level step of 50 on an unclipped quadratic: the loss grows without bound
+    cfg = TrainConfig(local_steps=40, batch_size=32, ll_lr=50.0, ul_lr=0.02, max_grad_norm=None)
+    tr = BilevelTrainer(m, cfg, seed=0)
+    with pytest.raises(Diverged, match="local training diverged at step") as err:
+        tr.train_round(source(data, 32))
+    assert "Lower the learning rates" in str(err.value)
+    assert tr.rounds == 0  # the round did not complete
