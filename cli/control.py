@@ -200,7 +200,7 @@ def generation_table(status: cpb.RunStatus, title: str = "") -> None:
         vals = [m[key] for m in rows if key in m]
         means.append(f"{sum(vals) / len(vals):.3f}" if vals and len(vals) == len(rows) else "")
     table.add_row("mean", "", *means, style="bold")
-    Console().print(table)
+    Console(width=max(Console().width, 132)).print(table)  # 9 columns: never truncate them
 
 
 def refusal_line(r: cpb.SiloRefusal) -> str:

@@ -1,10 +1,11 @@
 """`pf2lora demo`: a real local federation on loopback, one command.
 
-It writes configs and per-silo data (one VADER domain per silo) into a work folder, starts a
-coordinator and four silo daemons as separate processes, runs a few rounds of PF2LoRA with
-per-round progress, prints each silo's personalised vs shared-only accuracy, and stops every
-process it started (also on Ctrl-C). By default the processes talk mutual TLS with certificates
-made for the demo and every round is securely aggregated (SecAgg+: the coordinator only sees the
+It writes configs and per-silo data (one VADER domain per silo; with --task causal-lm one
+packaged instruction task per silo) into a work folder, starts a coordinator and four silo
+daemons as separate processes, runs a few rounds of PF2LoRA with per-round progress, prints
+each silo's personalised vs shared-only accuracy (decoder: answer loss, exact match, ROUGE-L),
+and stops every process it started (also on Ctrl-C). By default the processes talk mutual TLS
+with certificates made for the demo and every round is securely aggregated (SecAgg+: the coordinator only sees the
 sum of the silos' masked updates); `--insecure` uses plaintext gRPC on loopback instead (the
 silos still sign their secure-aggregation keys with the demo certificates), and
 `--no-secure-aggregation` sends plain updates.
@@ -26,22 +27,84 @@ from pathlib import Path
 from typing import Any
 
 from pf2lora.common.errors import ConfigError, Pf2LoraError
+from pf2lora.common.learning.task_defaults import CAUSAL_LM_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
 FEDERATION = "pf2lora-demo"
 JOIN_TIMEOUT_S = 300.0
 
+# Settings per task, where the command line says nothing. seq-cls: rates chosen on the
+# accuracy benchmark's validation split (benchmarks/results/accuracy_tuning.md): the library
+# defaults (ul_lr 2e-3) stay near the majority class over a demo's 30 steps. causal-lm: the
+# decoder defaults (common/learning/task_defaults.py), and a budget that fits a few minutes on
+# 2 cores: SmolLM2 keeps all 30 layers (a truncated decoder forgets language), so the demo
+# trains few steps on short prompts and scores few generated answers.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "seq-cls": {
+        "rounds": 3,
+        "local_steps": 10,
+        "batch_size": 16,
+        "ul_lr": 1e-2,
+        "ll_lr": 0.02,
+        "ll_max_grad_norm": 1.0,
+        "max_train": 200,
+        "max_test": 100,
+        "max_length": 64,
+    },
+    "causal-lm": {
+        "rounds": 2,
+        "local_steps": 4,
+        "batch_size": 4,
+        "ul_lr": CAUSAL_LM_DEFAULTS["ul_lr"],
+        "ll_lr": CAUSAL_LM_DEFAULTS["ll_lr"],
+        "ll_max_grad_norm": CAUSAL_LM_DEFAULTS["ll_max_grad_norm"],
+        "max_train": 64,
+        "max_test": 24,
+        "max_length": 80,
+        "generate": 12,
+    },
+}
+DEMO_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("rounds", int, "federated rounds"),
+    ("local-steps", int, "local steps per round"),
+    ("batch-size", int, "minibatch size"),
+    ("ul-lr", float, "upper-level AdamW lr (shared adapter)"),
+    ("ll-lr", float, "lower-level SGD step (private adapter)"),
+    ("ll-max-grad-norm", float, "clip the lower-level gradient to this norm (0: off)"),
+    ("max-train", int, "training examples per silo"),
+    ("max-test", int, "held-out examples per silo"),
+    ("max-length", int, "max tokens per example"),
+    ("generate", int, "causal-lm: held-out answers generated and scored per silo"),
+)
+
+
+def _defaults_text(flag: str) -> str:
+    key = flag.replace("-", "_")
+    return ", ".join(
+        f"{v} for {t}" for t, d in TASK_DEFAULTS.items() if (v := d.get(key)) is not None
+    )
+
+
+def with_task_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """The arguments with the task's defaults wherever the command line gave nothing."""
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "demo",
         help="run a real local federation: a coordinator and 4 silo processes on loopback",
-        description="A coordinator and four silo daemons (one VADER domain each) as separate "
-        "processes on loopback gRPC, a few rounds of PF2LoRA on MiniLM, and a per-silo table of "
-        "personalised vs shared-only accuracy. Mutual TLS with demo certificates unless "
-        "--insecure; "
-        "secure aggregation (SecAgg+) in every round unless --no-secure-aggregation.",
+        description="A coordinator and four silo daemons as separate processes on loopback "
+        "gRPC and a few rounds of PF2LoRA. --task seq-cls (default): MiniLM, one VADER domain "
+        "per silo, a per-silo table of personalised vs shared-only accuracy. --task causal-lm: "
+        "SmolLM2-135M-Instruct, a different instruction task per silo, a per-silo table of "
+        "answer loss (base, personalised, shared-only), exact match and ROUGE-L. Mutual TLS with "
+        "demo certificates unless --insecure; secure aggregation (SecAgg+) in every round unless "
+        "--no-secure-aggregation.",
     )
     p.add_argument(
         "--insecure",
@@ -62,39 +125,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--algorithm", default="pf2lora", help="pf2lora | homlora | hetlora | perfedavg | local"
     )
-    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
-    p.add_argument("--local-steps", type=int, default=10, help="local steps per round (default 10)")
-    p.add_argument("--batch-size", type=int, default=16, help="minibatch size (default 16)")
-    # Rates chosen on the accuracy benchmark's validation split
-    # (benchmarks/results/accuracy_tuning.md):
-    # the library defaults (ul_lr 2e-3) stay near the majority class over a demo's 30 steps.
     p.add_argument(
-        "--ul-lr",
-        type=float,
-        default=1e-2,
-        help="upper-level AdamW lr (shared adapter; default 1e-2)",
+        "--task",
+        choices=sorted(TASK_DEFAULTS),
+        default="seq-cls",
+        help="seq-cls: MiniLM classifies sentiment, one VADER domain per silo (default); "
+        "causal-lm: SmolLM2-135M-Instruct answers a different instruction task on each silo",
     )
+    for flag, typ, what in DEMO_FLAGS:
+        p.add_argument(
+            f"--{flag}",
+            type=typ,
+            default=None,
+            help=f"{what} (default: {_defaults_text(flag)})",
+        )
     p.add_argument(
-        "--ll-lr",
-        type=float,
-        default=0.02,
-        help="lower-level SGD step (private adapter; default 0.02)",
-    )
-    p.add_argument(
-        "--ll-max-grad-norm",
-        type=float,
-        default=1.0,
-        help="clip the lower-level gradient to this norm (0: off; default 1.0)",
-    )
-    p.add_argument(
-        "--max-train", type=int, default=200, help="training examples per silo (default 200)"
-    )
-    p.add_argument(
-        "--max-test", type=int, default=100, help="held-out examples per silo (default 100)"
-    )
-    p.add_argument("--max-length", type=int, default=64, help="max tokens per text (default 64)")
-    p.add_argument(
-        "--num-layers", type=int, default=None, help="truncate MiniLM to N layers (default: all 6)"
+        "--num-layers", type=int, default=None, help="truncate the model to N layers (default: all)"
     )
     p.add_argument("--seed", type=int, default=0, help="run seed (data split, initial adapter)")
     p.add_argument(
@@ -125,16 +171,23 @@ def _toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 def _write_data(work: Path, args: argparse.Namespace) -> dict[str, tuple[Path, Path, int]]:
-    from pf2lora.common.data.splits import build_client_data
+    """Each silo's train and held-out JSONL files: text/label rows (seq-cls, one VADER domain
+    per silo) or chat messages (causal-lm, one packaged instruction task per silo)."""
+    from pf2lora.common.data.splits import build_client_data, instruction_client_data
 
-    clients = build_client_data(
-        "vader",
-        "natural",
-        4,
-        args.seed,
-        max_train_per_client=args.max_train,
-        max_test_per_client=args.max_test,
-    )
+    if args.task == "causal-lm":
+        clients = instruction_client_data(
+            4, args.seed, train_per_client=args.max_train, test_per_client=args.max_test
+        )
+    else:
+        clients = build_client_data(
+            "vader",
+            "natural",
+            4,
+            args.seed,
+            max_train_per_client=args.max_train,
+            max_test_per_client=args.max_test,
+        )
     out: dict[str, tuple[Path, Path, int]] = {}
     for c in clients:
         d = work / "silos" / c.name / "data"
@@ -143,8 +196,15 @@ def _write_data(work: Path, args: argparse.Namespace) -> dict[str, tuple[Path, P
         for split, ds in (("train", c.train), ("test", c.test)):
             p = d / f"{split}.jsonl"
             with p.open("w") as fh:
-                for text, label in zip(ds["text"], ds["label"], strict=True):
-                    fh.write(json.dumps({"text": text, "label": int(label)}) + "\n")
+                if args.task == "causal-lm":
+                    rows: Any = ({"messages": m} for m in ds["messages"])
+                else:
+                    rows = (
+                        {"text": t, "label": int(y)}
+                        for t, y in zip(ds["text"], ds["label"], strict=True)
+                    )
+                for row in rows:
+                    fh.write(json.dumps(row) + "\n")
             paths.append(p)
         out[c.name] = (paths[0], paths[1], len(c.train))
     return out
@@ -196,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
     from pf2lora.v1 import control_pb2 as cpb
 
     t_start = time.perf_counter()
+    args = with_task_defaults(args)
+    decoder = args.task == "causal-lm"
+    model_path = "smollm2" if decoder else "minilm"
     if args.insecure:
         logger.warning("demo --insecure: plaintext gRPC on loopback, identities are not checked")
     if not args.secure_aggregation:
@@ -207,6 +270,15 @@ def run(args: argparse.Namespace) -> int:
     logs = work / "logs"
     logs.mkdir()
     print(f"pf2lora demo: work folder {work}", flush=True)
+    if decoder:
+        print(
+            f"decoder demo: SmolLM2-135M-Instruct (all 30 layers) on 4 silos, each with its own "
+            f"instruction task; a short budget to fit a few minutes on 2 cores: {args.rounds} "
+            f"rounds x {args.local_steps} local steps at batch {args.batch_size}, "
+            f"{args.max_train} training examples per silo, {args.generate} answers generated "
+            "per silo (the benchmark trains longer: benchmarks/results/causal_lm.md)",
+            flush=True,
+        )
     run_cfg = RunConfig(
         algorithm=AlgorithmConfig(
             name=args.algorithm,
@@ -219,10 +291,13 @@ def run(args: argparse.Namespace) -> int:
             ),
         ),
         model=ModelConfig(
-            path="minilm",
+            path=model_path,
+            task=args.task,
             max_length=args.max_length,
             num_hidden_layers=args.num_layers,
             num_labels=2,
+            generate_examples=args.generate or 0,
+            max_new_tokens=6,
         ),
         rounds=args.rounds,
         min_silos=4,
@@ -291,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
                         "server_name": "localhost",
                         "insecure": args.insecure,
                     },
-                    "model": {"path": "minilm"},
+                    "model": {"path": model_path},
                     "data": {"train_files": [str(train)], "eval_files": [str(test)]},
                     "server": {"health_listen": "", "metrics_listen": ""},
                     **tls.get(s, {}),

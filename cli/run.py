@@ -105,11 +105,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def build_run_config(args: argparse.Namespace) -> Any:
     from pf2lora.common.learning.config import from_mapping
+    from pf2lora.common.learning.task_defaults import with_task_defaults
     from pf2lora.common.runspec import RunConfig, load_toml
 
     tree = apply_flags(load_toml(args.run_file) if args.run_file else {}, args, RUN_FLAGS)
     if getattr(args, "secure_aggregation", None) is False:
         tree["secure_aggregation"] = False
+    tree = with_task_defaults(tree)
     cfg = from_mapping(RunConfig, tree, str(args.run_file or "run configuration"))
     if not cfg.secure_aggregation:
         logger.warning(

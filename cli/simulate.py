@@ -69,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def build_config(args: argparse.Namespace) -> Any:
     from pf2lora.common.data.sources import with_source_defaults
     from pf2lora.common.learning.config import from_mapping
+    from pf2lora.common.learning.task_defaults import with_task_defaults
     from pf2lora.common.runspec import load_toml, set_path
     from pf2lora.common.simulation import SimulationConfig
 
@@ -83,7 +84,7 @@ def build_config(args: argparse.Namespace) -> Any:
         set_path(tree, ("data", "test_files"), args.test_files.split(","))
     if args.progress:
         set_path(tree, ("algorithm", "train", "progress"), True)
-    return from_mapping(SimulationConfig, with_source_defaults(tree))
+    return from_mapping(SimulationConfig, with_task_defaults(with_source_defaults(tree)))
 
 
 def _fmt(v: Any) -> str:
@@ -94,8 +95,11 @@ def print_table(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from pf2lora.cli.control import GENERATION_COLUMNS
+
     clients = result.clients
     synthetic = any("true_rank" in c for c in clients)
+    decoder = any("personal_answer_loss" in c for c in clients)
     table = Table(
         title=f"pf2lora simulate: {result.config['algorithm']['name']}, "
         f"{len(result.rounds)} rounds, {result.wall_seconds:.0f} s"
@@ -103,6 +107,8 @@ def print_table(result: Any) -> None:
     cols = ["client", "train", "test"]
     if synthetic:
         cols += ["true rank", "learned rank", "test MSE"]
+    elif decoder:
+        cols += [header for header, _ in GENERATION_COLUMNS]
     else:
         cols += ["personalised acc", "shared-only acc"]
     for c in cols:
@@ -116,11 +122,16 @@ def print_table(result: Any) -> None:
                 str(c["learned_rank"]),
                 "-" if mse is None else f"{mse:.2e}",
             ]
+        elif decoder:
+            row += [_fmt(c.get(key)) for _, key in GENERATION_COLUMNS]
         else:
             row += [_fmt(c.get("personal_accuracy")), _fmt(c.get("shared_accuracy"))]
         table.add_row(*row)
     last = result.rounds[-1]
-    if not synthetic:
+    if decoder:
+        row = [_fmt(last.get(f"mean_{key}")) for _, key in GENERATION_COLUMNS]
+        table.add_row("mean", "", "", *row, style="bold")
+    elif not synthetic:
         table.add_row(
             "mean",
             "",
@@ -166,8 +177,10 @@ def run(args: argparse.Namespace) -> int:
         loss = sum(rec["train_loss"]) / len(rec["train_loss"])
         acc = rec.get("mean_personal_accuracy")
         mse = rec.get("mean_personal_mse")
+        answer = rec.get("mean_personal_answer_loss")
         extra = f" personalised acc {acc:.3f}" if acc is not None else ""
         extra += f" personalised mse {mse:.4f}" if mse is not None else ""
+        extra += f" personalised answer loss {answer:.4f}" if answer is not None else ""
         print(
             f"round {rec['round']}/{cfg.rounds}: train loss {loss:.4f}{extra} "
             f"({rec['seconds']:.1f} s)",

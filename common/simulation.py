@@ -37,6 +37,10 @@ SOURCES = ("vader", "rotten-tomatoes", "trec", "synthetic-rank", "files", "instr
 
 # Per-client metrics averaged over the clients after each evaluation (those every client has).
 SUMMARY_METRICS = ("accuracy", "mse", "answer_loss", "perplexity", "exact_match", "rouge_l")
+SUMMARY_KEYS = (
+    *(f"{level}_{m}" for m in SUMMARY_METRICS for level in ("personal", "shared")),
+    "base_answer_loss",
+)
 
 
 @dataclass(frozen=True)
@@ -340,7 +344,7 @@ def _attach_rank_analysis(
 
 def _summary(evals: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for key in [f"{level}_{m}" for m in SUMMARY_METRICS for level in ("personal", "shared")]:
+    for key in SUMMARY_KEYS:
         vals = [e[key] for e in evals if key in e]
         if len(vals) == len(evals):
             out[f"mean_{key}"] = sum(vals) / len(vals)

@@ -23,6 +23,15 @@ SOURCE_DEFAULTS: dict[str, dict[tuple[str, ...], Any]] = {
         ("model", "path"): "",
         ("model", "task"): "regression",
     },
+    # the packaged instruction tasks (one per client): a decoder's data
+    "instructions": {
+        ("data", "num_clients"): 4,
+        ("model", "path"): "smollm2",
+        ("model", "task"): "causal-lm",
+        ("model", "max_length"): 80,
+        ("algorithm", "train", "batch_size"): 4,
+        ("algorithm", "train", "local_steps"): 5,
+    },
 }
 
 

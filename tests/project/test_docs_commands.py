@@ -24,6 +24,7 @@ DOCS = (
     "docs/federation.md",
     "deploy/README.md",
     "docs/benchmarks.md",
+    "docs/instruction-tuning.md",
 )
 # Fewest commands each file must yield: guards against an extractor that silently finds nothing.
 MIN_COMMANDS = {
@@ -32,6 +33,7 @@ MIN_COMMANDS = {
     "docs/federation.md": 8,
     "deploy/README.md": 3,
     "docs/benchmarks.md": 1,
+    "docs/instruction-tuning.md": 3,
 }
 
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
