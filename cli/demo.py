@@ -5,10 +5,10 @@ packaged instruction task per silo) into a work folder, starts a coordinator and
 daemons as separate processes, runs a few rounds of PF2LoRA with per-round progress, prints
 each silo's personalised vs shared-only accuracy (decoder: answer loss, exact match, ROUGE-L),
 and stops every process it started (also on Ctrl-C). By default the processes talk mutual TLS
-with certificates made for the demo and every round is securely aggregated (SecAgg+: the coordinator only sees the
-sum of the silos' masked updates); `--insecure` uses plaintext gRPC on loopback instead (the
-silos still sign their secure-aggregation keys with the demo certificates), and
-`--no-secure-aggregation` sends plain updates.
+with certificates made for the demo and every round is securely aggregated (SecAgg+: the
+coordinator only sees the sum of the silos' masked updates); `--insecure` uses plaintext gRPC
+on loopback instead (the silos still sign their secure-aggregation keys with the demo
+certificates), and `--no-secure-aggregation` sends plain updates.
 """
 
 from __future__ import annotations
