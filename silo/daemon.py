@@ -59,6 +59,10 @@ class Fatal(Exception):
         self.code = code
 
 
+# What the final evaluation's log line shows (classification: accuracy; decoder: the rest).
+REPORTED_METRICS = ("accuracy", "answer_loss", "exact_match", "rouge_l")
+
+
 class SiloDaemon:
     def __init__(
         self,
@@ -356,7 +360,7 @@ class SiloDaemon:
         logger.info(
             "run %s: final evaluation %s",
             run_id,
-            {k: round(v, 4) for k, v in metrics.items() if k.endswith("accuracy")},
+            {k: round(v, 4) for k, v in metrics.items() if k.endswith(REPORTED_METRICS)},
         )
         reported = metrics if self.cfg.silo.report_metrics else {WITHHELD: 1.0}
         self.client.report_metrics(run_id, task.round, "evaluate", reported)
