@@ -398,3 +398,37 @@ def test_an_older_checkpoint_is_verified_when_served(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"{older}.*does not match the digest"):
         eng2.global_state("a", run_id, 1)
     assert run_status(eng2, run_id).completed_rounds == 2  # the latest is intact: run goes on
+
+
+def test_a_refusing_silo_is_not_waited_for_and_shows_in_the_status(tmp_path: Path) -> None:
+    """Refused while enrolled: enrolment seals with the others at once; refused while a
+    participant of a plain round: the round completes when the others have reported; its
+    tasks are idle until it joins again."""
+    clock = Clock()
+    eng = make_engine(tmp_path, clock)
+    join_all(eng)
+    run_id = eng.start_run(run_cfg(rounds=2, min_silos=1, enroll_window_s=600.0))
+    eng.get_task("c")  # c enrols, then finds its model differs
+    eng.refuse_run("c", run_id, "model differs:\n config.json differs")
+    assert isinstance(eng.get_task("a"), IdleTask)
+    task_b = eng.get_task("b")  # a and b are everyone left: sealed without the window
+    assert isinstance(task_b, TrainTask) and task_b.round == 1
+    idle = eng.get_task("c")
+    assert isinstance(idle, IdleTask) and "config.json differs" in idle.reason
+    view = run_status(eng, run_id)
+    assert [(s, why) for s, why, _ in view.refused] == [("c", "model differs: config.json differs")]
+    task_a = eng.get_task("a")
+    push(eng, "a", task_a, 1.0)
+    # round 2: b refuses after it got its task; a's update alone completes the round
+    push(eng, "b", task_b, 1.0)
+    for s in "ab":
+        eng.get_task(s)
+    tasks = {s: eng.get_task(s) for s in "ab"}
+    assert all(isinstance(t, TrainTask) and t.round == 2 for t in tasks.values())
+    eng.refuse_run("b", run_id, "local training diverged")
+    push(eng, "a", tasks["a"], 2.0)
+    assert isinstance(eng.get_task("a"), EvaluateTask)
+    assert eng.store.run(run_id).completed_rounds == 2
+    # a new session of c may take part again (in the next run's rounds)
+    eng.join("c", 60, "test")
+    assert "c" not in {s for s, _, _ in run_status(eng, run_id).refused}
