@@ -50,8 +50,8 @@ SETTINGS: dict[str, Any] = {
 TUNING: dict[str, list[dict[str, Any]]] = {
     "pf2lora": [
         {"ul_lr": 2e-3, "ll_lr": 0.1},  # the classification defaults
-        {"ul_lr": 5e-4, "ll_lr": 0.01},
-        {"ul_lr": 5e-4, "ll_lr": 0.01, "ll_max_grad_norm": 1.0},
+        {"ul_lr": 5e-4, "ll_lr": 0.01},  # the decoder demo's first choice
+        {"ul_lr": 2e-3, "ll_lr": 0.01},
     ],
     "homlora": [{"ul_lr": lr} for lr in (5e-4, 1e-3, 2e-3)],
     "local": [{"ul_lr": lr} for lr in (5e-4, 1e-3, 2e-3)],

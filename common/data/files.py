@@ -29,12 +29,9 @@ LOCAL_FORMATS: dict[str, str] = {
 }
 
 
-def read_table(
-    path: str | os.PathLike[str], text_column: str, label_column: str, cache_dir: Path | None
-) -> tuple[Path, list[str], list[Any]]:
-    """Texts (validated) and raw label values of one local file."""
-    p = Path(path)
-    expected = f"(columns {text_column!r}, {label_column!r} expected)"
+def read_local(p: Path, expected: str, cache_dir: Path | None) -> Dataset:
+    """A local data file by its extension, with at least one row; every problem a DataError
+    naming the file and what it should hold (`expected`)."""
     if not p.is_file():
         raise DataError(f"{p}: file not found {expected}")
     builder = LOCAL_FORMATS.get(p.suffix.lower())
@@ -50,6 +47,16 @@ def read_table(
     ds = read_file(builder, p, cache_dir, context=expected, **kwargs)
     if len(ds) == 0:
         raise DataError(f"{p}: no rows {expected}")
+    return ds
+
+
+def read_table(
+    path: str | os.PathLike[str], text_column: str, label_column: str, cache_dir: Path | None
+) -> tuple[Path, list[str], list[Any]]:
+    """Texts (validated) and raw label values of one local file."""
+    p = Path(path)
+    expected = f"(columns {text_column!r}, {label_column!r} expected)"
+    ds = read_local(p, expected, cache_dir)
     texts = column(ds, p, text_column)
     raw = column(ds, p, label_column)
     for i, t in enumerate(texts):

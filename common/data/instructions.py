@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, Features, List, Value
 
-from pf2lora.common.data.dataset import column_values, read_file
-from pf2lora.common.data.files import LOCAL_FORMATS
+from pf2lora.common.data.dataset import column_values
+from pf2lora.common.data.files import LOCAL_FORMATS, read_local
 from pf2lora.common.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -46,15 +46,8 @@ def is_instruction_file(path: str | os.PathLike[str], cache_dir: Path | None = N
     """True when a local data file has a `messages` column or `prompt` and `completion`
     columns (read through the datasets cache; False for anything it cannot read, so the
     text/label reader reports that file's problem)."""
-    p = Path(path)
-    builder = LOCAL_FORMATS.get(p.suffix.lower())
-    if builder is None or not p.is_file() or p.stat().st_size == 0:
-        return False
-    kwargs: dict[str, Any] = {"keep_default_na": False} if builder == "csv" else {}
-    if p.suffix.lower() == ".tsv":
-        kwargs["delimiter"] = "\t"
     try:
-        names = read_file(builder, p, cache_dir, **kwargs).column_names
+        names = read_local(Path(path), "", cache_dir).column_names
     except DataError:
         return False
     return "messages" in names or {"prompt", "completion"} <= set(names)
@@ -118,24 +111,11 @@ def load_instructions(
         f"(a {messages_column!r} column, or {prompt_column!r} and {completion_column!r} columns "
         "expected)"
     )
-    if not p.is_file():
-        raise DataError(f"{p}: file not found {expected}")
-    builder = LOCAL_FORMATS.get(p.suffix.lower())
-    if builder is None:
-        raise DataError(
-            f"{p}: unsupported extension {p.suffix!r}; use one of {list(LOCAL_FORMATS)} {expected}"
-        )
-    if p.stat().st_size == 0:
-        raise DataError(f"{p}: empty file {expected}")
-    kwargs: dict[str, Any] = {"keep_default_na": False} if builder == "csv" else {}
-    if p.suffix.lower() == ".tsv":
-        kwargs["delimiter"] = "\t"
-    ds = read_file(builder, p, cache_dir, context=expected, **kwargs)
-    if len(ds) == 0:
-        raise DataError(f"{p}: no rows {expected}")
+    ds = read_local(p, expected, cache_dir)
+    csv = LOCAL_FORMATS.get(p.suffix.lower()) == "csv"
     conversations: list[list[Message]] = []
     if messages_column in ds.column_names:
-        if builder == "csv":
+        if csv:
             raise DataError(
                 f"{p}: column {messages_column!r}: a list of turns needs JSONL or Parquet, not CSV"
             )
