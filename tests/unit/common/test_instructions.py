@@ -232,3 +232,16 @@ def test_packaged_instruction_tasks_are_distinct_and_seeded() -> None:
     assert answers <= set(INSTRUCTION_TASKS["question-type"].answers)
     prompts = {INSTRUCTION_TASKS[n].prompt for n in INSTRUCTION_TASKS}
     assert len(prompts) == len(INSTRUCTION_TASKS) == 4
+
+
+def test_a_tokenizer_without_a_chat_template_gets_the_plain_layout() -> None:
+    """Each turn on its own line, the answer followed by the EOS token (here BERT's, which has
+    none: the answer alone), and still only the answer labelled."""
+    tok = tiny.tokenizer()  # MiniLM's (BERT) tokenizer
+    assert not getattr(tok, "chat_template", None)
+    data = encode_conversations([_messages("Who wrote Hamlet?", "a person")], tok, 32)
+    t = data.tensors
+    labelled = t["input_ids"][0][t["labels"][0] != IGNORE]
+    assert tok.decode(labelled) == "a person"
+    prompt = tok.decode(t["input_ids"][0, : int(t["answer_start"][0])])
+    assert prompt == "who wrote hamlet?"  # the uncased tokenizer lower-cases
