@@ -97,8 +97,22 @@ def run_one(method: str, hp: dict[str, Any], seed: int, phase: str) -> dict[str,
         eval_every=s["rounds"],
         evaluate_initial=True,
     )
+    from pf2lora.common.learning.trainer import Diverged
+
     t0 = time.perf_counter()
-    res = run_simulation(cfg)
+    try:
+        res = run_simulation(cfg)
+    except Diverged as exc:  # a result too: these settings do not train
+        return {
+            "phase": phase,
+            "method": method,
+            "config": hp,
+            "seed": seed,
+            "settings": s,
+            "diverged": str(exc),
+            "mean_personal_answer_loss": None,
+            "wall_seconds": time.perf_counter() - t0,
+        }
     first, last = res.rounds[0], res.rounds[-1]
     keys = ("answer_loss", "exact_match", "rouge_l")
     per_client = {}
@@ -139,6 +153,9 @@ def run_phase(specs: list[tuple[str, dict[str, Any], int]], phase: str, log: Pat
         rec = run_one(method, hp, seed, phase)
         rec["machine"] = machine_info()
         append_log(log, rec)
+        if "diverged" in rec:
+            print(f"[{n}/{len(todo)}] {phase} {method} {hp} seed {seed}: {rec['diverged']}")
+            continue
         print(
             f"[{n}/{len(todo)}] {phase} {method} {hp} seed {seed}: answer loss "
             f"{rec['initial_answer_loss']:.3f} -> {rec['mean_personal_answer_loss']:.3f} "
@@ -147,13 +164,19 @@ def run_phase(specs: list[tuple[str, dict[str, Any], int]], phase: str, log: Pat
         )
 
 
+def _loss(rec: dict[str, Any]) -> float:
+    """The selection criterion; a diverged run scores worst."""
+    value = rec.get("mean_personal_answer_loss")
+    return float("inf") if value is None else float(value)
+
+
 def selected(out: Path) -> dict[str, dict[str, Any]]:
     """method -> the configuration with the lowest mean validation answer loss (personalised)."""
     recs = [r for r in read_log(out / SELECTION_LOG) if r["phase"] == "tune"]
     choice = {}
     for method, grid in TUNING.items():
         scored = [
-            (r["mean_personal_answer_loss"], i)
+            (_loss(r), i)
             for i, hp in enumerate(grid)
             for r in recs
             if r["method"] == method and r["config"] == hp
@@ -190,9 +213,11 @@ def report(out: Path) -> None:
     ]
     for r in sel:
         mark = "yes" if choice.get(r["method"]) == r["config"] else ""
+        loss = "diverged" if "diverged" in r else f"{r['mean_personal_answer_loss']:.4f}"
+        shared = r.get("mean_shared_answer_loss")
         lines.append(
-            f"| {r['method']} | {r['config']} | {r['mean_personal_answer_loss']:.4f} | "
-            f"{r.get('mean_shared_answer_loss') or '-'} | {mark} |"
+            f"| {r['method']} | {r['config']} | {loss} | "
+            f"{'-' if shared is None else f'{shared:.4f}'} | {mark} |"
         )
     lines += [
         "",
