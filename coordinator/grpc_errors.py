@@ -31,7 +31,8 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (DataError, grpc.StatusCode.INTERNAL),  # damaged files on the coordinator's side
+    # damaged or missing files on the coordinator's side: DATA_LOSS names the file to restore
+    (DataError, grpc.StatusCode.DATA_LOSS),
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,7 +41,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> NoReturn:
     for cls, code in STATUS_OF:
         if isinstance(exc, cls):
-            level = logging.WARNING if code != grpc.StatusCode.INTERNAL else logging.ERROR
+            level = logging.ERROR if code == grpc.StatusCode.DATA_LOSS else logging.WARNING
             message = bounded(str(exc))
             logger.log(level, "%s from %s: %s: %s", method, context.peer(), code.name, message)
             context.abort(code, message)

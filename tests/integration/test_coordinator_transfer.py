@@ -98,3 +98,44 @@ def test_health_port_reports_the_services(tmp_path: Path) -> None:
                 ), method
     finally:
         coord.stop(grace=0)
+
+
+def test_a_damaged_checkpoint_is_data_loss_naming_the_file(tmp_path: Path) -> None:
+    """FetchGlobal of an older checkpoint altered on disk answers DATA_LOSS with the file's
+    name (the silo and the operator see what to restore), not a generic INTERNAL."""
+    state = {"layer.lora_A.weight": torch.ones(2, 4)}
+    coord = Coordinator(
+        coordinator_config(tmp_path / "coordinator", FED, ("silo-a",)),
+        initial_state=lambda algorithm, model, seed: state,
+    )
+    coord.start()
+    client = CoordinatorClient(
+        silo_config(tmp_path / "silo", "silo-a", FED, coord.ports["silo_api"]),
+        stop=threading.Event(),
+    )
+    try:
+        run_id = coord.engine.start_run(
+            RunConfig(
+                model=ModelConfig(path="unused"), rounds=2, min_silos=1, secure_aggregation=False
+            )
+        )
+        client.join(100, "test")
+        task = client.get_task("")
+        while task.__class__.__name__ == "IdleTask":
+            task = client.get_task("")
+        digest = task.global_digest  # type: ignore[union-attr]
+        fetched = client.fetch_global(run_id, 0, digest)
+        client.push_update(run_id, 1, task.attempt, weighted_payload(fetched, task.weight))  # type: ignore[union-attr]
+        path = CheckpointStore(tmp_path / "coordinator").path(run_id, 0)  # now an older one
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF  # one bit of a tensor value
+        path.write_bytes(bytes(data))
+        try:
+            client.fetch_global(run_id, 0, digest)
+            raise AssertionError("a damaged checkpoint was served")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.DATA_LOSS, exc  # type: ignore[attr-defined]
+            assert str(path) in exc.details()  # type: ignore[attr-defined]
+    finally:
+        client.close()
+        coord.stop(grace=0)
