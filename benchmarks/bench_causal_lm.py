@@ -14,16 +14,21 @@ verdict, editorial tone).
     .venv/bin/python benchmarks/bench_causal_lm.py --phase report
 
 Every run is appended to benchmarks/results/causal_lm_{selection,runs}.jsonl as it ends; a
-rerun skips what is there. One process, two torch threads (the 2-core machine).
+rerun skips what is there. One process with two torch threads, or (faster on 2 cores) two
+workers with one thread each, the second taking the runs in reverse order:
+    .venv/bin/python benchmarks/bench_causal_lm.py --phase table --threads 1 &
+    .venv/bin/python benchmarks/bench_causal_lm.py --phase table --threads 1 --reverse
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -59,14 +64,16 @@ TUNING: dict[str, list[dict[str, Any]]] = {
 SEEDS = (0, 1, 2)
 
 
-def run_one(method: str, hp: dict[str, Any], seed: int, phase: str) -> dict[str, Any]:
+def run_one(
+    method: str, hp: dict[str, Any], seed: int, phase: str, threads: int = 2
+) -> dict[str, Any]:
     import torch
 
     from pf2lora.common.algorithms.base import AlgorithmConfig
     from pf2lora.common.learning.config import ModelConfig, TrainConfig
     from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     s = SETTINGS
     train = TrainConfig(
         local_steps=s["local_steps"],
@@ -145,12 +152,29 @@ def key(phase: str, method: str, hp: dict[str, Any], seed: int) -> str:
     return json.dumps([phase, method, hp, seed], sort_keys=True)
 
 
-def run_phase(specs: list[tuple[str, dict[str, Any], int]], phase: str, log: Path) -> None:
+def _claim(run_key: str) -> bool:
+    """True for the one worker process that takes this run (a file made with O_EXCL in the temp
+    dir, so that a second worker started with --reverse meets the first without overlap)."""
+    claims = Path(tempfile.gettempdir()) / "pf2lora-bench-causal-lm-claims"
+    claims.mkdir(exist_ok=True)
+    name = hashlib.sha256(run_key.encode()).hexdigest()[:16]
+    try:
+        (claims / name).open("x").close()
+    except FileExistsError:
+        return False
+    return True
+
+
+def run_phase(
+    specs: list[tuple[str, dict[str, Any], int]], phase: str, log: Path, threads: int = 2
+) -> None:
     done = {key(r["phase"], r["method"], r["config"], r["seed"]) for r in read_log(log)}
     todo = [sp for sp in specs if key(phase, *sp) not in done]
     print(f"{len(specs) - len(todo)} of {len(specs)} runs already in {log.name}", flush=True)
     for n, (method, hp, seed) in enumerate(todo, start=1):
-        rec = run_one(method, hp, seed, phase)
+        if not _claim(key(phase, method, hp, seed)):
+            continue  # another worker runs it
+        rec = run_one(method, hp, seed, phase, threads)
         rec["machine"] = machine_info()
         append_log(log, rec)
         if "diverged" in rec:
@@ -273,12 +297,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--phase", choices=("tune", "table", "report"), required=True)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (2 workers: 1 each)")
+    ap.add_argument(
+        "--reverse",
+        action="store_true",
+        help="take the runs in reverse order (a second worker process beside the first)",
+    )
     args = ap.parse_args(argv)
     if args.phase == "tune":
         # the cheap single-level methods first (a broken setting shows in minutes)
         order = sorted(TUNING, key=lambda m: m == "pf2lora")
         specs = [(m, hp, 0) for m in order for hp in TUNING[m]]
-        run_phase(specs, "tune", args.out / SELECTION_LOG)
+        run_phase(
+            specs[::-1] if args.reverse else specs, "tune", args.out / SELECTION_LOG, args.threads
+        )
     elif args.phase == "table":
         choice = selected(args.out)
         missing = sorted(set(TUNING) - set(choice))
@@ -286,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"selection incomplete for {missing}: run --phase tune first", file=sys.stderr)
             return 2
         specs = [(m, choice[m], seed) for seed in SEEDS for m in TUNING]
-        run_phase(specs, "table", args.out / RUN_LOG)
+        run_phase(specs[::-1] if args.reverse else specs, "table", args.out / RUN_LOG, args.threads)
     report(args.out)
     return 0
 
