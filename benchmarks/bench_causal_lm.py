@@ -106,16 +106,13 @@ def run_one(
     )
     from pf2lora.common.learning.trainer import Diverged
 
+    head = {"phase": phase, "method": method, "config": hp, "seed": seed, "settings": s}
     t0 = time.perf_counter()
     try:
         res = run_simulation(cfg)
     except Diverged as exc:  # a result too: these settings do not train
         return {
-            "phase": phase,
-            "method": method,
-            "config": hp,
-            "seed": seed,
-            "settings": s,
+            **head,
             "diverged": str(exc),
             "mean_personal_answer_loss": None,
             "wall_seconds": time.perf_counter() - t0,
@@ -129,11 +126,7 @@ def run_one(
         per_client[c["name"]] = row
     trained = [r for r in res.rounds if r["round"] > 0]
     return {
-        "phase": phase,
-        "method": method,
-        "config": hp,
-        "seed": seed,
-        "settings": s,
+        **head,
         "per_client": per_client,
         **{
             f"mean_{lvl}_{k}": last.get(f"mean_{lvl}_{k}")

@@ -25,7 +25,6 @@ from pf2lora.common.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
-INSTRUCTION_COLUMNS: tuple[str, ...] = ("messages", "domain")
 
 Message = dict[str, str]
 
@@ -207,12 +206,11 @@ INSTRUCTION_TASKS: dict[str, InstructionTask] = {
 }
 
 
-def instruction_task(name: str, size: int, seed: int, *, cache_dir: Path | None = None) -> Dataset:
+def instruction_task(name: str, size: int, seed: int) -> Dataset:
     """`size` examples (seeded draw) of a packaged instruction task, domain = the task name."""
     task = INSTRUCTION_TASKS.get(name)
     if task is None:
         raise ConfigError(f"unknown instruction task {name!r}; known: {sorted(INSTRUCTION_TASKS)}")
-    del cache_dir  # the corpora cache through datasets' default folder
     src = task.load()
     rng = np.random.default_rng([seed, 0x1A5, sorted(INSTRUCTION_TASKS).index(name)])
     index = rng.permutation(len(src))[: min(size, len(src))]
