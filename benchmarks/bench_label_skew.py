@@ -1,7 +1,7 @@
 """Personalised accuracy under label skew: PF2LoRA against HOMLoRA and local-only LoRA.
 
 A supplement to `bench_accuracy.py`. The 4-domain VADER data is pooled and split over 8 clients
-by the label-sorted mixture with similarity s (ALGORITHM.md §7: a fraction s of each client's
+by the label-sorted mixture with similarity s (docs/algorithm.md §5: a fraction s of each client's
 data is drawn i.i.d., the rest from the label-sorted pool, so small s means each client sees
 mostly one label); each client's held-out split comes from its own distribution. Every run is
 `pf2lora simulate` in a fresh process with the accuracy benchmark's settings and the

@@ -1,4 +1,4 @@
-"""Automatic rank recovery on the synthetic problem of ALGORITHM.md §8, at full size.
+"""Automatic rank recovery on the synthetic problem of docs/algorithm.md §6, at full size.
 
     .venv/bin/python benchmarks/bench_synthetic_rank.py [--seeds 0 1 2] [--rounds 600]
 
@@ -142,7 +142,7 @@ def run_case(label: str, algorithm: str, **kw: Any) -> dict[str, Any]:
 
 def markdown(doc: dict[str, Any]) -> str:
     lines = [
-        "# Synthetic rank recovery (ALGORITHM.md §8, full size)",
+        "# Synthetic rank recovery (docs/algorithm.md §6, full size)",
         "",
         f"Command: `{doc['command']}` ({doc['date']}); total wall time {doc['wall_seconds']:.0f} "
         "s.",

@@ -106,9 +106,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def build_run_config(args: argparse.Namespace) -> Any:
     from pf2lora.common.learning.config import from_mapping
     from pf2lora.common.learning.task_defaults import with_task_defaults
-    from pf2lora.common.runspec import RunConfig, load_toml
+    from pf2lora.common.runspec import RUN_FILE_PATHS, RunConfig, load_toml
 
-    tree = apply_flags(load_toml(args.run_file) if args.run_file else {}, args, RUN_FLAGS)
+    tree = load_toml(args.run_file, RUN_FILE_PATHS) if args.run_file else {}
+    tree = apply_flags(tree, args, RUN_FLAGS)
     if getattr(args, "secure_aggregation", None) is False:
         tree["secure_aggregation"] = False
     tree = with_task_defaults(tree)

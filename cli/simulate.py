@@ -73,7 +73,9 @@ def build_config(args: argparse.Namespace) -> Any:
     from pf2lora.common.runspec import load_toml, set_path
     from pf2lora.common.simulation import SimulationConfig
 
-    tree = apply_flags(load_toml(args.config) if args.config is not None else {}, args, FLAGS)
+    paths = ("model.path", "data.train_files", "data.test_files")  # relative to the file
+    tree = load_toml(args.config, paths) if args.config is not None else {}
+    tree = apply_flags(tree, args, FLAGS)
     if args.domains:
         domains = [d.strip() for d in args.domains.split(",") if d.strip()]
         set_path(tree, ("data", "domains"), domains)

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.errors import ConfigError
-from pf2lora.common.learning.config import ModelConfig, check_int, check_number, from_mapping
+from pf2lora.common.learning.config import (
+    PACKAGED_MODELS,
+    ModelConfig,
+    check_int,
+    check_number,
+    from_mapping,
+)
 from pf2lora.common.secagg.config import SecAggConfig
 from pf2lora.common.secagg.fixedpoint import check_no_overflow, choose_frac_bits
 
@@ -170,17 +177,47 @@ def from_json(cls: type[T], text: str, where: str = "") -> T:
     return from_mapping(cls, data, where)
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML file as a dict; ConfigError naming the file when it is missing or malformed."""
+# Keys holding file or folder paths, per kind of file: a relative path in a file is taken
+# relative to that file's folder (flags stay relative to the working directory).
+RUN_FILE_PATHS = ("model.path",)
+
+
+def load_toml(path: str | Path, path_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """A TOML file as a dict; ConfigError naming the file when it is missing or malformed.
+
+    The values of `path_keys` (dotted; a string, a list of strings or a table of strings) that
+    are relative paths are made absolute against the file's folder, so that a command run from
+    any directory reads the same files. The packaged model names stay names.
+    """
     p = Path(path)
     try:
-        return tomllib.loads(p.read_text())
+        tree = tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {p} not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {p}: cannot read it ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {p}: {exc}") from None
+    base = os.path.abspath(p.parent)
+    for dotted in path_keys:
+        *sections, name = dotted.split(".")
+        node: Any = tree
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            node[name] = _relative_to(base, node[name])
+    return tree
+
+
+def _relative_to(base: str, value: Any) -> Any:
+    """value with its relative paths joined to base (anything else left to validation)."""
+    if isinstance(value, list):
+        return [_relative_to(base, v) for v in value]
+    if isinstance(value, dict):
+        return {k: _relative_to(base, v) for k, v in value.items()}
+    if not isinstance(value, str) or not value or value in PACKAGED_MODELS:
+        return value
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
 
 def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

@@ -63,7 +63,7 @@ class DataConfig:
     test_files: tuple[str, ...] = ()
     text_column: str = "text"
     label_column: str = "label"
-    # synthetic-rank (ALGORITHM.md §8)
+    # synthetic-rank (docs/algorithm.md §6)
     synthetic_dim: int = 64
     synthetic_true_ranks: tuple[int, ...] = (6, 7, 8, 9, 10)
     synthetic_noise_std: float = 0.0

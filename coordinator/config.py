@@ -12,7 +12,7 @@ from typing import Any
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.config import from_mapping
 from pf2lora.common.runspec import apply_overrides, load_toml
-from pf2lora.common.transport.daemon_config import TlsSection, is_address
+from pf2lora.common.transport.daemon_config import TLS_PATHS, TlsSection, is_address
 from pf2lora.common.transport.identity import validate_label
 
 logger = logging.getLogger(__name__)
@@ -89,15 +89,20 @@ class CoordinatorConfig:
             )
 
 
+# Keys that hold paths: relative ones are relative to coordinator.toml's folder.
+PATH_KEYS = ("storage.state_dir", *TLS_PATHS)
+
+
 def load_coordinator_config(
     path: str | Path | None, overrides: Mapping[str, Any] | None = None
 ) -> CoordinatorConfig:
     """coordinator.toml (optional) with dotted-key overrides from flags, validated.
 
-    `--insecure` with [tls] in the file: the flag wins and the TLS files are ignored, with a
-    warning (handy for a local test of a deployed config).
+    Relative paths in the file are relative to the file's folder; those given as flags, to the
+    working directory. `--insecure` with [tls] in the file: the flag wins and the TLS files are
+    ignored, with a warning (handy for a local test of a deployed config).
     """
-    tree: dict[str, Any] = load_toml(path) if path is not None else {}
+    tree: dict[str, Any] = load_toml(path, PATH_KEYS) if path is not None else {}
     apply_overrides(tree, overrides)
     server = tree.get("server", {})
     if server.get("insecure") and tree.get("tls"):

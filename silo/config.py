@@ -12,7 +12,7 @@ from typing import Any
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.config import from_mapping
 from pf2lora.common.runspec import apply_overrides, load_toml
-from pf2lora.common.transport.daemon_config import TlsSection, is_address
+from pf2lora.common.transport.daemon_config import TLS_PATHS, TlsSection, is_address
 from pf2lora.common.transport.identity import validate_label
 
 logger = logging.getLogger(__name__)
@@ -172,11 +172,25 @@ class SiloConfig:
             raise ConfigError("data.eval_files is empty: name this silo's held-out files")
 
 
+# Keys that hold paths: relative ones are relative to silo.toml's folder.
+PATH_KEYS = (
+    "silo.state_dir",
+    "silo.audit_log",
+    "model.path",
+    "model.paths",
+    "data.train_files",
+    "data.eval_files",
+    *TLS_PATHS,
+)
+
+
 def load_silo_config(
     path: str | Path | None, overrides: Mapping[str, Any] | None = None
 ) -> SiloConfig:
-    """silo.toml (optional) with dotted-key overrides from flags, validated."""
-    tree: dict[str, Any] = load_toml(path) if path is not None else {}
+    """silo.toml (optional) with dotted-key overrides from flags, validated. Relative paths in
+    the file are relative to the file's folder; those given as flags, to the working directory.
+    """
+    tree: dict[str, Any] = load_toml(path, PATH_KEYS) if path is not None else {}
     apply_overrides(tree, overrides)
     if tree.get("coordinator", {}).get("insecure") and tree.get("tls"):
         # The channel stays plaintext; the certificate and key still sign this silo's

@@ -120,7 +120,7 @@ def partition_natural(groups: Sequence[str], num_clients: int, seed: Seed) -> li
 def partition_similarity(
     labels: Sequence[int] | np.ndarray, num_clients: int, similarity: float, seed: Seed
 ) -> list[np.ndarray]:
-    """SCAFFOLD-style label-sorted mixture (ALGORITHM.md §7).
+    """SCAFFOLD-style label-sorted mixture (docs/algorithm.md §5).
 
     Per label, a fraction `similarity` of its samples goes to an i.i.d. pool (shuffled) and the
     rest to a pool kept sorted by label; client j takes the j-th contiguous 1/M of each pool.

@@ -1,4 +1,6 @@
-"""Synthetic rank-recovery regression (ALGORITHM.md §8): shared S*, per-silo P_k*, known ranks."""
+"""Synthetic rank-recovery regression (docs/algorithm.md §6): shared S*, per-silo P_k*, known
+ranks.
+"""
 
 from __future__ import annotations
 
@@ -212,7 +214,7 @@ def singular_values(delta_w: Tensor) -> list[float]:
 
 
 def learned_rank(delta_w: Tensor, tau: float = DEFAULT_RANK_TAU) -> int:
-    """Number of singular values above tau·σ1 (ALGORITHM.md §8); 0 for an all-zero matrix."""
+    """Number of singular values above tau·σ1 (docs/algorithm.md §6); 0 for an all-zero matrix."""
     if isinstance(tau, bool) or not isinstance(tau, int | float) or not 0.0 < tau < 1.0:
         raise ConfigError(f"tau must be a number in (0, 1), got {tau!r}")
     s = singular_values(delta_w)

@@ -94,7 +94,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-# Attention query/value projections per architecture family (ALGORITHM.md §1).
+# Attention query/value projections per architecture family (docs/algorithm.md §1).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "value"),
     "llama": ("q_proj", "v_proj"),

@@ -15,7 +15,7 @@ from pf2lora.common.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-# Independent minibatch streams of one local step (ALGORITHM.md §3).
+# Independent minibatch streams of one local step (docs/algorithm.md §2).
 STREAM_LL = 0  # xi: lower level (private adapter)
 STREAM_UL = 1  # zeta: upper level (shared adapter)
 STREAM_AUX = 2  # a third batch where an algorithm needs one (Per-FedAvg's Hessian batch)

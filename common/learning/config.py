@@ -43,6 +43,8 @@ def check_number(name: str, value: object, lo: float, hi: float, *, low_open: bo
 
 
 MAX_RANK = 4096
+# Model names that load the packaged models (learning/base_model.py) rather than a folder.
+PACKAGED_MODELS = ("minilm", "smollm2")
 MAX_SCALE = 1e6
 MAX_LR = 1e3
 
@@ -122,7 +124,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local training on one silo for one round (ALGORITHM.md §3)."""
+    """Local training on one silo for one round (docs/algorithm.md §2)."""
 
     local_steps: int = 10
     batch_size: int = 16

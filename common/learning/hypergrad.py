@@ -1,4 +1,4 @@
-"""Hypergradient estimators of the bilevel local problem (ALGORITHM.md §3), as pure functions.
+"""Hypergradient estimators of the bilevel local problem (docs/algorithm.md §2), as pure functions.
 
 Notation: x = shared (upper level) parameters, y = private (lower level) parameters,
 g = f_k(. ; xi) the lower-level loss, f = f_k(. ; zeta) the upper-level loss.

@@ -10,6 +10,9 @@ from pathlib import Path
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.transport.grpc_factory import TlsFiles
 
+# [tls] keys that hold paths (resolved against the config file's folder, runspec.load_toml).
+TLS_PATHS = ("tls.ca_file", "tls.cert_file", "tls.key_file")
+
 
 @dataclass(frozen=True)
 class TlsSection:

