@@ -427,6 +427,10 @@ def run(args: argparse.Namespace) -> int:
         control.evaluation_table(
             status, f"pf2lora demo: {args.algorithm}, {args.rounds} rounds, 4 silos, {wall:.0f} s"
         )
+        from pf2lora.cli.report import from_status, write_report
+
+        files = write_report(from_status(status), work / "report")
+        print(f"report with {len(files) - 1} plots: {files[-1]}")
         print(
             f"state, logs and configs in {work}; export a silo's personalised model with:\n"
             f"  pf2lora silo export --config {work / 'silos' / silos[0] / 'silo.toml'} --out "

@@ -98,6 +98,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=run_manifest)
 
+    rp = rsub.add_parser(
+        "report",
+        help="plots and a markdown summary of a run",
+        description="Per-round curves of a run from the coordinator's records (training loss, "
+        "silos per round, round time split into local training and the rest) and the final "
+        "personalised vs shared-only evaluation per silo, as PNG plots (matplotlib) and "
+        "report.md in --out.",
+    )
+    control.add_connection_flags(rp)
+    rp.add_argument("run_id", nargs="?", default="", help="run id (default: the latest run)")
+    rp.add_argument("--out", type=Path, required=True, help="folder for the plots and report.md")
+    rp.set_defaults(func=run_report)
+
     from pf2lora.cli.audit import register_audit
 
     register_audit(rsub)
@@ -234,6 +247,21 @@ def run_stop(args: argparse.Namespace) -> int:
         else:
             print(control.describe(status))
         return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from pf2lora.cli.report import from_status, write_report
+    from pf2lora.v1 import control_pb2 as cpb
+
+    stub, channel = control.connect(args)
+    with channel:
+        req = cpb.GetRunStatusRequest(run_id=args.run_id)
+        status = control.call(args, lambda: stub.GetRunStatus(req, timeout=control.CALL_TIMEOUT_S))
+    files = write_report(from_status(status), args.out)
+    print(f"run {status.run_id}: {len(files) - 1} plots and {files[-1]}")
+    for f in files[:-1]:
+        print(f"  {f}")
+    return 0
 
 
 def run_manifest(args: argparse.Namespace) -> int:

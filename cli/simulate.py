@@ -59,6 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--json", type=Path, dest="json_path", help="write per-round and final metrics here"
     )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="DIR",
+        help="draw the per-round curves (PNG) and a markdown summary into DIR",
+    )
     p.add_argument("--progress", action="store_true", help="progress bar over local steps")
     p.add_argument(
         "--threads", type=int, help="torch CPU threads (1 is fastest for the tiny synthetic model)"
@@ -203,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
             args.json_path, json.dumps(doc, indent=1, default=_json_default).encode()
         )
         print(f"wrote {args.json_path}")
+    if args.plot is not None:
+        from pf2lora.cli.report import from_simulation, write_report
+
+        title = f"simulate: {cfg.algorithm.name} on {cfg.data.source} ({cfg.data.partition})"
+        files = write_report(from_simulation(result, title), args.plot)
+        print(f"report: {files[-1]} ({len(files) - 1} plots)")
     return 0
 
 

@@ -374,3 +374,30 @@ def test_export_loads_with_plain_peft(done: SimpleNamespace, tmp_path: Path) -> 
     saved = state.private_tensors(done.run_id, 2)
     for name, p in ours.private_parameters().items():
         assert torch.equal(p.detach(), saved[name])
+
+
+def test_run_report_draws_the_coordinator_records(
+    done: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pf2lora.cli.main import main
+
+    out = tmp_path / "report"
+    argv = ["run", "report", done.run_id, "--out", str(out), "--insecure"]
+    assert main([*argv, "--coordinator", f"127.0.0.1:{done.fed.control_port}"]) == 0
+    assert "report.md" in capsys.readouterr().out
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["evaluation.png", "participants.png", "round_time.png", "training_loss.png"]
+    for p in out.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    md = (out / "report.md").read_text()
+    # every silo that reported its final evaluation is in the table with its numbers
+    evaluated = {e.silo_id: dict(e.metrics) for e in done.status.evaluation}
+    assert "personal_accuracy" not in evaluated[WITHHOLDS]  # it kept its metrics
+    assert f"Kept their metrics on the silo: {WITHHOLDS}." in md
+    for silo, m in evaluated.items():
+        if silo == WITHHOLDS:
+            continue
+        assert f"| {silo} | {m['personal_accuracy']:.4f} | {m['shared_accuracy']:.4f} |" in md
+    assert f"{len(done.status.history)} rounds" in md
+    for name in pngs:
+        assert f"![{name}]({name})" in md

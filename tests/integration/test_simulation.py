@@ -84,13 +84,23 @@ def test_cli_simulate_on_vader_writes_json(tmp_path, capsys) -> None:  # type: i
             "24",
             "--max-test",
             "16",
+            "--eval-every",
+            "1",
             "--json",
             str(out),
+            "--plot",
+            str(tmp_path / "plots"),
         ]
     )
     assert code == 0
     printed = capsys.readouterr().out
     assert "personalised acc" in printed and "round 2/2" in printed
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "evaluation.png",
+        "report.md",
+        "round_time.png",
+        "training_loss.png",
+    ]
     doc = json.loads(out.read_text())
     assert [c["name"] for c in doc["clients"]] == ["amazon", "movies", "nyt", "tweets"]
     assert len(doc["rounds"]) == 2
@@ -99,6 +109,23 @@ def test_cli_simulate_on_vader_writes_json(tmp_path, capsys) -> None:  # type: i
         assert c["train_size"] == 24 and c["test_size"] == 16
     p = doc["parameters"]
     assert p["communicated_per_client"] == p["shared"] > 0 and p["private"] > 0
+    md = (tmp_path / "plots" / "report.md").read_text()
+    for c in doc["clients"]:  # the report's table is the run's final evaluation
+        assert f"| {c['name']} | {c['personal_accuracy']:.4f} | {c['shared_accuracy']:.4f} |" in md
+
+
+def test_cli_simulate_plots_each_clients_spectrum_against_its_true_rank(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import matplotlib.image
+
+    argv = ["simulate", "--data", "synthetic-rank", "--rounds", "2", "--local-steps", "2"]
+    assert main([*argv, "--plot", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    image = matplotlib.image.imread(tmp_path / "singular_values.png")
+    assert image.shape[0] > 300 and image.shape[1] > 600  # a real raster, not an empty file
+    md = (tmp_path / "report.md").read_text()
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert "test MSE" in md and "singular_values.png" in md
+    for c in doc["clients"]:
+        assert f"| {c['name']} | {c['personal_mse']:.4f} |" in md
 
 
 def test_cli_config_file_with_flag_override_and_clear_errors(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
