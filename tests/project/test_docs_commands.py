@@ -23,6 +23,7 @@ DOCS = (
     "deploy/README.md",
     "docs/benchmarks.md",
     "docs/instruction-tuning.md",
+    "docs/bare-metal.md",
 )
 # Fewest commands each file must yield: guards against an extractor that silently finds nothing.
 MIN_COMMANDS = {
@@ -32,6 +33,7 @@ MIN_COMMANDS = {
     "deploy/README.md": 3,
     "docs/benchmarks.md": 1,
     "docs/instruction-tuning.md": 3,
+    "docs/bare-metal.md": 6,
 }
 
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
@@ -69,8 +71,7 @@ class Command:
 
 def fenced_lines(text: str) -> list[tuple[int, str, str]]:
     """(line number, block language, line) for every line inside a fenced shell or console block
-    (also
-    indented fences in list items)."""
+    (also indented fences in list items)."""
     out: list[tuple[int, str, str]] = []
     fence: str | None = None
     lang = ""
@@ -113,10 +114,12 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
 
 
 def _words(segment: list[str]) -> list[str]:
-    """Drop leading VAR=value assignments."""
+    """Drop leading VAR=value assignments and a `sudo -u USER` prefix."""
     i = 0
     while i < len(segment) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", segment[i]):
         i += 1
+    if segment[i : i + 2] == ["sudo", "-u"]:
+        i += 3
     return segment[i:]
 
 
