@@ -14,6 +14,7 @@ certificates), and `--no-secure-aggregation` sends plain updates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +146,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--seed", type=int, default=0, help="run seed (data split, initial adapter)")
     p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="library log lines on the terminal too (by default they go to logs/demo.log in "
+        "the work folder and the terminal shows the demo's own progress only)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -247,22 +255,32 @@ class Processes:
                 p.wait()
 
 
-def run(args: argparse.Namespace) -> int:
-    from pf2lora.cli import control
-    from pf2lora.cli.run import follow
-    from pf2lora.common.algorithms.base import AlgorithmConfig
-    from pf2lora.common.learning.config import ModelConfig, TrainConfig
-    from pf2lora.common.runspec import RunConfig, to_json
-    from pf2lora.v1 import control_pb2 as cpb
+@contextlib.contextmanager
+def quiet_terminal(log_file: Path) -> Iterator[None]:
+    """Library log lines go to log_file; the terminal keeps warnings and errors (and the demo's
+    own progress, which it prints). Undone on exit."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    levels = {h: h.level for h in root.handlers}
+    root_level = root.level
+    for h in levels:
+        h.setLevel(max(h.level, logging.WARNING))
+    root.setLevel(min(root_level, logging.INFO))
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(root_level)
+        for h, level in levels.items():
+            h.setLevel(level)
 
+
+def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    args = with_task_defaults(args)
-    decoder = args.task == "causal-lm"
-    model_path = "smollm2" if decoder else "minilm"
-    if args.insecure:
-        logger.warning("demo --insecure: plaintext gRPC on loopback, identities are not checked")
-    if not args.secure_aggregation:
-        logger.warning("demo --no-secure-aggregation: the coordinator sees each silo's update")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="pf2lora-demo-"))
     if work.exists() and any(work.iterdir()):
         raise ConfigError(f"--workdir {work} is not empty: give a new or empty folder")
@@ -270,6 +288,27 @@ def run(args: argparse.Namespace) -> int:
     logs = work / "logs"
     logs.mkdir()
     print(f"pf2lora demo: work folder {work}", flush=True)
+    with contextlib.nullcontext() if args.verbose else quiet_terminal(logs / "demo.log"):
+        return _run(args, work, logs, t_start)
+
+
+def _run(args: argparse.Namespace, work: Path, logs: Path, t_start: float) -> int:
+    print("preparing the silos' data and the federation's certificates", flush=True)
+
+    from pf2lora.cli import control
+    from pf2lora.cli.run import follow
+    from pf2lora.common.algorithms.base import AlgorithmConfig
+    from pf2lora.common.learning.config import ModelConfig, TrainConfig
+    from pf2lora.common.runspec import RunConfig, to_json
+    from pf2lora.v1 import control_pb2 as cpb
+
+    args = with_task_defaults(args)
+    decoder = args.task == "causal-lm"
+    model_path = "smollm2" if decoder else "minilm"
+    if args.insecure:
+        logger.warning("demo --insecure: plaintext gRPC on loopback, identities are not checked")
+    if not args.secure_aggregation:
+        logger.warning("demo --no-secure-aggregation: the coordinator sees each silo's update")
     if decoder:
         print(
             f"decoder demo: SmolLM2-135M-Instruct (all 30 layers) on 4 silos, each with its own "
@@ -396,15 +435,27 @@ def run(args: argparse.Namespace) -> int:
             f"logs in {logs}",
             flush=True,
         )
+        print(
+            f"waiting for the silos to join: each process imports torch and loads "
+            f"{'SmolLM2' if decoder else 'MiniLM'} and its data "
+            f"({'about 20 s' if not decoder else 'under a minute'} on 2 idle cores)",
+            flush=True,
+        )
         stub, channel = control.connect(ctl_args)
         with channel:
             end = time.monotonic() + JOIN_TIMEOUT_S
+            joined = 0
             while True:
                 procs.check_alive()
                 try:
                     reply = stub.ListSilos(cpb.ListSilosRequest(), timeout=5)
-                    if sum(x.joined for x in reply.silos) == len(silos):
+                    now = sum(x.joined for x in reply.silos)
+                    if now == len(silos):
                         break
+                    if now > joined:
+                        waited = time.perf_counter() - t_start
+                        print(f"  {now}/{len(silos)} silos joined ({waited:.0f} s)", flush=True)
+                        joined = now
                 except Exception:  # noqa: BLE001 - the coordinator is still starting
                     pass
                 if time.monotonic() > end:

@@ -38,7 +38,8 @@ def test_demo_runs_a_federation_and_prints_the_table(
         "1",
     ]
     assert main(argv + (["--insecure"] if insecure else [])) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
     assert "round 1/1 complete: 4 silo(s), secure aggregation" in out
     assert (
         "plaintext" if insecure else "mutual TLS"
@@ -48,3 +49,16 @@ def test_demo_runs_a_federation_and_prints_the_table(
         assert (work / "silos" / silo / "data" / "train.jsonl").is_file()
     assert "personalised acc" in out and "shared-only acc" in out
     assert (work / "coordinator" / "runs" / "demo" / "global-00001.safetensors").is_file()
+    # a quiet terminal: the demo's own lines only; library log lines went to logs/demo.log
+    assert " INFO " not in out and " INFO " not in err
+    assert "pf2lora.common.transport.pki: created CA" in (work / "logs" / "demo.log").read_text()
+    assert "waiting for the silos to join" in out
+    # and the run's report, drawn from the coordinator's records
+    report = work / "report"
+    assert f"report with 4 plots: {report / 'report.md'}" in out
+    assert sorted(p.name for p in report.glob("*.png")) == [
+        "evaluation.png",
+        "participants.png",
+        "round_time.png",
+        "training_loss.png",
+    ]
