@@ -40,7 +40,9 @@ class RoundPoint:
     reported: int = 0
     dropped: int = 0
     seconds: float | None = None  # the round's wall time
-    train_seconds: float | None = None  # local training, mean over the silos
+    # Local training in the round: the mean over the silos of a federation (they train at the
+    # same time), the sum over the clients of a simulation (they train one after another).
+    train_seconds: float | None = None
     # Evaluation after this round, per silo: {silo: {metric: value}} (simulation only).
     evaluation: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
@@ -121,7 +123,7 @@ def from_simulation(result: Any, title: str = "simulation") -> RunRecord:
                 participants=len(names),
                 reported=len(names),
                 seconds=r.get("seconds"),
-                train_seconds=sum(secs) / len(secs) if secs else None,
+                train_seconds=sum(secs) if secs else None,
                 evaluation=evaluation,
             )
         )
@@ -138,7 +140,7 @@ def from_simulation(result: Any, title: str = "simulation") -> RunRecord:
         rounds=tuple(rounds),
         final=final,
         spectra=spectra,
-        notes=("Local training seconds are the mean over the clients, which run one by one.",),
+        notes=("Local training seconds are summed over the clients, which run one by one.",),
     )
 
 
@@ -300,12 +302,19 @@ def _plot_round_time(record: RunRecord, path: Path) -> Path | None:
     xs = [r.round for r in points]
     train = [min(r.train_seconds or 0.0, r.seconds or 0.0) for r in points]
     system = [(r.seconds or 0.0) - t for r, t in zip(points, train, strict=True)]
-    ax.bar(xs, train, label="local training (mean over silos)")
+    federation = record.source == "federation"
+    ax.bar(
+        xs,
+        train,
+        label="local training (mean over silos)" if federation else "local training (all clients)",
+    )
     ax.bar(
         xs,
         system,
         bottom=train,
-        label="everything else (transfer, secure aggregation, waiting, evaluation)",
+        label="everything else (transfers, secure aggregation, waiting)"
+        if federation
+        else "everything else (aggregation, evaluation)",
     )
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
@@ -333,6 +342,9 @@ def _plot_spectra(record: RunRecord, path: Path) -> Path | None:
         )
         if true_rank:
             ax.axvline(true_rank + 0.5, color=c, linestyle=":", alpha=0.7)
+    ranks = [r for _, r in record.spectra.values() if r]
+    if ranks:  # the tail beyond the adapters' rank is numerical noise
+        ax.set_xlim(0.5, min(max(len(v) for v, _ in record.spectra.values()), max(ranks) + 6) + 0.5)
     ax.set_xlabel("index k (dotted: between the true rank and the next)")
     ax.set_ylabel("singular value σ_k of ΔW")
     ax.legend(fontsize=7)

@@ -111,6 +111,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     rp.add_argument("--out", type=Path, required=True, help="folder for the plots and report.md")
     rp.set_defaults(func=run_report)
 
+    fp = rsub.add_parser(
+        "fingerprint",
+        help="a model folder's fingerprint, as a run file line",
+        description="Print the fingerprint of a base model folder (config.json, tokenizer and "
+        "weights files) as the [model] fingerprint line of a run file. For a coordinator that "
+        "holds only the model's config.json: run this where the full model is.",
+    )
+    fp.add_argument("folder", help="Hugging Face model folder, or minilm / smollm2")
+    fp.set_defaults(func=run_fingerprint)
+
     from pf2lora.cli.audit import register_audit
 
     register_audit(rsub)
@@ -261,6 +271,17 @@ def run_report(args: argparse.Namespace) -> int:
     print(f"run {status.run_id}: {len(files) - 1} plots and {files[-1]}")
     for f in files[:-1]:
         print(f"  {f}")
+    return 0
+
+
+def run_fingerprint(args: argparse.Namespace) -> int:
+    import json
+
+    from pf2lora.common.learning.base_model import resolve_model_path
+    from pf2lora.common.learning.fingerprint import fingerprint
+
+    print("[model]")
+    print(f"fingerprint = {json.dumps(list(fingerprint(resolve_model_path(args.folder))))}")
     return 0
 
 

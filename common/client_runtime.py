@@ -15,10 +15,11 @@ from torch import Tensor, nn
 from pf2lora.common.algorithms.base import Algorithm, ClientAlgorithm
 from pf2lora.common.data.dataset import column_values
 from pf2lora.common.errors import DataError
+from pf2lora.common.learning.base_model import base_model_skeleton
 from pf2lora.common.learning.batching import BatchSource, EncodedData, derive_seed, encode_texts
 from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.learning.conversations import encode_conversations
-from pf2lora.common.learning.model import TwoLevelModel, build_two_level_model
+from pf2lora.common.learning.model import SHARED, TwoLevelModel, build_two_level_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,22 @@ def encode_dataset(ds: Any, tokenizer: Any, cfg: ModelConfig, where: str = "") -
 def initial_global_state(
     algorithm: Algorithm, model_cfg: ModelConfig, run_seed: int, base: nn.Module | None = None
 ) -> dict[str, Tensor]:
-    """The round-0 shared state, drawn from the run's seed (the coordinator sends it to all)."""
+    """The round-0 shared state, drawn from the run's seed (the coordinator sends it to all).
+
+    Without `base`, a model with a path is built from its config.json alone on the meta device
+    (`base_model_skeleton`): the state depends only on the shapes and the seed, so the weights
+    are never loaded (the coordinator's memory does not grow with the base model).
+    """
     if not algorithm.communicates:
         return {}
     cfg = dataclasses.replace(model_cfg, adapters=algorithm.model_adapters())
-    model = build_two_level_model(cfg, shared_seed=derive_seed(run_seed, "shared"), base=base)
+    seed = derive_seed(run_seed, "shared")
+    if base is None and cfg.path:
+        base = base_model_skeleton(cfg)
+        model = build_two_level_model(cfg, shared_seed=seed, base=base)
+        model.materialize_adapter(SHARED, seed)
+    else:
+        model = build_two_level_model(cfg, shared_seed=seed, base=base)
     return {k: v for k, v in model.shared_state().items() if algorithm.communicated(k)}
 
 

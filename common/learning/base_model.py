@@ -69,6 +69,30 @@ def load_base_model(cfg: ModelConfig) -> nn.Module:
             hf_logging.set_verbosity(verbosity)
 
 
+def base_model_skeleton(cfg: ModelConfig) -> nn.Module:
+    """The base model's modules with every weight on the meta device (no memory, no values),
+    built from config.json alone: what drawing an adapter's initial values needs (the
+    coordinator's initial shared state). The weights files are not read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg.path)
+    kwargs: dict[str, Any] = {}
+    if cfg.num_hidden_layers is not None:
+        kwargs["num_hidden_layers"] = cfg.num_hidden_layers
+    try:
+        hf_config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"model path {path!r}: not a model folder ({exc})") from exc
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if cfg.task == "seq-cls":
+            hf_config.num_labels = cfg.num_labels
+            return AutoModelForSequenceClassification.from_config(hf_config)
+        if cfg.task == "causal-lm":
+            return AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+    raise ConfigError(f"task={cfg.task!r} needs a plain torch module, not a model path")
+
+
 def _from_pretrained(cfg: ModelConfig, path: str, hf_config: Any) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

@@ -111,8 +111,16 @@ def model_id_of(path: str) -> str:
 
 
 def with_identity(model: ModelConfig) -> ModelConfig:
-    """The model config with its id (default: from the path) and the fingerprint of the folder
-    its path resolves to here; unchanged for a model without a path (a plain torch module)."""
+    """The model config with its id (default: from the path) and its fingerprint; unchanged for
+    a model without a path (a plain torch module).
+
+    The fingerprint is the folder's the path resolves to here, or the one the run gives
+    (`[model] fingerprint`, from `pf2lora run fingerprint FOLDER`): a coordinator needs only
+    config.json (round 0 is drawn on a meta-device skeleton), so its folder may hold no
+    weights. A given fingerprint must agree with every file the folder here has; a folder
+    without weights files and no given fingerprint is refused (a fingerprint without the
+    weights would make every silo refuse the run).
+    """
     import dataclasses
 
     from pf2lora.common.learning.base_model import resolve_model_path
@@ -120,6 +128,23 @@ def with_identity(model: ModelConfig) -> ModelConfig:
     if not model.path:
         return model
     folder = resolve_model_path(model.path)
-    return dataclasses.replace(
-        model, id=model.id or model_id_of(model.path), fingerprint=fingerprint(folder)
-    )
+    local = fingerprint(folder)
+    model_id = model.id or model_id_of(model.path)
+    if model.fingerprint:
+        have = dict(x.split("=", 1) for x in local)
+        want = dict(x.split("=", 1) for x in model.fingerprint)
+        diff = [f"{n} differs" for n in sorted(have) if n in want and want[n] != have[n]]
+        diff += [f"{n} is not in the given fingerprint" for n in sorted(set(have) - set(want))]
+        if diff:
+            raise ConfigError(
+                f"model {model_id!r} at {folder} does not match the run's model.fingerprint: "
+                f"{'; '.join(diff)}"
+            )
+        return dataclasses.replace(model, id=model_id)
+    if not any(x.split("=", 1)[0].endswith(WEIGHT_SUFFIXES) for x in local):
+        raise ConfigError(
+            f"model folder {folder} has no weights files ({', '.join(WEIGHT_SUFFIXES)}): give "
+            "the run the full model's fingerprint, printed by `pf2lora run fingerprint FOLDER` "
+            "on a machine with the model, as [model] fingerprint in the run file"
+        )
+    return dataclasses.replace(model, id=model_id, fingerprint=local)

@@ -169,6 +169,19 @@ class TwoLevelModel(nn.Module):
             c["frozen"],
         )
 
+    def materialize_adapter(self, adapter: str, seed: int) -> None:
+        """Give an adapter built over a meta-device base (`base_model_skeleton`) real CPU
+        tensors and draw them from `seed`: the same values `reinit_adapter` draws on a loaded
+        base, since they depend only on the shapes and the seed."""
+        for module in self.peft.modules():
+            for name in ("lora_A", "lora_B", "modules_to_save"):
+                parts = getattr(module, name, None)
+                if isinstance(parts, nn.ModuleDict) and adapter in parts:
+                    part = parts[adapter]
+                    if any(p.is_meta for p in part.parameters()):
+                        part.to_empty(device="cpu")
+        self.reinit_adapter(adapter, seed)
+
     def reinit_adapter(self, adapter: str, seed: int) -> None:
         """Re-draw an adapter from `seed` (A Kaiming-uniform, B zero; head as nn.Linear)."""
         with torch.random.fork_rng(devices=[]):

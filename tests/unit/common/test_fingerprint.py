@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.base_model import resolve_model_path
 from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.learning.fingerprint import (
@@ -64,3 +65,38 @@ def test_a_run_names_its_model() -> None:
     assert with_identity(ModelConfig(path="", task="regression")).fingerprint == ()
     with pytest.raises(Exception, match="fingerprint"):
         ModelConfig(fingerprint=("no-equals-sign",))
+
+
+def test_a_coordinator_with_config_json_only_takes_the_run_files_fingerprint(
+    tmp_path: Path, minilm_copy: Path
+) -> None:
+    """The coordinator needs config.json alone (it draws round 0 on a meta-device skeleton),
+    so the run file carries the fingerprint of the full folder; the coordinator checks what it
+    has against it, and refuses to guess one without weights."""
+    config_only = tmp_path / "base"
+    config_only.mkdir()
+    shutil.copy(minilm_copy / "config.json", config_only / "config.json")
+    full = fingerprint(minilm_copy)
+    with pytest.raises(ConfigError, match="no weights files.*pf2lora run fingerprint"):
+        with_identity(ModelConfig(path=str(config_only)))
+    named = with_identity(ModelConfig(path=str(config_only), fingerprint=full))
+    assert named.fingerprint == full and named.id == "base"
+    check_model(named.fingerprint, minilm_copy, "base")  # a silo with the full folder agrees
+    # a coordinator file that disagrees with the given fingerprint is named
+    (config_only / "config.json").write_text(
+        (config_only / "config.json").read_text().replace("384", "385", 1)
+    )
+    with pytest.raises(ConfigError, match="config.json differs"):
+        with_identity(ModelConfig(path=str(config_only), fingerprint=full))
+
+
+def test_run_fingerprint_prints_the_run_file_line(
+    minilm_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomllib
+
+    from pf2lora.cli.main import main
+
+    assert main(["run", "fingerprint", str(minilm_copy)]) == 0
+    printed = capsys.readouterr().out
+    assert tomllib.loads(printed)["model"]["fingerprint"] == list(fingerprint(minilm_copy))

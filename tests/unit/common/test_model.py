@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -178,3 +180,58 @@ def test_private_alpha_sets_the_private_branch_scaling_alone() -> None:
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ConfigError, match="private_alpha"):
             AdapterConfig(private_alpha=bad)
+
+
+@pytest.mark.parametrize(
+    ("path", "task", "head", "algorithm"),
+    [
+        ("minilm", "seq-cls", "shared", "pf2lora"),
+        ("minilm", "seq-cls", "private", "pf2lora"),
+        ("minilm", "seq-cls", "shared", "fedsa"),
+        ("smollm2", "causal-lm", "shared", "hetlora"),
+    ],
+)
+def test_initial_state_from_config_alone_equals_the_one_from_the_loaded_model(
+    path: str, task: str, head: str, algorithm: str
+) -> None:
+    """The coordinator draws round 0 over a meta-device skeleton (no weights read, no memory
+    for them); every tensor is bitwise the one a loaded base model gives for the seed."""
+    import dataclasses
+
+    from pf2lora.common.algorithms.base import AlgorithmConfig
+    from pf2lora.common.algorithms.registry import make_algorithm
+    from pf2lora.common.client_runtime import initial_global_state
+    from pf2lora.common.learning.base_model import base_model_skeleton, load_base_model
+    from pf2lora.common.learning.config import ModelConfig
+
+    cfg = ModelConfig(path=path, task=task, num_labels=3, adapters=AdapterConfig(head=head))
+    algo = make_algorithm(AlgorithmConfig(name=algorithm), cfg.adapters)
+    skeleton = base_model_skeleton(cfg)
+    assert all(p.is_meta for p in skeleton.parameters())  # nothing of the weights in memory
+    from_config = initial_global_state(algo, cfg, 11)
+    loaded = load_base_model(dataclasses.replace(cfg, adapters=algo.model_adapters()))
+    from_weights = initial_global_state(algo, cfg, 11, base=loaded)
+    assert from_config.keys() == from_weights.keys() and len(from_config) > 10
+    for name, t in from_config.items():
+        assert not t.is_meta and torch.equal(t, from_weights[name]), name
+    assert any(t.abs().sum() > 0 for t in from_config.values())  # drawn, not all zeros
+    # another seed draws other values
+    other = initial_global_state(algo, cfg, 12)
+    assert any(not torch.equal(other[k], from_config[k]) for k in from_config)
+
+
+def test_a_folder_with_config_json_alone_is_enough_for_round_0(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from pf2lora.common.algorithms.base import AlgorithmConfig
+    from pf2lora.common.algorithms.registry import make_algorithm
+    from pf2lora.common.client_runtime import initial_global_state
+    from pf2lora.common.learning.base_model import resolve_model_path
+    from pf2lora.common.learning.config import ModelConfig
+
+    shutil.copy(Path(resolve_model_path("minilm")) / "config.json", tmp_path / "config.json")
+    algo = make_algorithm(AlgorithmConfig(name="pf2lora"), AdapterConfig())
+    here = initial_global_state(algo, ModelConfig(path=str(tmp_path), num_labels=2), 5)
+    full = initial_global_state(algo, ModelConfig(path="minilm", num_labels=2), 5)
+    assert here.keys() == full.keys()
+    assert all(torch.equal(here[k], full[k]) for k in full)
