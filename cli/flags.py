@@ -51,6 +51,12 @@ MODEL_FLAGS: dict[str, Flag] = {
     ),
     "max_new_tokens": (("model", "max_new_tokens"), int, "causal-lm: longest generated answer"),
     "num_layers": (("model", "num_hidden_layers"), int, "truncate the model to N layers"),
+    "dtype": (
+        ("model", "dtype"),
+        str,
+        "frozen base weights: float32 (default) | bfloat16 | float16 | auto (bf16 on a GPU that "
+        "supports it); adapters stay float32",
+    ),
     "max_length": (("model", "max_length"), int, "max tokens per text"),
     "shared_rank": (("model", "adapters", "shared_rank"), int, "r (shared adapter rank)"),
     "private_rank": (("model", "adapters", "private_rank"), int, "r_hat (private adapter rank)"),

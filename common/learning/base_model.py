@@ -93,17 +93,28 @@ def base_model_skeleton(cfg: ModelConfig) -> nn.Module:
     raise ConfigError(f"task={cfg.task!r} needs a plain torch module, not a model path")
 
 
+def base_dtype(name: str) -> torch.dtype:
+    """The torch dtype of `model.dtype` ("auto": bfloat16 where a CUDA GPU supports it)."""
+    if name == "auto":
+        cuda = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def _from_pretrained(cfg: ModelConfig, path: str, hf_config: Any) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    dtype = base_dtype(cfg.dtype)
     if cfg.task == "seq-cls":
         hf_config.num_labels = cfg.num_labels
-        return AutoModelForSequenceClassification.from_pretrained(path, config=hf_config)
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, config=hf_config, dtype=dtype
+        )
     if cfg.task == "causal-lm":
         # Eager attention: the fused causal SDPA kernels have no double backward, which the
         # unroll and implicit hypergradients need (a Hessian-vector product through the model).
         return AutoModelForCausalLM.from_pretrained(
-            path, config=hf_config, dtype=torch.float32, attn_implementation="eager"
+            path, config=hf_config, dtype=dtype, attn_implementation="eager"
         )
     raise ConfigError(f"task={cfg.task!r} needs a plain torch module, not a model path")
 

@@ -43,6 +43,7 @@ def check_number(name: str, value: object, lo: float, hi: float, *, low_open: bo
 
 
 MAX_RANK = 4096
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 # Model names that load the packaged models (learning/base_model.py) rather than a folder.
 PACKAGED_MODELS = ("minilm", "smollm2")
 MAX_SCALE = 1e6
@@ -102,9 +103,14 @@ class ModelConfig:
     # exact match and ROUGE-L at each evaluation (0: answer loss and perplexity only).
     generate_examples: int = 32
     max_new_tokens: int = 32
+    # Precision of the frozen base weights; the adapters (and a trained head) stay float32, so
+    # the shared adapter on the wire is float32 whatever this is. "auto": bfloat16 where a CUDA
+    # GPU that supports it is visible, else float32. float16 is for GPUs.
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check(self.task in TASK_TYPES, "task", self.task, f"use one of {TASK_TYPES}")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {DTYPES}")
         check_int("num_labels", self.num_labels, 1, 1_000_000)
         check_int("max_length", self.max_length, 4, 1 << 20)
         check_int("generate_examples", self.generate_examples, 0, 1_000_000)

@@ -86,12 +86,27 @@ class TwoLevelModel(nn.Module):
         self.adapter_names = tuple(n for n, _ in configs)
         self.peft.base_model.set_adapter(list(self.adapter_names))  # type: ignore[operator]  # torch stubs: Module attrs read as Tensor
         self._fix_requires_grad()
+        self._float32_trained_heads()
         if self.has_shared:
             self.reinit_adapter(SHARED, shared_seed)
         if self.has_private:
             self.reinit_adapter(PRIVATE, private_seed ^ _PRIVATE_SEED_SALT)
         self.groups = self._param_groups()
         self._check_groups()
+
+    def _float32_trained_heads(self) -> None:
+        """Trained head copies (modules_to_save) in float32 over a bfloat16/float16 base, as PEFT
+        keeps the LoRA matrices: their input is cast up, so the logits, the loss and the shared
+        state (the wire) stay float32 whatever the base's precision."""
+        for module in self.peft.modules():
+            copies = getattr(module, "modules_to_save", None)
+            if not isinstance(copies, nn.ModuleDict):
+                continue
+            for head in copies.values():
+                low = [p for p in head.parameters() if p.is_floating_point() and not p.is_meta]
+                if any(p.dtype != torch.float32 for p in low):
+                    head.float()
+                    head.register_forward_pre_hook(_inputs_to_float32)
 
     def _lora(
         self, rank: int, targets: list[str], heads: list[str], alpha: float | None = None
@@ -315,6 +330,10 @@ class TwoLevelModel(nn.Module):
                 if delta is not None:
                     out[name] = delta
         return out
+
+
+def _inputs_to_float32(module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
+    return tuple(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
 
 
 def build_two_level_model(

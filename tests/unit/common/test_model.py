@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -183,16 +184,17 @@ def test_private_alpha_sets_the_private_branch_scaling_alone() -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "task", "head", "algorithm"),
+    ("path", "task", "head", "algorithm", "dtype"),
     [
-        ("minilm", "seq-cls", "shared", "pf2lora"),
-        ("minilm", "seq-cls", "private", "pf2lora"),
-        ("minilm", "seq-cls", "shared", "fedsa"),
-        ("smollm2", "causal-lm", "shared", "hetlora"),
+        ("minilm", "seq-cls", "shared", "pf2lora", "float32"),
+        ("minilm", "seq-cls", "private", "pf2lora", "float32"),
+        ("minilm", "seq-cls", "shared", "fedsa", "float32"),
+        ("minilm", "seq-cls", "shared", "pf2lora", "bfloat16"),
+        ("smollm2", "causal-lm", "shared", "hetlora", "float32"),
     ],
 )
 def test_initial_state_from_config_alone_equals_the_one_from_the_loaded_model(
-    path: str, task: str, head: str, algorithm: str
+    path: str, task: str, head: str, algorithm: str, dtype: str
 ) -> None:
     """The coordinator draws round 0 over a meta-device skeleton (no weights read, no memory
     for them); every tensor is bitwise the one a loaded base model gives for the seed."""
@@ -204,7 +206,8 @@ def test_initial_state_from_config_alone_equals_the_one_from_the_loaded_model(
     from pf2lora.common.learning.base_model import base_model_skeleton, load_base_model
     from pf2lora.common.learning.config import ModelConfig
 
-    cfg = ModelConfig(path=path, task=task, num_labels=3, adapters=AdapterConfig(head=head))
+    adapters = AdapterConfig(head=head)
+    cfg = ModelConfig(path=path, task=task, num_labels=3, adapters=adapters, dtype=dtype)
     algo = make_algorithm(AlgorithmConfig(name=algorithm), cfg.adapters)
     skeleton = base_model_skeleton(cfg)
     assert all(p.is_meta for p in skeleton.parameters())  # nothing of the weights in memory
@@ -235,3 +238,47 @@ def test_a_folder_with_config_json_alone_is_enough_for_round_0(tmp_path) -> None
     full = initial_global_state(algo, ModelConfig(path="minilm", num_labels=2), 5)
     assert here.keys() == full.keys()
     assert all(torch.equal(here[k], full[k]) for k in full)
+
+
+@pytest.mark.parametrize(("path", "task"), [("minilm", "seq-cls"), ("smollm2", "causal-lm")])
+@pytest.mark.parametrize("hypergrad", ["unroll", "first-order"])
+def test_a_bfloat16_base_trains_float32_adapters_and_sends_float32(
+    path: str, task: str, hypergrad: str
+) -> None:
+    """model.dtype = bfloat16: the frozen base is bf16, the adapters and the trained head stay
+    float32 (the wire and secure aggregation are unchanged), and both hypergradient estimators
+    (unroll needs double backward through the bf16 base) train: the loss falls."""
+    from pf2lora.common.learning.batching import encode_texts
+    from pf2lora.common.learning.config import ModelConfig, TrainConfig
+    from pf2lora.common.learning.evaluation import evaluate
+    from pf2lora.common.learning.model import build_two_level_model
+    from pf2lora.common.learning.trainer import BilevelTrainer
+    from tests.helpers.tiny import LABELS, TEXTS
+
+    cfg = ModelConfig(path=path, task=task, num_hidden_layers=2, dtype="bfloat16", max_length=24)
+    m = build_two_level_model(cfg)
+    frozen = {p.dtype for p in m.peft.parameters() if not p.requires_grad and p.is_floating_point()}
+    trained = {p.dtype for p in m.peft.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert {t.dtype for t in m.shared_state().values()} == {torch.float32}
+    from pf2lora.common.learning.base_model import load_tokenizer
+
+    labels = LABELS if task == "seq-cls" else None  # positive / negative sentences
+    data = encode_texts(TEXTS, labels, load_tokenizer(cfg), 24, task)
+    before = evaluate(m, data)["loss"]
+    train = TrainConfig(local_steps=8, batch_size=8, ul_lr=1e-2, ll_lr=0.01, hypergrad=hypergrad)
+    BilevelTrainer(m, train, seed=0).train_round(tiny.source(data, 8))
+    after = evaluate(m, data)["loss"]
+    assert math.isfinite(after) and after < before
+    assert {t.dtype for t in m.shared_state().values()} == {torch.float32}
+
+
+def test_auto_dtype_is_float32_without_a_gpu_and_bad_names_are_refused() -> None:
+    from pf2lora.common.learning.base_model import base_dtype
+    from pf2lora.common.learning.config import ModelConfig
+
+    if not torch.cuda.is_available():
+        assert base_dtype("auto") == torch.float32
+    assert base_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ConfigError, match="dtype"):
+        ModelConfig(dtype="bf16")
