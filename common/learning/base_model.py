@@ -41,8 +41,8 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def load_base_model(cfg: ModelConfig) -> nn.Module:
-    """Load a Hugging Face model from a local folder for the configured task (offline)."""
+def _hf_config(cfg: ModelConfig) -> tuple[str, Any]:
+    """The model folder and its config.json (with num_hidden_layers applied)."""
     from transformers import AutoConfig
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,9 +51,14 @@ def load_base_model(cfg: ModelConfig) -> nn.Module:
     if cfg.num_hidden_layers is not None:
         kwargs["num_hidden_layers"] = cfg.num_hidden_layers
     try:
-        hf_config = AutoConfig.from_pretrained(path, **kwargs)
+        return path, AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"model path {path!r}: not a model folder ({exc})") from exc
+
+
+def load_base_model(cfg: ModelConfig) -> nn.Module:
+    """Load a Hugging Face model from a local folder for the configured task (offline)."""
+    path, hf_config = _hf_config(cfg)
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -73,16 +78,9 @@ def base_model_skeleton(cfg: ModelConfig) -> nn.Module:
     """The base model's modules with every weight on the meta device (no memory, no values),
     built from config.json alone: what drawing an adapter's initial values needs (the
     coordinator's initial shared state). The weights files are not read."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = resolve_model_path(cfg.path)
-    kwargs: dict[str, Any] = {}
-    if cfg.num_hidden_layers is not None:
-        kwargs["num_hidden_layers"] = cfg.num_hidden_layers
-    try:
-        hf_config = AutoConfig.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"model path {path!r}: not a model folder ({exc})") from exc
+    _, hf_config = _hf_config(cfg)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if cfg.task == "seq-cls":
