@@ -137,15 +137,17 @@ def selection_markdown(
         "| method | configuration | " + " | ".join(names) + " | mean | chosen |",
         "|---|---|" + "---:|" * (len(splits) + 1) + "---|",
     ]
-    by_cfg: dict[tuple[str, str], dict[str, float]] = {}
-    for r in recs:
+    by_cfg: dict[tuple[str, str], dict[str, float | None]] = {}
+    for r in recs:  # a diverged run has no accuracy: shown as "diverged", counted as 0
         k = (r["method"], json.dumps(r["config"], sort_keys=True))
         by_cfg.setdefault(k, {})[r["split"]] = r["personalised_acc"]
     for (m, cfg), accs in sorted(by_cfg.items()):
-        counted = [accs[sp] for sp in tuning_splits if sp in accs]
+        counted = [accs[sp] or 0.0 for sp in tuning_splits if sp in accs]
         mean = _pct(statistics.fmean(counted)) if len(counted) == len(tuning_splits) else "-"
         chosen = m in choice and json.dumps({**fixed[m], **choice[m]}, sort_keys=True) == cfg
-        cells = " | ".join(_pct(accs.get(sp)) for sp in splits)
+        cells = " | ".join(
+            "diverged" if sp in accs and accs[sp] is None else _pct(accs.get(sp)) for sp in splits
+        )
         lines.append(f"| {m} | `{cfg}` | {cells} | {mean} | {'**yes**' if chosen else ''} |")
     return "\n".join(lines) + "\n"
 
@@ -199,7 +201,9 @@ def write_report(
     fixed: dict[str, dict[str, Any]],
 ) -> None:
     selection = [r for r in _read(out / SELECTION_LOG) if r["phase"] == "tune"]
-    runs = [r for r in _read(out / RUN_LOG) if r["phase"] == "table"]
+    table = [r for r in _read(out / RUN_LOG) if r["phase"] == "table"]
+    runs = [r for r in table if not r.get("diverged")]
+    diverged = [r for r in table if r.get("diverged")]
     if selection:
         (out / "personalization_selection.md").write_text(
             selection_markdown(selection, choice, fixed, s["tuning_splits"])
@@ -233,6 +237,15 @@ def write_report(
             "machine": machine_info(),
         },
         "runs": [{k: r[k] for k in fields} for r in runs],
+        "diverged": [
+            {k: r[k] for k in ("split", "method", "config", "seed", "diverged")} for r in diverged
+        ],
     }
-    save_results(out, "personalization", doc, table_markdown(runs, choice, s, command))
+    md = table_markdown(runs, choice, s, command)
+    if diverged:
+        md += "\nRuns that diverged (local training stopped; not in the table above):\n\n"
+        md += "".join(
+            f"- {r['split']} {r['method']} seed {r['seed']}: {r['diverged']}\n" for r in diverged
+        )
+    save_results(out, "personalization", doc, md)
     plot_curves(runs, out)

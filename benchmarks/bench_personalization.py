@@ -156,18 +156,10 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         seed=spec["seed"],
         eval_every=s["eval_every"],
     )
+    from pf2lora.common.learning.trainer import Diverged
+
     t0 = time.perf_counter()
-    res = run_simulation(cfg)
-    last = res.rounds[-1]
-    per_client = {
-        c["name"]: {
-            "personalised_acc": c.get("personal_accuracy"),
-            "shared_acc": c.get("shared_accuracy"),
-        }
-        for c in res.clients
-    }
-    personal = [v["personalised_acc"] for v in per_client.values()]
-    return {
+    head = {
         "phase": spec["phase"],
         "dataset": spec["split"].split("/")[0],
         "split": spec["split"],
@@ -178,6 +170,29 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         "rounds": s["rounds"],
         "local_steps": s["local_steps"],
         "clients": s["clients"],
+    }
+    try:
+        res = run_simulation(cfg)
+    except Diverged as exc:  # a result too: these settings do not train (scored worst)
+        return {
+            **head,
+            "diverged": str(exc),
+            "personalised_acc": None,
+            "shared_acc": None,
+            "worst_client_acc": None,
+            "wall_seconds": time.perf_counter() - t0,
+        }
+    last = res.rounds[-1]
+    per_client = {
+        c["name"]: {
+            "personalised_acc": c.get("personal_accuracy"),
+            "shared_acc": c.get("shared_accuracy"),
+        }
+        for c in res.clients
+    }
+    personal = [v["personalised_acc"] for v in per_client.values()]
+    return {
+        **head,
         "personalised_acc": last.get("mean_personal_accuracy"),
         "shared_acc": last.get("mean_shared_accuracy"),
         "worst_client_acc": min(personal),
@@ -216,9 +231,13 @@ def run_all(specs: list[dict[str, Any]], log: Path, workers: int) -> None:
         for n, fut in enumerate(as_completed(futures), start=1):
             rec = fut.result()
             append_log(log, rec)
+            what = f"[{n}/{len(todo)}] {rec['phase']} {rec['split']} {rec['method']} seed "
+            what += f"{rec['seed']} {rec['config']}"
+            if rec.get("diverged"):
+                print(f"{what}: DIVERGED ({rec['diverged']})", flush=True)
+                continue
             print(
-                f"[{n}/{len(todo)}] {rec['phase']} {rec['split']} {rec['method']} seed "
-                f"{rec['seed']} {rec['config']}: personalised {rec['personalised_acc']:.4f} "
+                f"{what}: personalised {rec['personalised_acc']:.4f} "
                 f"(worst {rec['worst_client_acc']:.3f}), {rec['seconds_per_round']:.1f} s/round, "
                 f"{rec['wall_seconds']:.0f} s",
                 flush=True,
@@ -238,8 +257,10 @@ def selected(out: Path) -> dict[str, dict[str, Any]]:
         scores = []
         for i, hp in enumerate(grid):
             cfg = {**METHODS[method][1], **hp}
-            accs = [
-                r["personalised_acc"] for r in recs if r["method"] == method and r["config"] == cfg
+            accs = [  # a diverged run scores 0
+                r["personalised_acc"] or 0.0
+                for r in recs
+                if r["method"] == method and r["config"] == cfg
             ]
             if len(accs) == len(TUNING_SPLITS):
                 scores.append((round(sum(accs) / len(accs), 4), -i, hp))
