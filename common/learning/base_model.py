@@ -85,7 +85,9 @@ def base_model_skeleton(cfg: ModelConfig) -> nn.Module:
         warnings.simplefilter("ignore", FutureWarning)
         if cfg.task == "seq-cls":
             hf_config.num_labels = cfg.num_labels
-            return AutoModelForSequenceClassification.from_config(hf_config)
+            return AutoModelForSequenceClassification.from_config(
+                hf_config, attn_implementation="eager"
+            )
         if cfg.task == "causal-lm":
             return AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
     raise ConfigError(f"task={cfg.task!r} needs a plain torch module, not a model path")
@@ -103,14 +105,15 @@ def _from_pretrained(cfg: ModelConfig, path: str, hf_config: Any) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = base_dtype(cfg.dtype)
+    # Eager attention: the fused SDPA kernels have no double backward, which the unroll and
+    # implicit hypergradients need (a Hessian-vector product through the model). An encoder
+    # took them whenever a batch had no padding (no mask to apply).
     if cfg.task == "seq-cls":
         hf_config.num_labels = cfg.num_labels
         return AutoModelForSequenceClassification.from_pretrained(
-            path, config=hf_config, dtype=dtype
+            path, config=hf_config, dtype=dtype, attn_implementation="eager"
         )
     if cfg.task == "causal-lm":
-        # Eager attention: the fused causal SDPA kernels have no double backward, which the
-        # unroll and implicit hypergradients need (a Hessian-vector product through the model).
         return AutoModelForCausalLM.from_pretrained(
             path, config=hf_config, dtype=dtype, attn_implementation="eager"
         )

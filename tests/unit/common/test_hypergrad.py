@@ -167,3 +167,21 @@ def test_clipped_lower_level_step_unroll_matches_finite_differences() -> None:
     plain = hg.unroll(loss_fn, {"w": W}, {"v": V}, xi, zeta, beta)
     torch.testing.assert_close(loose.h["w"], plain.h["w"])
     torch.testing.assert_close(loose.y_new["v"], plain.y_new["v"])
+
+
+def test_unroll_on_a_real_encoder_batch_without_padding() -> None:
+    """Regression: a batch whose sentences fill every column has no attention mask to apply, so
+    the encoder took the fused SDPA kernel, which has no double backward: unroll raised
+    "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented". Base models load with eager attention now."""
+    from pf2lora.common.learning.batching import encode_texts
+    from tests.helpers.tiny import mini_model, tokenizer
+
+    m = mini_model()
+    same = ["a wonderful film", "a dreadful film", "a charming film", "a boring film"]
+    data = encode_texts(same, [1, 0, 1, 0], tokenizer(), 16, "seq-cls")
+    assert bool(data.tensors["attention_mask"].all())  # no padding anywhere
+    x, y = m.shared_parameters(), m.private_parameters()
+    res = hg.unroll(lambda o, b: m.loss(b, o), dict(x), dict(y), data.tensors, data.tensors, 0.1)
+    assert all(torch.isfinite(h).all() for h in res.h.values())
+    assert any(h.abs().sum() > 0 for h in res.h.values())
