@@ -19,6 +19,7 @@ from pf2lora.common.learning.base_model import base_model_skeleton
 from pf2lora.common.learning.batching import BatchSource, EncodedData, derive_seed, encode_texts
 from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.learning.conversations import encode_conversations
+from pf2lora.common.learning.distributed import SINGLE, Group, ShardedSource
 from pf2lora.common.learning.model import SHARED, TwoLevelModel, build_two_level_model
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class ClientRuntime:
         base: nn.Module | None = None,
         name: str | None = None,
         device: torch.device | str = "cpu",
+        group: Group = SINGLE,
     ) -> None:
         self.algorithm = algorithm
         self.model_cfg = model_cfg
@@ -105,9 +107,19 @@ class ClientRuntime:
         self.client: ClientAlgorithm = algorithm.make_client(self.model, client_index, seed)
         self.train = train
         self.test = test
-        self.source = BatchSource(
+        self.full_source = BatchSource(
             train, algorithm.cfg.train.batch_size, derive_seed(seed, "batches"), self.device
         )
+        self.group = group
+        self.source: BatchSource = self.full_source
+        if group.world > 1:  # this rank trains on its shard of every batch (distributed.py)
+            if self.full_source.batch_size < group.world:
+                raise DataError(
+                    f"batch_size {self.full_source.batch_size} is smaller than the silo's "
+                    f"{group.world} processes: every process needs a share of each batch"
+                )
+            self.source = ShardedSource(self.full_source, group)
+            self.client.trainer.distribute(group)
 
     @property
     def num_samples(self) -> int:
@@ -127,7 +139,7 @@ class ClientRuntime:
         self.client.receive_global(global_state)
         return self.client.evaluate(
             self.test,
-            self.source,
+            self.full_source,  # one process evaluates (Per-FedAvg adapts on whole batches)
             generate=self.model_cfg.generate_examples,
             max_new_tokens=self.model_cfg.max_new_tokens,
         )

@@ -31,6 +31,7 @@ from pf2lora.common.learning.batching import (
     derive_seed,
 )
 from pf2lora.common.learning.config import TrainConfig
+from pf2lora.common.learning.distributed import SHARD_WEIGHT, SINGLE, Group
 from pf2lora.common.learning.model import TwoLevelModel
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class BilevelTrainer:
         self.maml_alpha = maml_alpha
         self.extra_loss = extra_loss
         self.grad_mask = grad_mask
+        self.group: Group = SINGLE  # several processes per silo: distribute()
         self.x = model.shared_parameters()
         self.y = model.private_parameters()
         self.step = 0  # local steps taken over the silo's lifetime
@@ -104,12 +106,19 @@ class BilevelTrainer:
             foreach=False,  # the same kernel on every run: bit-identical resume
         )
 
+    def distribute(self, group: Group) -> None:
+        """Train as one of `group`'s ranks: the source gives this rank's shard of each batch
+        (distributed.ShardedSource) and every gradient is averaged over the ranks."""
+        self.group = group
+
     # ------------------------------------------------------------------ training
     def _loss_fn(self) -> hg.LossFn:
         model = self.model
 
         def loss_fn(overrides: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
             loss = model.loss(batch, overrides)
+            if SHARD_WEIGHT in batch:  # a rank's shard: its share of the whole batch's loss
+                loss = loss * batch[SHARD_WEIGHT].to(loss.device)
             if self.extra_loss is not None:
                 loss = loss + self.extra_loss()
             return loss
@@ -127,8 +136,9 @@ class BilevelTrainer:
         ul_losses: list[float] = []
         bar = tqdm(range(steps), desc="local steps", leave=False, disable=not self.cfg.progress)
         for _ in bar:
-            torch.manual_seed(derive_seed(self.seed, self.step, "dropout"))
+            torch.manual_seed(self._dropout_seed())
             ll, ul = self._one_step(source)
+            ll, ul = self.group.mean_scalars(ll, ul)  # every rank sees (and judges) the same
             self._check_diverged(ll, ul, ul_losses[0] if ul_losses else ul)
             ll_losses.append(ll)
             ul_losses.append(ul)
@@ -141,6 +151,11 @@ class BilevelTrainer:
             "train_seconds": time.perf_counter() - t0,
             "local_steps": float(steps),
         }
+
+    def _dropout_seed(self) -> int:
+        if self.group.world == 1:
+            return derive_seed(self.seed, self.step, "dropout")
+        return derive_seed(self.seed, self.step, "dropout", self.group.rank)  # own masks per rank
 
     def _check_diverged(self, ll: float, ul: float, first: float) -> None:
         exploding = ul > DIVERGED_RATIO * first and ul > first + DIVERGED_MARGIN
@@ -158,23 +173,26 @@ class BilevelTrainer:
         cfg = self.cfg
         if self.objective == "maml":
             batches = tuple(source.batch(self.step, s) for s in (STREAM_LL, STREAM_UL, STREAM_AUX))
-            h, outer = hg.maml_hessian_free(loss_fn, dict(self.x), batches, self.maml_alpha)
+            h, outer = hg.maml_hessian_free(
+                loss_fn, dict(self.x), batches, self.maml_alpha, self.group
+            )
             self._apply_ul(h)
             return outer, outer
         if self.objective == "plain" or cfg.hypergrad == "joint":
             batch = source.batch(self.step, STREAM_UL)
             loss = loss_fn({}, batch)
             params = {n: p for n, p in {**self.x, **self.y}.items() if n in self.ul_names}
-            grads = hg.grad_named(loss, params)
+            grads = self.group.mean(hg.grad_named(loss, params))
             self._apply_ul(grads)
             value = float(loss.detach())
             return value, value
         beta = cfg.ll_lr
         clip = cfg.ll_max_grad_norm
+        group = self.group
         for i in range(cfg.ll_steps - 1):  # lower-level steps the hypergradient does not see
             batch = source.batch(self.step, STREAM_LL_EXTRA + i)
             y_hat, _ = hg.lower_level_step(
-                loss_fn, dict(self.y), batch, beta, create_graph=False, max_norm=clip
+                loss_fn, dict(self.y), batch, beta, create_graph=False, max_norm=clip, group=group
             )
             with torch.no_grad():
                 for n, p in self.y.items():
@@ -183,7 +201,7 @@ class BilevelTrainer:
         ul_batch = source.batch(self.step, STREAM_UL)
         x, y = dict(self.x), dict(self.y)
         if cfg.hypergrad == "unroll":
-            res = hg.unroll(loss_fn, x, y, ll_batch, ul_batch, beta, ll_max_norm=clip)
+            res = hg.unroll(loss_fn, x, y, ll_batch, ul_batch, beta, ll_max_norm=clip, group=group)
         elif cfg.hypergrad == "implicit":
             res = hg.implicit(
                 loss_fn,
@@ -195,9 +213,12 @@ class BilevelTrainer:
                 terms=cfg.neumann_terms,
                 scale=cfg.neumann_scale,
                 ll_max_norm=clip,
+                group=group,
             )
         else:
-            res = hg.first_order(loss_fn, x, y, ll_batch, ul_batch, beta, ll_max_norm=clip)
+            res = hg.first_order(
+                loss_fn, x, y, ll_batch, ul_batch, beta, ll_max_norm=clip, group=group
+            )
         with torch.no_grad():
             for n, p in self.y.items():
                 p.copy_(res.y_new[n])  # y <- y_hat (detached)
