@@ -8,6 +8,11 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pf2lora.common.learning.distributed import Group
+    from pf2lora.silo.config import SiloConfig
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +131,24 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.info("received %s: stopping after the current step", signal.Signals(signum).name)
         stop.set()
 
+    group = _ranks(cfg)
+    if not group.leader:  # a follower: rank 0 says when to stop (torchrun kills what is left)
+        from pf2lora.silo.ranks import follow
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: logger.info("rank 0 decides when to stop"))
+        return follow(cfg, group)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return SiloDaemon(cfg, stop=stop, start_over=args.start_over).run()
+    return SiloDaemon(cfg, stop=stop, start_over=args.start_over, group=group).run()
+
+
+def _ranks(cfg: SiloConfig) -> Group:
+    """This process's place in the silo: alone, or one of torchrun's ranks (WORLD_SIZE > 1)."""
+    from pf2lora.common.learning.batching import resolve_device
+    from pf2lora.common.learning.distributed import init_from_env
+
+    return init_from_env(resolve_device(cfg.silo.device))
 
 
 def run_export(args: argparse.Namespace) -> int:

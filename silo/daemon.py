@@ -7,6 +7,10 @@ leaves) masked by secure aggregation (silo/secure_round.py; plain only in a run 
 off, and only if [silo] require_secure_aggregation = false), report scalar metrics. Per EVALUATE
 task: evaluate the personalised and shared-only
 models on the local held-out files and report the scalars.
+
+Under torchrun this daemon is rank 0 of the silo's processes: it tells the other ranks
+(silo/ranks.py) to build each run's model, to take the private state it loaded, and to train each
+round with it on their shards of every batch.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from pf2lora.common.errors import DataError
 from pf2lora.common.learning.batching import resolve_device
+from pf2lora.common.learning.distributed import SINGLE, Group
 from pf2lora.common.learning.fingerprint import ModelMismatch
 from pf2lora.common.learning.trainer import Diverged
 from pf2lora.common.transport import grpc_factory
@@ -29,6 +34,7 @@ from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, RunInfo, StopTask,
 from pf2lora.silo.client import CoordinatorClient, Stopped
 from pf2lora.silo.config import SiloConfig
 from pf2lora.silo.metrics import SiloMetrics
+from pf2lora.silo.ranks import Leader, RankFailed
 from pf2lora.silo.runtime import RunContext, build_context, count_train_examples
 from pf2lora.silo.secure_round import REFUSALS, SecureRoundDriver, Superseded
 from pf2lora.silo.state import SiloState, StateDamaged
@@ -40,6 +46,7 @@ EXIT_OK = 0
 EXIT_PERMISSION_DENIED = 3
 EXIT_INVALID_ARGUMENT = 4
 EXIT_STATE_DAMAGED = 5  # this silo's own state is missing or damaged: an operator decides
+EXIT_RANK_FAILED = 6  # training failed with several processes: restart them all (torchrun)
 # The only value a silo with report_metrics = false sends: its final evaluation is done.
 WITHHELD = "metrics_withheld"
 ERROR_PAUSE_S = 5.0  # after an unexpected error, before asking for work again
@@ -71,6 +78,7 @@ class SiloDaemon:
         stop: threading.Event | None = None,
         interceptors: tuple[grpc_factory.ClientInterceptor, ...] = (),
         start_over: bool = False,
+        group: Group = SINGLE,
     ) -> None:
         cfg.require_transport()
         cfg.require_data()
@@ -78,6 +86,8 @@ class SiloDaemon:
         self.stop = stop or threading.Event()
         self.interceptors = interceptors
         self.start_over = start_over  # set damaged private state aside instead of stopping
+        self.group = group
+        self.leader = Leader(group) if group.world > 1 else None  # the other ranks' commands
         self.state = SiloState(cfg.silo.state_dir, cfg.silo.keep_rounds)
         self.ctx: RunContext | None = None
         self.current_run = self.state.current_run()
@@ -125,13 +135,31 @@ class SiloDaemon:
         except Fatal as exc:
             logger.error("%s", exc)
             return exc.code
+        except RankFailed as exc:
+            self.leader = None  # nobody left to tell
+            logger.error(
+                "%s; nothing of the current round was sent: start the silo again (all its "
+                "processes), it resumes from its last saved round",
+                exc,
+            )
+            return EXIT_RANK_FAILED
         finally:
             self.client.close()
+            self._stop_followers()
             if health is not None:
                 health.stop(0)
             if metrics_server is not None:
                 metrics_server.stop()
             logger.info("silo %s stopped", cfg.silo.id)
+
+    def _stop_followers(self) -> None:
+        if self.leader is None:
+            return
+        try:
+            self.leader.stop()
+        except RankFailed as exc:  # a rank is gone already: torchrun stops the rest
+            logger.warning("could not tell the other ranks to stop: %s", exc)
+        self.leader = None
 
     def _join(self, num_samples: int) -> None:
         while True:
@@ -247,7 +275,9 @@ class SiloDaemon:
         if ctx is not None and ctx.run.run_id == run.run_id and ctx.client_index == client_index:
             return ctx
         self.ctx = None
-        ctx = build_context(run, client_index, self.cfg)
+        ctx = build_context(run, client_index, self.cfg, self.group)
+        if self.leader is not None:  # only once rank 0 accepted the run: the others follow
+            self.leader.context(run, client_index)
         self.state.write_run_record(
             run.run_id,
             {
@@ -278,6 +308,8 @@ class SiloDaemon:
         if not ctx.loaded_from_disk:
             ctx.loaded_from_disk = True
             self.state.write_resume_record(ctx.run.run_id, loaded, ctx.runtime.client)
+        if self.leader is not None:  # every rank trains from the state rank 0 loaded
+            self.leader.sync(ctx)
         return loaded
 
     def _refuse(self, task: TrainTask) -> bool:
@@ -318,7 +350,7 @@ class SiloDaemon:
             base,
             task.weight,
         )
-        result = ctx.runtime.run_round(global_state, task.weight)
+        result = self._run_round(ctx, global_state, task.weight)
         self.state.save_after(ctx.runtime.client, run_id, rnd)
         t2 = time.perf_counter()
         metrics = dict(result.metrics)
@@ -347,6 +379,17 @@ class SiloDaemon:
         )
         if self.cfg.silo.report_metrics:
             self.client.report_metrics(run_id, rnd, "train", metrics)
+
+    def _run_round(self, ctx: RunContext, global_state: Any, weight: float) -> Any:
+        if self.leader is None:
+            return ctx.runtime.run_round(global_state, weight)
+        self.leader.round(global_state, weight)
+        try:
+            return ctx.runtime.run_round(global_state, weight)
+        except Diverged:  # every rank saw the same losses and stopped at the same step
+            raise
+        except Exception as exc:  # a rank died or failed: the ranks are out of step
+            raise RankFailed(f"training with {self.group.world} processes failed ({exc})") from exc
 
     def _evaluate(self, task: EvaluateTask) -> None:
         run_id = task.run.run_id

@@ -14,6 +14,7 @@ from pf2lora.common.errors import DataError
 from pf2lora.common.learning.base_model import load_tokenizer, resolve_model_path
 from pf2lora.common.learning.batching import resolve_device
 from pf2lora.common.learning.config import ModelConfig
+from pf2lora.common.learning.distributed import SINGLE, Group, rank_device
 from pf2lora.common.learning.fingerprint import check_model
 from pf2lora.common.runspec import from_json
 from pf2lora.common.wire.tasks import RunInfo
@@ -81,8 +82,11 @@ def check_run_model(model: ModelConfig) -> None:
         check_model(model.fingerprint, resolve_model_path(model.path), model.id or model.path)
 
 
-def build_context(run: RunInfo, client_index: int, cfg: SiloConfig) -> RunContext:
-    """Load this silo's data and base model for a run and build its ClientRuntime."""
+def build_context(
+    run: RunInfo, client_index: int, cfg: SiloConfig, group: Group = SINGLE
+) -> RunContext:
+    """Load this silo's data and base model for a run and build its ClientRuntime (as one of
+    `group`'s ranks when the silo runs several processes: silo/ranks.py)."""
     algo_cfg = from_json(AlgorithmConfig, run.algorithm_json, "run algorithm config")
     model_cfg = model_config_for_silo(run, cfg)
     check_run_model(model_cfg)  # before anything is loaded: refuse another model at once
@@ -107,7 +111,8 @@ def build_context(run: RunInfo, client_index: int, cfg: SiloConfig) -> RunContex
         train=encode_dataset(train, tok, model_cfg, where="data.train_files"),
         test=encode_dataset(test, tok, model_cfg, where="data.eval_files"),
         name=cfg.silo.id,
-        device=resolve_device(cfg.silo.device),
+        device=rank_device(resolve_device(cfg.silo.device), group),
+        group=group,
     )
     runtime.model.log_trainable()
     logger.info(

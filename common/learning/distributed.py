@@ -46,6 +46,7 @@ class Group:
 
     rank: int
     world: int
+    local_rank: int = 0  # the rank on this machine: its GPU
     training: dist.ProcessGroup | None = None
     control: dist.ProcessGroup | None = None
 
@@ -107,7 +108,7 @@ def init_from_env(device: torch.device) -> Group:
     The rendezvous address comes from torchrun (MASTER_ADDR, MASTER_PORT). NCCL when the
     silo trains on CUDA, gloo on the CPU.
     """
-    rank, world, _ = env_world()
+    rank, world, local = env_world()
     if world == 1:
         return SINGLE
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -115,13 +116,14 @@ def init_from_env(device: torch.device) -> Group:
         dist.init_process_group(backend=backend, timeout=TRAINING_TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     logger.info("rank %d of %d (%s for training, gloo for control)", rank, world, backend)
-    return Group(rank=rank, world=world, training=dist.group.WORLD, control=control)
+    return Group(rank, world, local, training=dist.group.WORLD, control=control)
 
 
-def shard_device(spec: torch.device, local_rank: int) -> torch.device:
-    """The device of this rank: a bare "cuda" becomes cuda:LOCAL_RANK (one GPU per process)."""
-    if spec.type == "cuda" and spec.index is None:
-        return torch.device("cuda", local_rank)
+def rank_device(spec: torch.device, group: Group) -> torch.device:
+    """The device of this rank: with several ranks a bare "cuda" becomes cuda:LOCAL_RANK (one
+    GPU per process)."""
+    if group.world > 1 and spec.type == "cuda" and spec.index is None:
+        return torch.device("cuda", group.local_rank)
     return spec
 
 

@@ -244,10 +244,27 @@ class Federation:
         return path
 
     def start_silo(
-        self, silo_id: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+        self,
+        silo_id: str,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        processes: int = 1,
     ) -> subprocess.Popen[bytes]:
-        cmd = PY + ["silo", "serve", "--config", str(self.silo_config(silo_id)), *args]
-        return self.procs.start(silo_id, cmd, env)
+        """The silo daemon; with `processes` > 1, under torchrun (gloo on loopback)."""
+        serve = ["silo", "serve", "--config", str(self.silo_config(silo_id)), *args]
+        if processes == 1:
+            return self.procs.start(silo_id, PY + serve, env)
+        torchrun = [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            "--max-restarts=0",
+            "-m",
+            "pf2lora.cli.main",
+            "--log-level",
+            "INFO",
+        ]
+        return self.procs.start(silo_id, torchrun + serve, env)
 
     def start(self) -> None:
         self.start_coordinator()
