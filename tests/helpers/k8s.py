@@ -32,6 +32,7 @@ RENDER_TARGETS = (
     "overlays/production/coordinator",
     "overlays/production/silo",
     "overlays/production/silo-gpu",
+    "overlays/production/silo-multi-gpu",
 )
 
 

@@ -271,6 +271,10 @@ def check_workloads(docs: list[Doc]) -> list[str]:
             errors += _resource_errors(where, container)
             errors += _security_errors(where, spec, container)
             args = container.get("args") or []
+            if container.get("command") == ["torchrun"] and "-m" in args:
+                # a silo of several processes: torchrun's options, then `-m pf2lora.cli.main`
+                module = args[args.index("-m") + 1 : args.index("-m") + 2]
+                args = args[args.index("-m") + 2 :] if module == ["pf2lora.cli.main"] else args
             config_path = f"/etc/pf2lora/{CONFIG_FILES[component]}"
             if args != [component, "serve", "--config", config_path]:
                 errors.append(

@@ -149,6 +149,30 @@ def test_gpu_overlay_requests_a_gpu_with_the_cuda_image() -> None:
     assert "nvidia.com/gpu" not in cpu_container["resources"]["limits"]
 
 
+def test_multi_gpu_overlay_runs_one_torchrun_process_per_gpu() -> None:
+    docs = render(K8S / "overlays/production/silo-multi-gpu")
+    ((_, template),) = _pods_of(docs, "silo")
+    (container,) = template["spec"]["containers"]
+    assert container["image"].startswith("ghcr.io/pf2lora/pf2lora-silo-cuda:")
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus and int(gpus) > 1
+    assert container["command"] == ["torchrun"]
+    args = container["args"]
+    assert f"--nproc-per-node={gpus}" in args  # one process per GPU
+    assert args[args.index("-m") + 1 :] == [
+        "pf2lora.cli.main",
+        "silo",
+        "serve",
+        "--config",
+        "/etc/pf2lora/silo.toml",
+    ]
+    # NCCL's shared memory: /dev/shm is a memory-backed volume, larger than the one-GPU silo's
+    (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == shm["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory"
+    assert volume["emptyDir"]["sizeLimit"] == "16Gi"
+
+
 def test_images_are_set_through_kustomize_images() -> None:
     """Manifests name the repository; the exact tag comes from a kustomize `images:` entry."""
     for base in ("coordinator", "silo"):
