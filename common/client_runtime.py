@@ -102,8 +102,17 @@ class ClientRuntime:
         self.model: TwoLevelModel = build_two_level_model(
             cfg, shared_seed=0, private_seed=derive_seed(seed, "private"), base=base
         )
-        self.device = torch.device(device)
-        self.model.to(self.device)  # before the client builds its optimizer
+        if model_cfg.quantize != "none" or model_cfg.device_map != "none":
+            if group.world > 1:
+                raise DataError(
+                    "model.quantize/device_map with several processes per silo: each process "
+                    "would place the whole base model on every GPU; run one process"
+                )
+            # placed by from_pretrained (on its GPUs): batches go where the inputs are embedded
+            self.device = self.model.peft.get_input_embeddings().weight.device
+        else:
+            self.device = torch.device(device)
+            self.model.to(self.device)  # before the client builds its optimizer
         self.client: ClientAlgorithm = algorithm.make_client(self.model, client_index, seed)
         self.train = train
         self.test = test

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
+from pf2lora.common.algorithms.compat import check_model_support
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.config import (
     PACKAGED_MODELS,
@@ -122,6 +123,7 @@ class RunConfig:
             check_number(name, getattr(self, name), 0, MAX_DEADLINE_S)
         check_number("enroll_window_s", self.enroll_window_s, 0, MAX_DEADLINE_S)
         check_int("seed", self.seed, 0, 2**63 - 1)
+        check_model_support(self.algorithm, self.model)
         if not isinstance(self.secure_aggregation, bool):
             raise ConfigError(
                 f"secure_aggregation={self.secure_aggregation!r}: must be true or false"

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from pf2lora.common.algorithms.aggregate import client_weights, sum_payloads
 from pf2lora.common.algorithms.base import Algorithm, AlgorithmConfig
+from pf2lora.common.algorithms.compat import check_model_support
 from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.client_runtime import (
     ClientRuntime,
@@ -98,6 +99,7 @@ class SimulationConfig:
     device: str = "cpu"  # "auto" picks a CUDA GPU when torch sees one
 
     def __post_init__(self) -> None:
+        check_model_support(self.algorithm, self.model)
         if self.rounds < 1:
             raise ConfigError(f"rounds={self.rounds!r}: must be >= 1")
         if self.eval_every < 1:

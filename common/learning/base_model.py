@@ -66,12 +66,19 @@ def load_base_model(cfg: ModelConfig) -> nn.Module:
     hf_logging.disable_progress_bar()  # one weight-loading bar per client is noise
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations
+        placement = placement_kwargs(cfg)  # before loading: refuse what this machine lacks
         try:
-            return _from_pretrained(cfg, path, hf_config)
+            model: Any = _from_pretrained(cfg, path, hf_config, placement)  # a PreTrainedModel
         except (OSError, ValueError, KeyError) as exc:  # no weights, a foreign config, ...
             raise ConfigError(f"model path {path!r}: not a loadable model folder ({exc})") from exc
         finally:
             hf_logging.set_verbosity(verbosity)
+    if cfg.gradient_checkpointing:
+        # non-reentrant: the frozen embeddings need no requires_grad trick, RNG state is kept
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return model
 
 
 def base_model_skeleton(cfg: ModelConfig) -> nn.Module:
@@ -101,7 +108,46 @@ def base_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _from_pretrained(cfg: ModelConfig, path: str, hf_config: Any) -> nn.Module:
+def placement_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """from_pretrained's arguments for `quantize` (bitsandbytes) and `device_map` (accelerate);
+    ConfigError, before anything loads, where this machine cannot do what is asked."""
+    kwargs: dict[str, Any] = {}
+    if cfg.quantize == "none" and cfg.device_map == "none":
+        return kwargs
+    what = f"quantize={cfg.quantize!r}" if cfg.quantize != "none" else "device_map='auto'"
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"model {what} needs a CUDA GPU and torch sees none (torch {torch.__version__}): "
+            "drop the option on this silo's hardware"
+        )
+    if cfg.quantize != "none":
+        try:
+            import bitsandbytes  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"model {what} needs the bitsandbytes package: pip install bitsandbytes "
+                "(with the constraints file, torch==2.13.0)"
+            ) from None
+        from transformers import BitsAndBytesConfig
+
+        compute = base_dtype(cfg.dtype)
+        compute = torch.bfloat16 if compute == torch.float32 else compute
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+            )
+            if cfg.quantize == "4bit"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # quantized on the GPU
+    if cfg.device_map == "auto":
+        kwargs["device_map"] = "auto"
+    return kwargs
+
+
+def _from_pretrained(
+    cfg: ModelConfig, path: str, hf_config: Any, placement: dict[str, Any]
+) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = base_dtype(cfg.dtype)
@@ -111,11 +157,11 @@ def _from_pretrained(cfg: ModelConfig, path: str, hf_config: Any) -> nn.Module:
     if cfg.task == "seq-cls":
         hf_config.num_labels = cfg.num_labels
         return AutoModelForSequenceClassification.from_pretrained(
-            path, config=hf_config, dtype=dtype, attn_implementation="eager"
+            path, config=hf_config, dtype=dtype, attn_implementation="eager", **placement
         )
     if cfg.task == "causal-lm":
         return AutoModelForCausalLM.from_pretrained(
-            path, config=hf_config, dtype=dtype, attn_implementation="eager"
+            path, config=hf_config, dtype=dtype, attn_implementation="eager", **placement
         )
     raise ConfigError(f"task={cfg.task!r} needs a plain torch module, not a model path")
 

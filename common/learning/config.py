@@ -44,6 +44,8 @@ def check_number(name: str, value: object, lo: float, hi: float, *, low_open: bo
 
 MAX_RANK = 4096
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+QUANTIZE = ("none", "4bit", "8bit")  # bitsandbytes, on CUDA
+DEVICE_MAPS = ("none", "auto")  # "auto": accelerate spreads the frozen base over the GPUs
 # Model names that load the packaged models (learning/base_model.py) rather than a folder.
 PACKAGED_MODELS = ("minilm", "smollm2")
 MAX_SCALE = 1e6
@@ -107,10 +109,41 @@ class ModelConfig:
     # the shared adapter on the wire is float32 whatever this is. "auto": bfloat16 where a CUDA
     # GPU that supports it is visible, else float32. float16 is for GPUs.
     dtype: str = "float32"
+    # Frozen base weights quantized by bitsandbytes (CUDA only; the adapters stay float32).
+    # Only estimators that do not differentiate twice through the base run on them
+    # (common/algorithms/compat.py).
+    quantize: str = "none"
+    # "auto": shard the frozen base over the silo's GPUs (accelerate's device_map), for a model
+    # larger than one GPU; one process per silo then (not under torchrun).
+    device_map: str = "none"
+    # Recompute the base model's activations in the backward pass instead of keeping them
+    # (less memory, more time); only for estimators that do not substitute parameters
+    # (common/algorithms/compat.py).
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _check(self.task in TASK_TYPES, "task", self.task, f"use one of {TASK_TYPES}")
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {DTYPES}")
+        _check(self.quantize in QUANTIZE, "quantize", self.quantize, f"use one of {QUANTIZE}")
+        _check(
+            self.device_map in DEVICE_MAPS,
+            "device_map",
+            self.device_map,
+            f"use one of {DEVICE_MAPS}",
+        )
+        _check(
+            isinstance(self.gradient_checkpointing, bool),
+            "gradient_checkpointing",
+            self.gradient_checkpointing,
+            "must be true or false",
+        )
+        if self.quantize != "none" or self.device_map != "none":
+            _check(
+                bool(self.path) and self.task in ("seq-cls", "causal-lm"),
+                "quantize/device_map",
+                (self.quantize, self.device_map),
+                "need a Hugging Face model (a path and task seq-cls or causal-lm)",
+            )
         check_int("num_labels", self.num_labels, 1, 1_000_000)
         check_int("max_length", self.max_length, 4, 1 << 20)
         check_int("generate_examples", self.generate_examples, 0, 1_000_000)
