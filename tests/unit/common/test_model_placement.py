@@ -98,3 +98,34 @@ def test_gradient_checkpointing_trains_the_same_adapters() -> None:
     assert loss1 == pytest.approx(loss0, rel=1e-6)
     for k in state0:
         torch.testing.assert_close(state1[k], state0[k], rtol=1e-5, atol=1e-6)
+
+
+CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)"
+)
+
+
+def _cuda_round(**model: object) -> tuple[ClientRuntime, dict[str, float]]:
+    mc = dataclasses.replace(MINI, **model)  # type: ignore[arg-type]
+    train = TrainConfig(local_steps=3, batch_size=6, hypergrad="first-order")
+    algo = make_algorithm(AlgorithmConfig(name="pf2lora", train=train), mc.adapters)
+    data = text_data()
+    rt = ClientRuntime(algo, mc, client_index=0, seed=3, train=data, test=data, device="cuda")
+    return rt, rt.run_round(initial_global_state(algo, mc, run_seed=0), 1.0).metrics
+
+
+@CUDA
+def test_quantized_base_trains_first_order_with_float32_adapters_on_cuda() -> None:
+    pytest.importorskip("bitsandbytes")
+    for bits in ("4bit", "8bit"):
+        rt, metrics = _cuda_round(quantize=bits)
+        assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+        adapters = {**rt.model.shared_parameters(), **rt.model.private_parameters()}
+        assert all(p.dtype == torch.float32 and p.is_cuda for p in adapters.values())
+
+
+@CUDA
+def test_base_spread_by_device_map_trains_on_cuda() -> None:
+    rt, metrics = _cuda_round(device_map="auto")
+    assert rt.device.type == "cuda"
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
