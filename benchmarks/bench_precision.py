@@ -134,7 +134,9 @@ def measure_memory(args: argparse.Namespace, labels: list[str]) -> dict[str, lis
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rec = json.loads(proc.stdout.strip().splitlines()[-1])
             out[label].append(rec)
-            print(f"memory rep {rep} {label:26s}: peak {rec['peak_kib'] / 1024:.0f} MiB", flush=True)
+            print(
+                f"memory rep {rep} {label:26s}: peak {rec['peak_kib'] / 1024:.0f} MiB", flush=True
+            )
     return out
 
 
