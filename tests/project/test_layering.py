@@ -3,7 +3,7 @@
 Layers, lowest first (docs/architecture.md):
   0  common/errors
   1  common/names, version, state_io; the generated pf2lora.v1
-  2  common/learning, data, transport, secagg   (independent of one another)
+  2  common/learning, data, transport, secagg, privacy   (independent of one another)
   3  common/algorithms, wire                    (independent of one another)
   4  common/runspec, client_runtime, simulation (the drivers)
   5  coordinator, silo                          (independent of one another)
@@ -36,6 +36,7 @@ LAYER = {
     "common.data": 2,
     "common.transport": 2,
     "common.secagg": 2,
+    "common.privacy": 2,
     "common.algorithms": 3,
     "common.wire": 3,
     "common.runspec": 4,
