@@ -141,6 +141,7 @@ class ClientRuntime:
         t0 = time.perf_counter()
         payload = self.client.payload(weight) if self.algorithm.communicates else {}
         metrics["payload_seconds"] = time.perf_counter() - t0
+        metrics.update(self.client.dp_metrics)
         return RoundResult(payload, metrics)
 
     def evaluate(self, global_state: Mapping[str, Tensor]) -> dict[str, float]:

@@ -139,9 +139,11 @@ class RunConfig:
     @property
     def round_min_silos(self) -> int:
         """Silos a round needs: min_silos, and with secure aggregation at least 2 and t."""
+        dp = self.algorithm.dp
+        need = max(self.min_silos, dp.min_silos) if dp.enabled else self.min_silos
         if not self.secure_aggregation:
-            return self.min_silos
-        return max(self.min_silos, 2, self.secagg.threshold or 2)
+            return need
+        return max(need, 2, self.secagg.threshold or 2)
 
 
 DEFAULT_CLIP = 4.0

@@ -30,6 +30,7 @@ from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.base_model import load_base_model, load_tokenizer
 from pf2lora.common.learning.batching import EncodedData, resolve_device
 from pf2lora.common.learning.config import ModelConfig
+from pf2lora.common.privacy import accountant
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +278,24 @@ def run_simulation(
         rounds.append(record0)
         if on_round is not None:
             on_round(record0)
+    dp = cfg.algorithm.dp
+    if dp.enabled and dp.max_epsilon is not None:
+        first = accountant.epsilon(dp.noise_multiplier, 1, dp.delta)
+        if first > dp.max_epsilon:
+            raise ConfigError(
+                f"dp.max_epsilon={dp.max_epsilon:g} is below one round's epsilon ({first:.3g} at "
+                f"noise_multiplier {dp.noise_multiplier:g}): raise the budget or the noise"
+            )
     for rnd in range(1, cfg.rounds + 1):
+        if dp.enabled and dp.max_epsilon is not None:
+            if accountant.epsilon(dp.noise_multiplier, rnd, dp.delta) > dp.max_epsilon:
+                logger.warning(
+                    "round %d would exceed dp.max_epsilon = %g: the run ends after round %d",
+                    rnd,
+                    dp.max_epsilon,
+                    rnd - 1,
+                )
+                break
         t0 = time.perf_counter()
         results = [rt.run_round(global_state, w) for rt, w in zip(runtimes, weights, strict=True)]
         if algorithm.communicates:
@@ -289,6 +307,8 @@ def run_simulation(
             "train_loss": [r.metrics["train_loss"] for r in results],
             "train_seconds": [r.metrics["train_seconds"] for r in results],
         }
+        if dp.enabled:  # after this round's release (docs/security.md, differential privacy)
+            record["epsilon"] = accountant.epsilon(dp.noise_multiplier, rnd, dp.delta)
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             last_eval = [rt.evaluate(global_state) for rt in runtimes]
             record["eval"] = last_eval

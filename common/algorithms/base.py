@@ -24,6 +24,7 @@ from pf2lora.common.algorithms.aggregate import (
     payload_spec,
     weighted_payload,
 )
+from pf2lora.common.algorithms.dp import check_supported, private_aggregate, private_payload
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.batching import BatchSource, EncodedData
 from pf2lora.common.learning.config import (
@@ -37,6 +38,7 @@ from pf2lora.common.learning.config import (
 from pf2lora.common.learning.evaluation import evaluate
 from pf2lora.common.learning.model import TwoLevelModel
 from pf2lora.common.learning.trainer import BilevelTrainer, Objective
+from pf2lora.common.privacy.config import DPConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class AlgorithmConfig:
     hetlora_lambda: float = 1e-3
     perfedavg_alpha: float = 0.05  # inner SGD step of the MAML objective and of personalisation
     perfedavg_personalize_steps: int = 1
+    # Silo-level differential privacy of the shared updates (`[algorithm.dp]`, algorithms/dp.py)
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
         if self.weighting not in ("samples", "equal"):
@@ -71,6 +75,7 @@ class AlgorithmConfig:
         for name in ("hetlora_min_rank", "hetlora_max_rank"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1, MAX_RANK)
+        check_supported(self.name, self.dp)
 
     def replace(self, **changes: Any) -> AlgorithmConfig:
         return dataclasses.replace(self, **changes)
@@ -101,6 +106,8 @@ class ClientAlgorithm:
         self.model = model
         self.client_index = client_index
         self.trainer = self.make_trainer(seed)
+        self.received: dict[str, Tensor] = {}  # the last global state installed (DP updates)
+        self.dp_metrics: dict[str, float] = {}  # the last DP payload's (stay on the silo)
 
     def make_trainer(self, seed: int, **options: Any) -> BilevelTrainer:
         """The local trainer over `self.model` with this client's objective; an override passes
@@ -113,7 +120,9 @@ class ClientAlgorithm:
     def receive_global(self, global_state: Mapping[str, Tensor]) -> None:
         """Install the coordinator's shared state (the communicated part) into the local model."""
         if self.model.has_shared:
-            self.model.load_shared_state(global_state, keys=self.communicated_keys())
+            keys = self.communicated_keys()
+            self.model.load_shared_state(global_state, keys=keys)
+            self.received = {k: global_state[k].detach().clone() for k in keys}
 
     def communicated_keys(self) -> set[str]:
         """The shared-state keys that travel (all of them unless the algorithm keeps some)."""
@@ -126,7 +135,12 @@ class ClientAlgorithm:
         """The update to send: built from the shared state ONLY (never the private adapter),
         and of that only what the algorithm communicates."""
         shared = self.model.shared_state()
-        return self.make_payload({k: shared[k] for k in self.communicated_keys()}, weight)
+        sent = {k: shared[k] for k in self.communicated_keys()}
+        dp = self.algorithm.cfg.dp
+        if dp.enabled:  # clipped, noised update with weight 1 (algorithms/dp.py)
+            payload, self.dp_metrics = private_payload(sent, self.received, dp)
+            return payload
+        return self.make_payload(sent, weight)
 
     def make_payload(self, shared: Mapping[str, Tensor], weight: float) -> dict[str, Tensor]:
         return weighted_payload(shared, weight, self.algorithm.weight_key)
@@ -238,6 +252,8 @@ class Algorithm:
         """The new global shared state from the SUM of payloads (pure)."""
         if not self.communicates:
             return {k: v.clone() for k, v in previous.items()}
+        if self.cfg.dp.enabled:
+            return private_aggregate(summed, previous, self.cfg.dp)
         return mean_from_sum(summed, previous, self.weight_key)
 
     def make_client(self, model: TwoLevelModel, client_index: int, seed: int) -> ClientAlgorithm:

@@ -103,3 +103,93 @@ def test_budget_gives_the_most_rounds_within_it() -> None:
     n = accountant.rounds_within(1.0, 1e-5, 10.0, limit=1000)
     assert accountant.epsilon(1.0, n, 1e-5) <= 10.0 < accountant.epsilon(1.0, n + 1, 1e-5)
     assert accountant.rounds_within(1.0, 1e-5, 1e-9, limit=1000) == 0
+
+
+# ---------------------------------------------------------------------------- in an algorithm
+
+
+def _dp_runtimes(dp: DPConfig, n: int = 3):  # type: ignore[no-untyped-def]
+    from pf2lora.common.algorithms.base import AlgorithmConfig
+    from pf2lora.common.algorithms.registry import make_algorithm
+    from pf2lora.common.client_runtime import ClientRuntime, initial_global_state
+    from pf2lora.common.learning.config import TrainConfig
+    from tests.helpers.tiny import MINI, text_data
+
+    cfg = AlgorithmConfig(train=TrainConfig(local_steps=2, batch_size=6, ul_lr=0.05), dp=dp)
+    algo = make_algorithm(cfg, MINI.adapters)
+    data = text_data()
+    rts = [
+        ClientRuntime(algo, MINI, client_index=k, seed=k, train=data, test=data) for k in range(n)
+    ]
+    return algo, rts, initial_global_state(algo, MINI, run_seed=0)
+
+
+def test_dp_payload_is_the_clipped_update_with_weight_one_and_never_private() -> None:
+    from pf2lora.common.algorithms.aggregate import WEIGHT_KEY
+
+    dp = DPConfig(enabled=True, clip=1e-3, noise_multiplier=1.0, min_silos=2)
+    _, (rt, *_), g = _dp_runtimes(dp, 1)
+    for p in rt.model.private_parameters().values():  # a leak would be visible
+        with torch.no_grad():
+            p.add_(1000.0)
+    res = rt.run_round(g, 0.25)
+    assert float(res.payload[WEIGHT_KEY]) == 1.0  # equal weights, whatever the FedAvg weight
+    assert set(res.payload) - {WEIGHT_KEY} == set(g)
+    assert res.metrics["dp_update_norm"] > 1e-3 and res.metrics["dp_clipped"] == 1.0
+    # payload = clipped update + noise of std z C / sqrt(m): nothing near the private 1000s
+    noise = torch.cat([(v.double()).flatten() for k, v in res.payload.items() if k != WEIGHT_KEY])
+    assert float(noise.abs().max()) < 1e-3 + 10 * dp.silo_std
+    assert float(noise.std()) == pytest.approx(dp.silo_std, rel=0.1)
+
+
+def test_dp_aggregate_adds_the_mean_update_and_refuses_too_few_updates() -> None:
+    from pf2lora.common.algorithms.aggregate import sum_payloads
+    from pf2lora.common.algorithms.dp import private_aggregate, private_payload
+    from pf2lora.common.errors import DataError
+
+    dp = DPConfig(enabled=True, clip=10.0, noise_multiplier=1e-6, min_silos=2)  # ~no noise
+    prev = {"w": torch.zeros(4)}
+    trained = [{"w": torch.tensor([1.0, 0, 0, 0])}, {"w": torch.tensor([0, 3.0, 0, 0])}]
+    payloads = [private_payload(t, prev, dp)[0] for t in trained]
+    new = private_aggregate(sum_payloads(payloads), prev, dp)
+    torch.testing.assert_close(new["w"], torch.tensor([0.5, 1.5, 0, 0]), atol=1e-4, rtol=0)
+    with pytest.raises(DataError, match="fewer than dp.min_silos = 2"):
+        private_aggregate(sum_payloads(payloads[:1]), prev, dp)
+    central = DPConfig(enabled=True, mode="central", clip=1.0, noise_multiplier=2.0)
+    out = private_aggregate(
+        sum_payloads([{"w": torch.zeros(20000), "__weight__": torch.tensor(2.0)}]),
+        {"w": torch.zeros(20000)},
+        central,
+    )
+    assert float(out["w"].std()) == pytest.approx(central.sum_std / 2, rel=0.03)  # noise / n
+
+
+def test_dp_is_refused_for_algorithms_without_a_plain_mean() -> None:
+    from pf2lora.common.algorithms.base import AlgorithmConfig
+
+    for name in ("hetlora", "local"):
+        with pytest.raises(ConfigError, match=f"dp.enabled=true with algorithm='{name}'"):
+            AlgorithmConfig(name=name, dp=DPConfig(enabled=True))
+
+
+def test_simulation_with_dp_reports_epsilon_each_round_and_stops_at_the_budget() -> None:
+    from pf2lora.common.algorithms.base import AlgorithmConfig
+    from pf2lora.common.learning.config import TrainConfig
+    from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
+    from tests.helpers.tiny import MINI
+
+    dp = DPConfig(enabled=True, clip=0.5, noise_multiplier=2.0, min_silos=3)
+    budget = accountant.epsilon(2.0, 2, 1e-5) + 1e-9  # room for exactly two rounds
+    cfg = SimulationConfig(
+        algorithm=AlgorithmConfig(
+            train=TrainConfig(local_steps=1, batch_size=4),
+            dp=DPConfig(**{**dp.__dict__, "max_epsilon": budget}),
+        ),
+        model=MINI,
+        data=DataConfig(num_clients=4, max_train_per_client=12, max_test_per_client=6),
+        rounds=4,
+    )
+    res = run_simulation(cfg)
+    eps = [r["epsilon"] for r in res.rounds]
+    assert len(eps) == 2  # the third round would have exceeded the budget
+    assert eps == [pytest.approx(accountant.epsilon(2.0, k, 1e-5)) for k in (1, 2)]
