@@ -136,6 +136,8 @@ def round_line(h: cpb.RoundSummary, rounds: int) -> str:
         miss += ", secure aggregation" + (
             f" (recovered {', '.join(h.dropped)})" if h.dropped else ""
         )
+    if h.epsilon:  # differential privacy: spent once this round was released
+        miss += f", epsilon {h.epsilon:.3f}"
     return (
         f"round {h.round}/{rounds} complete: {len(h.reported)} silo(s){miss}{loss} "
         f"({secs:.1f} s, attempt {h.attempt}, global {h.checkpoint_digest.hex()[:12]})"

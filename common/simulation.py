@@ -279,13 +279,6 @@ def run_simulation(
         if on_round is not None:
             on_round(record0)
     dp = cfg.algorithm.dp
-    if dp.enabled and dp.max_epsilon is not None:
-        first = accountant.epsilon(dp.noise_multiplier, 1, dp.delta)
-        if first > dp.max_epsilon:
-            raise ConfigError(
-                f"dp.max_epsilon={dp.max_epsilon:g} is below one round's epsilon ({first:.3g} at "
-                f"noise_multiplier {dp.noise_multiplier:g}): raise the budget or the noise"
-            )
     for rnd in range(1, cfg.rounds + 1):
         if dp.enabled and dp.max_epsilon is not None:
             if accountant.epsilon(dp.noise_multiplier, rnd, dp.delta) > dp.max_epsilon:

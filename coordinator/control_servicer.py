@@ -66,6 +66,7 @@ def run_view_to_proto(v: RunView) -> cpb.RunStatus:
                 stage_seconds=h.stage_seconds,
                 dropped=list(h.dropped),
                 secure_aggregation=h.secure_aggregation,
+                epsilon=h.epsilon,
             )
             for h in v.history
         ],

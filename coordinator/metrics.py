@@ -93,6 +93,11 @@ class CoordinatorMetrics:
         self.run_active = Gauge(
             "pf2lora_coordinator_run_active", "1 while a run is active, else 0", registry=r
         )
+        self.dp_epsilon = Gauge(
+            "pf2lora_coordinator_dp_epsilon",
+            "epsilon spent by the active run's released rounds at its dp.delta (0 without DP)",
+            registry=r,
+        )
         self.bytes_received = Counter(
             "pf2lora_coordinator_received_bytes",
             "bytes of tensor-stream messages received from silos (PushUpdate)",
@@ -138,6 +143,7 @@ class CoordinatorMetrics:
 
     def run_ended(self) -> None:
         self.run_active.set(0)
+        self.dp_epsilon.set(0)
         self.current_round.set(0)
 
     def observe_secagg_stage(self, stage: str, seconds: float) -> None:

@@ -9,6 +9,7 @@ from statistics import fmean
 
 from pf2lora.common.algorithms.registry import make_algorithm
 from pf2lora.common.errors import FailedPrecondition, NotFound
+from pf2lora.common.privacy import accountant
 from pf2lora.common.runspec import RunConfig, from_json
 from pf2lora.common.wire.manifest import payload_layout, tensor_spec, tensors_from_json
 from pf2lora.coordinator.engine import Engine
@@ -48,6 +49,7 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
         row = store.run(run_id)
         active = run if run is not None and run.run_id == run_id else None
         train = store.metrics(run_id, kind="train")
+        dp = from_json(RunConfig, row.config_json).algorithm.dp
         history: list[RoundView] = []
         for rr in store.rounds(run_id):
             if rr.round == 0 or rr.state != "complete":
@@ -74,6 +76,9 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
                     stage_seconds={st.stage: (st.ended_ms - st.started_ms) / 1000 for st in stages},
                     secure_aggregation=secure,
                     dropped=dropped,
+                    epsilon=accountant.epsilon(dp.noise_multiplier, rr.round, dp.delta)
+                    if dp.enabled
+                    else 0.0,
                 )
             )
         evaluation = tuple(

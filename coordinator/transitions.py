@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pf2lora.common.algorithms.aggregate import client_weights
-from pf2lora.common.errors import ConfigError, InvalidArgument
+from pf2lora.common.errors import ConfigError, DataError, InvalidArgument
+from pf2lora.common.privacy import accountant
 from pf2lora.coordinator.active_run import ActiveRun, Participant
 from pf2lora.coordinator.checkpoints import CheckpointStore, canonical
 from pf2lora.coordinator.metrics import CoordinatorMetrics
@@ -127,7 +128,16 @@ class Transitions:
             summed = run.running_sum if run.running_sum is not None else {}
             meta = {"attempt": run.attempt, "participants": reported}
             self.record_stage(run, "train", reported)
-        new_state = canonical(run.algorithm.aggregate(summed, run.global_state))
+        try:
+            new_state = canonical(run.algorithm.aggregate(summed, run.global_state))
+        except DataError as exc:  # e.g. a DP sum of too few updates: never released
+            logger.error("round %d attempt %d not released: %s", run.round, run.attempt, exc)
+            self.reopen(run, 0)
+            return
+        dp = run.cfg.algorithm.dp
+        if dp.enabled:  # what releasing this round spends (docs/security.md)
+            meta["epsilon"] = accountant.epsilon(dp.noise_multiplier, run.round, dp.delta)
+            meta["delta"] = dp.delta
         try:
             path, digest = self.checkpoints.write(run.run_id, run.round, new_state, meta)
         except OSError as exc:
@@ -149,16 +159,38 @@ class Transitions:
             self.clock() - run.opened_at, len(run.participants), len(reported)
         )
         logger.info(
-            "run %s: round %d complete with %d update(s), global %s",
+            "run %s: round %d complete with %d update(s), global %s%s",
             run.run_id,
             run.round,
             len(reported),
             digest[:16],
+            f", epsilon {meta['epsilon']:.3f} at delta {dp.delta:g}" if dp.enabled else "",
         )
-        if run.completed >= run.cfg.rounds:
+        if dp.enabled:
+            self.metrics.dp_epsilon.set(meta["epsilon"])
+        if run.completed >= run.cfg.rounds or self._budget_spent(run):
             self.begin_evaluation(run, reported)
         else:
             self.open_round(run, run.round + 1)
+
+    def _budget_spent(self, run: ActiveRun) -> bool:
+        """True when releasing the next round would exceed dp.max_epsilon: training ends."""
+        dp = run.cfg.algorithm.dp
+        if not dp.enabled or dp.max_epsilon is None:
+            return False
+        after = accountant.epsilon(dp.noise_multiplier, run.completed + 1, dp.delta)
+        if after <= dp.max_epsilon:
+            return False
+        logger.warning(
+            "run %s: round %d would spend epsilon %.3f > dp.max_epsilon %g: training ends after "
+            "round %d",
+            run.run_id,
+            run.completed + 1,
+            after,
+            dp.max_epsilon,
+            run.completed,
+        )
+        return True
 
     def reopen(self, run: ActiveRun, missing: int) -> None:
         """The attempt failed (too few updates by the deadline, or secure aggregation failed)."""

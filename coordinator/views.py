@@ -57,6 +57,7 @@ class RoundView:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # of the final attempt
     secure_aggregation: bool = False
     dropped: tuple[str, ...] = ()  # shared keys, sent no masked input: not in the sum
+    epsilon: float = 0.0  # DP: spent once this round was released (0 without DP)
 
 
 @dataclass(frozen=True)

@@ -377,7 +377,7 @@ class SiloDaemon:
         self.metrics.round_done(
             rnd, fetch_s=t1 - t0, local_s=t2 - t1, push_s=t3 - t2, metrics=metrics
         )
-        if self.cfg.silo.report_metrics:
+        if self._may_report(ctx):
             self.client.report_metrics(run_id, rnd, "train", metrics)
 
     def _run_round(self, ctx: RunContext, global_state: Any, weight: float) -> Any:
@@ -390,6 +390,12 @@ class SiloDaemon:
             raise
         except Exception as exc:  # a rank died or failed: the ranks are out of step
             raise RankFailed(f"training with {self.group.world} processes failed ({exc})") from exc
+
+    def _may_report(self, ctx: RunContext) -> bool:
+        """Per-silo scalars leave only if this silo allows it and, in a DP run, the run does
+        ([algorithm.dp] report_metrics; they are not covered by the guarantee)."""
+        dp = ctx.algorithm.cfg.dp
+        return self.cfg.silo.report_metrics and (not dp.enabled or dp.report_metrics)
 
     def _evaluate(self, task: EvaluateTask) -> None:
         run_id = task.run.run_id
@@ -405,5 +411,5 @@ class SiloDaemon:
             run_id,
             {k: round(v, 4) for k, v in metrics.items() if k.endswith(REPORTED_METRICS)},
         )
-        reported = metrics if self.cfg.silo.report_metrics else {WITHHELD: 1.0}
+        reported = metrics if self._may_report(ctx) else {WITHHELD: 1.0}
         self.client.report_metrics(run_id, task.round, "evaluate", reported)

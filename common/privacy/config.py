@@ -81,6 +81,17 @@ class DPConfig:
         _require(
             isinstance(self.report_metrics, bool), "report_metrics", self.report_metrics, "bool"
         )
+        if self.enabled and self.max_epsilon is not None:
+            from pf2lora.common.privacy.accountant import epsilon
+
+            first = epsilon(self.noise_multiplier, 1, self.delta)
+            _require(
+                first <= self.max_epsilon,
+                "max_epsilon",
+                self.max_epsilon,
+                f"below one round's epsilon ({first:.3g} at noise_multiplier "
+                f"{self.noise_multiplier:g}): raise the budget or the noise",
+            )
 
     @property
     def sum_std(self) -> float:

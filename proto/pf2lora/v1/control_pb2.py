@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pf2lora.v1 import tensors_pb2 as pf2lora_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pf2lora/v1/control.proto\x12\npf2lora.v1\x1a\x18pf2lora/v1/tensors.proto\":\n\x0fStartRunRequest\x12\x17\n\x0frun_config_json\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"%\n\x13GetRunStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"0\n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"C\n\x11ParticipantStatus\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\r\n\x05state\x18\x03 \x01(\t\"\xbe\x03\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x14\n\x0cparticipants\x18\x03 \x03(\t\x12\x10\n\x08reported\x18\x04 \x03(\t\x12\x16\n\x0eopened_unix_ms\x18\x05 \x01(\x03\x12\x19\n\x11\x63ompleted_unix_ms\x18\x06 \x01(\x03\x12\x19\n\x11\x63heckpoint_digest\x18\x07 \x01(\x0c\x12?\n\x0cmean_metrics\x18\x08 \x03(\x0b\x32).pf2lora.v1.RoundSummary.MeanMetricsEntry\x12\x41\n\rstage_seconds\x18\t \x03(\x0b\x32*.pf2lora.v1.RoundSummary.StageSecondsEntry\x12\x0f\n\x07\x64ropped\x18\n \x03(\t\x12\x1a\n\x12secure_aggregation\x18\x0b \x01(\x08\x1a\x32\n\x10MeanMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa2\x01\n\x0bSiloMetrics\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x35\n\x07metrics\x18\x04 \x03(\x0b\x32$.pf2lora.v1.SiloMetrics.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9d\x04\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.pf2lora.v1.RunState\x12#\n\x05phase\x18\x03 \x01(\x0e\x32\x14.pf2lora.v1.RunPhase\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12\x18\n\x10\x63ompleted_rounds\x18\x05 \x01(\r\x12\x15\n\rcurrent_round\x18\x06 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x10\n\x08\x65nrolled\x18\x08 \x03(\t\x12\x33\n\x0cparticipants\x18\t \x03(\x0b\x32\x1d.pf2lora.v1.ParticipantStatus\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\n \x01(\x03\x12)\n\x07history\x18\x0b \x03(\x0b\x32\x18.pf2lora.v1.RoundSummary\x12+\n\nevaluation\x18\x0c \x03(\x0b\x32\x17.pf2lora.v1.SiloMetrics\x12\x13\n\x0b\x63onfig_json\x18\r \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x0e \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\x0f \x01(\x03\x12\x0e\n\x06reason\x18\x10 \x01(\t\x12\x14\n\x0csecagg_stage\x18\x11 \x01(\t\x12\x13\n\x0bwaiting_for\x18\x12 \x03(\t\x12(\n\x07refused\x18\x13 \x03(\x0b\x32\x17.pf2lora.v1.SiloRefusal\"?\n\x0bSiloRefusal\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07unix_ms\x18\x03 \x01(\x03\"\x12\n\x10ListSilosRequest\"\xa2\x01\n\x08SiloInfo\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x0e\n\x06joined\x18\x03 \x01(\x08\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12\x1a\n\x12\x66irst_seen_unix_ms\x18\x06 \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\x07 \x01(\x03\"I\n\x0eListSilosReply\x12\x12\n\nfederation\x18\x01 \x01(\t\x12#\n\x05silos\x18\x02 \x03(\x0b\x32\x14.pf2lora.v1.SiloInfo\"8\n\x17GetRoundManifestRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\x81\x01\n\rUpdateReceipt\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\x0c\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.pf2lora.v1.TensorSpec\x12\x0c\n\x04kind\x18\x05 \x01(\t\"\\\n\x0bLayoutEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.pf2lora.v1.DType\"\xc0\x02\n\rRoundManifest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12.\n\x0eglobal_tensors\x18\x03 \x03(\x0b\x32\x16.pf2lora.v1.TensorSpec\x12\x1e\n\x16global_manifest_digest\x18\x04 \x01(\x0c\x12*\n\x07updates\x18\x05 \x03(\x0b\x32\x19.pf2lora.v1.UpdateReceipt\x12\x1a\n\x12secure_aggregation\x18\x06 \x01(\x08\x12/\n\x0epayload_layout\x18\x07 \x03(\x0b\x32\x17.pf2lora.v1.LayoutEntry\x12\x15\n\rlayout_digest\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\r\x12\x0e\n\x06summed\x18\n \x03(\t\x12\x0f\n\x07\x64ropped\x18\x0b \x03(\t*\x82\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x02\x12\x15\n\x11RUN_STATE_STOPPED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04*\x84\x01\n\x08RunPhase\x12\x19\n\x15RUN_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13RUN_PHASE_ENROLLING\x10\x01\x12\x16\n\x12RUN_PHASE_TRAINING\x10\x02\x12\x18\n\x14RUN_PHASE_EVALUATING\x10\x03\x12\x12\n\x0eRUN_PHASE_DONE\x10\x04\x32\xed\x02\n\nControlApi\x12>\n\x08StartRun\x12\x1b.pf2lora.v1.StartRunRequest\x1a\x15.pf2lora.v1.RunStatus\x12\x46\n\x0cGetRunStatus\x12\x1f.pf2lora.v1.GetRunStatusRequest\x1a\x15.pf2lora.v1.RunStatus\x12<\n\x07StopRun\x12\x1a.pf2lora.v1.StopRunRequest\x1a\x15.pf2lora.v1.RunStatus\x12\x45\n\tListSilos\x12\x1c.pf2lora.v1.ListSilosRequest\x1a\x1a.pf2lora.v1.ListSilosReply\x12R\n\x10GetRoundManifest\x12#.pf2lora.v1.GetRoundManifestRequest\x1a\x19.pf2lora.v1.RoundManifestb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pf2lora/v1/control.proto\x12\npf2lora.v1\x1a\x18pf2lora/v1/tensors.proto\":\n\x0fStartRunRequest\x12\x17\n\x0frun_config_json\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"%\n\x13GetRunStatusRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"0\n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"C\n\x11ParticipantStatus\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\r\n\x05state\x18\x03 \x01(\t\"\xcf\x03\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x14\n\x0cparticipants\x18\x03 \x03(\t\x12\x10\n\x08reported\x18\x04 \x03(\t\x12\x16\n\x0eopened_unix_ms\x18\x05 \x01(\x03\x12\x19\n\x11\x63ompleted_unix_ms\x18\x06 \x01(\x03\x12\x19\n\x11\x63heckpoint_digest\x18\x07 \x01(\x0c\x12?\n\x0cmean_metrics\x18\x08 \x03(\x0b\x32).pf2lora.v1.RoundSummary.MeanMetricsEntry\x12\x41\n\rstage_seconds\x18\t \x03(\x0b\x32*.pf2lora.v1.RoundSummary.StageSecondsEntry\x12\x0f\n\x07\x64ropped\x18\n \x03(\t\x12\x1a\n\x12secure_aggregation\x18\x0b \x01(\x08\x12\x0f\n\x07\x65psilon\x18\x0c \x01(\x01\x1a\x32\n\x10MeanMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa2\x01\n\x0bSiloMetrics\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x35\n\x07metrics\x18\x04 \x03(\x0b\x32$.pf2lora.v1.SiloMetrics.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9d\x04\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.pf2lora.v1.RunState\x12#\n\x05phase\x18\x03 \x01(\x0e\x32\x14.pf2lora.v1.RunPhase\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12\x18\n\x10\x63ompleted_rounds\x18\x05 \x01(\r\x12\x15\n\rcurrent_round\x18\x06 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x10\n\x08\x65nrolled\x18\x08 \x03(\t\x12\x33\n\x0cparticipants\x18\t \x03(\x0b\x32\x1d.pf2lora.v1.ParticipantStatus\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\n \x01(\x03\x12)\n\x07history\x18\x0b \x03(\x0b\x32\x18.pf2lora.v1.RoundSummary\x12+\n\nevaluation\x18\x0c \x03(\x0b\x32\x17.pf2lora.v1.SiloMetrics\x12\x13\n\x0b\x63onfig_json\x18\r \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x0e \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\x0f \x01(\x03\x12\x0e\n\x06reason\x18\x10 \x01(\t\x12\x14\n\x0csecagg_stage\x18\x11 \x01(\t\x12\x13\n\x0bwaiting_for\x18\x12 \x03(\t\x12(\n\x07refused\x18\x13 \x03(\x0b\x32\x17.pf2lora.v1.SiloRefusal\"?\n\x0bSiloRefusal\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07unix_ms\x18\x03 \x01(\x03\"\x12\n\x10ListSilosRequest\"\xa2\x01\n\x08SiloInfo\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x0e\n\x06joined\x18\x03 \x01(\x08\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12\x1a\n\x12\x66irst_seen_unix_ms\x18\x06 \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\x07 \x01(\x03\"I\n\x0eListSilosReply\x12\x12\n\nfederation\x18\x01 \x01(\t\x12#\n\x05silos\x18\x02 \x03(\x0b\x32\x14.pf2lora.v1.SiloInfo\"8\n\x17GetRoundManifestRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\x81\x01\n\rUpdateReceipt\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\x0c\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.pf2lora.v1.TensorSpec\x12\x0c\n\x04kind\x18\x05 \x01(\t\"\\\n\x0bLayoutEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.pf2lora.v1.DType\"\xc0\x02\n\rRoundManifest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12.\n\x0eglobal_tensors\x18\x03 \x03(\x0b\x32\x16.pf2lora.v1.TensorSpec\x12\x1e\n\x16global_manifest_digest\x18\x04 \x01(\x0c\x12*\n\x07updates\x18\x05 \x03(\x0b\x32\x19.pf2lora.v1.UpdateReceipt\x12\x1a\n\x12secure_aggregation\x18\x06 \x01(\x08\x12/\n\x0epayload_layout\x18\x07 \x03(\x0b\x32\x17.pf2lora.v1.LayoutEntry\x12\x15\n\rlayout_digest\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\r\x12\x0e\n\x06summed\x18\n \x03(\t\x12\x0f\n\x07\x64ropped\x18\x0b \x03(\t*\x82\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x02\x12\x15\n\x11RUN_STATE_STOPPED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04*\x84\x01\n\x08RunPhase\x12\x19\n\x15RUN_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13RUN_PHASE_ENROLLING\x10\x01\x12\x16\n\x12RUN_PHASE_TRAINING\x10\x02\x12\x18\n\x14RUN_PHASE_EVALUATING\x10\x03\x12\x12\n\x0eRUN_PHASE_DONE\x10\x04\x32\xed\x02\n\nControlApi\x12>\n\x08StartRun\x12\x1b.pf2lora.v1.StartRunRequest\x1a\x15.pf2lora.v1.RunStatus\x12\x46\n\x0cGetRunStatus\x12\x1f.pf2lora.v1.GetRunStatusRequest\x1a\x15.pf2lora.v1.RunStatus\x12<\n\x07StopRun\x12\x1a.pf2lora.v1.StopRunRequest\x1a\x15.pf2lora.v1.RunStatus\x12\x45\n\tListSilos\x12\x1c.pf2lora.v1.ListSilosRequest\x1a\x1a.pf2lora.v1.ListSilosReply\x12R\n\x10GetRoundManifest\x12#.pf2lora.v1.GetRoundManifestRequest\x1a\x19.pf2lora.v1.RoundManifestb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDSUMMARY_STAGESECONDSENTRY']._serialized_options = b'8\001'
   _globals['_SILOMETRICS_METRICSENTRY']._loaded_options = None
   _globals['_SILOMETRICS_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=2375
-  _globals['_RUNSTATE']._serialized_end=2505
-  _globals['_RUNPHASE']._serialized_start=2508
-  _globals['_RUNPHASE']._serialized_end=2640
+  _globals['_RUNSTATE']._serialized_start=2392
+  _globals['_RUNSTATE']._serialized_end=2522
+  _globals['_RUNPHASE']._serialized_start=2525
+  _globals['_RUNPHASE']._serialized_end=2657
   _globals['_STARTRUNREQUEST']._serialized_start=66
   _globals['_STARTRUNREQUEST']._serialized_end=124
   _globals['_GETRUNSTATUSREQUEST']._serialized_start=126
@@ -51,33 +51,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTICIPANTSTATUS']._serialized_start=215
   _globals['_PARTICIPANTSTATUS']._serialized_end=282
   _globals['_ROUNDSUMMARY']._serialized_start=285
-  _globals['_ROUNDSUMMARY']._serialized_end=731
-  _globals['_ROUNDSUMMARY_MEANMETRICSENTRY']._serialized_start=628
-  _globals['_ROUNDSUMMARY_MEANMETRICSENTRY']._serialized_end=678
-  _globals['_ROUNDSUMMARY_STAGESECONDSENTRY']._serialized_start=680
-  _globals['_ROUNDSUMMARY_STAGESECONDSENTRY']._serialized_end=731
-  _globals['_SILOMETRICS']._serialized_start=734
-  _globals['_SILOMETRICS']._serialized_end=896
-  _globals['_SILOMETRICS_METRICSENTRY']._serialized_start=850
-  _globals['_SILOMETRICS_METRICSENTRY']._serialized_end=896
-  _globals['_RUNSTATUS']._serialized_start=899
-  _globals['_RUNSTATUS']._serialized_end=1440
-  _globals['_SILOREFUSAL']._serialized_start=1442
-  _globals['_SILOREFUSAL']._serialized_end=1505
-  _globals['_LISTSILOSREQUEST']._serialized_start=1507
-  _globals['_LISTSILOSREQUEST']._serialized_end=1525
-  _globals['_SILOINFO']._serialized_start=1528
-  _globals['_SILOINFO']._serialized_end=1690
-  _globals['_LISTSILOSREPLY']._serialized_start=1692
-  _globals['_LISTSILOSREPLY']._serialized_end=1765
-  _globals['_GETROUNDMANIFESTREQUEST']._serialized_start=1767
-  _globals['_GETROUNDMANIFESTREQUEST']._serialized_end=1823
-  _globals['_UPDATERECEIPT']._serialized_start=1826
-  _globals['_UPDATERECEIPT']._serialized_end=1955
-  _globals['_LAYOUTENTRY']._serialized_start=1957
-  _globals['_LAYOUTENTRY']._serialized_end=2049
-  _globals['_ROUNDMANIFEST']._serialized_start=2052
-  _globals['_ROUNDMANIFEST']._serialized_end=2372
-  _globals['_CONTROLAPI']._serialized_start=2643
-  _globals['_CONTROLAPI']._serialized_end=3008
+  _globals['_ROUNDSUMMARY']._serialized_end=748
+  _globals['_ROUNDSUMMARY_MEANMETRICSENTRY']._serialized_start=645
+  _globals['_ROUNDSUMMARY_MEANMETRICSENTRY']._serialized_end=695
+  _globals['_ROUNDSUMMARY_STAGESECONDSENTRY']._serialized_start=697
+  _globals['_ROUNDSUMMARY_STAGESECONDSENTRY']._serialized_end=748
+  _globals['_SILOMETRICS']._serialized_start=751
+  _globals['_SILOMETRICS']._serialized_end=913
+  _globals['_SILOMETRICS_METRICSENTRY']._serialized_start=867
+  _globals['_SILOMETRICS_METRICSENTRY']._serialized_end=913
+  _globals['_RUNSTATUS']._serialized_start=916
+  _globals['_RUNSTATUS']._serialized_end=1457
+  _globals['_SILOREFUSAL']._serialized_start=1459
+  _globals['_SILOREFUSAL']._serialized_end=1522
+  _globals['_LISTSILOSREQUEST']._serialized_start=1524
+  _globals['_LISTSILOSREQUEST']._serialized_end=1542
+  _globals['_SILOINFO']._serialized_start=1545
+  _globals['_SILOINFO']._serialized_end=1707
+  _globals['_LISTSILOSREPLY']._serialized_start=1709
+  _globals['_LISTSILOSREPLY']._serialized_end=1782
+  _globals['_GETROUNDMANIFESTREQUEST']._serialized_start=1784
+  _globals['_GETROUNDMANIFESTREQUEST']._serialized_end=1840
+  _globals['_UPDATERECEIPT']._serialized_start=1843
+  _globals['_UPDATERECEIPT']._serialized_end=1972
+  _globals['_LAYOUTENTRY']._serialized_start=1974
+  _globals['_LAYOUTENTRY']._serialized_end=2066
+  _globals['_ROUNDMANIFEST']._serialized_start=2069
+  _globals['_ROUNDMANIFEST']._serialized_end=2389
+  _globals['_CONTROLAPI']._serialized_start=2660
+  _globals['_CONTROLAPI']._serialized_end=3025
 # @@protoc_insertion_point(module_scope)

@@ -67,7 +67,7 @@ class ParticipantStatus(_message.Message):
     def __init__(self, silo_id: _Optional[str] = ..., weight: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "attempt", "participants", "reported", "opened_unix_ms", "completed_unix_ms", "checkpoint_digest", "mean_metrics", "stage_seconds", "dropped", "secure_aggregation")
+    __slots__ = ("round", "attempt", "participants", "reported", "opened_unix_ms", "completed_unix_ms", "checkpoint_digest", "mean_metrics", "stage_seconds", "dropped", "secure_aggregation", "epsilon")
     class MeanMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class RoundSummary(_message.Message):
     STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
     round: int
     attempt: int
     participants: _containers.RepeatedScalarFieldContainer[str]
@@ -104,7 +105,8 @@ class RoundSummary(_message.Message):
     stage_seconds: _containers.ScalarMap[str, float]
     dropped: _containers.RepeatedScalarFieldContainer[str]
     secure_aggregation: bool
-    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., opened_unix_ms: _Optional[int] = ..., completed_unix_ms: _Optional[int] = ..., checkpoint_digest: _Optional[bytes] = ..., mean_metrics: _Optional[_Mapping[str, float]] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., dropped: _Optional[_Iterable[str]] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
+    epsilon: float
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., opened_unix_ms: _Optional[int] = ..., completed_unix_ms: _Optional[int] = ..., checkpoint_digest: _Optional[bytes] = ..., mean_metrics: _Optional[_Mapping[str, float]] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., dropped: _Optional[_Iterable[str]] = ..., secure_aggregation: _Optional[bool] = ..., epsilon: _Optional[float] = ...) -> None: ...
 
 class SiloMetrics(_message.Message):
     __slots__ = ("silo_id", "round", "kind", "metrics")

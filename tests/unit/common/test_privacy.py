@@ -193,3 +193,10 @@ def test_simulation_with_dp_reports_epsilon_each_round_and_stops_at_the_budget()
     eps = [r["epsilon"] for r in res.rounds]
     assert len(eps) == 2  # the third round would have exceeded the budget
     assert eps == [pytest.approx(accountant.epsilon(2.0, k, 1e-5)) for k in (1, 2)]
+
+
+def test_a_budget_below_one_round_is_refused() -> None:
+    one = accountant.epsilon(1.0, 1, 1e-5)
+    with pytest.raises(ConfigError, match="dp.max_epsilon=.*below one round's epsilon"):
+        DPConfig(enabled=True, noise_multiplier=1.0, max_epsilon=one / 2)
+    DPConfig(enabled=True, noise_multiplier=1.0, max_epsilon=one)  # exactly one round: fine
