@@ -21,6 +21,7 @@ from pf2lora.common.learning.config import ModelConfig
 from pf2lora.common.learning.conversations import encode_conversations
 from pf2lora.common.learning.distributed import SINGLE, Group, ShardedSource
 from pf2lora.common.learning.model import SHARED, TwoLevelModel, build_two_level_model
+from pf2lora.common.privacy import accountant
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +117,20 @@ class ClientRuntime:
         self.client: ClientAlgorithm = algorithm.make_client(self.model, client_index, seed)
         self.train = train
         self.test = test
+        dp_sgd = algorithm.cfg.train.dp_sgd_clip is not None
         self.full_source = BatchSource(
-            train, algorithm.cfg.train.batch_size, derive_seed(seed, "batches"), self.device
+            train,
+            algorithm.cfg.train.batch_size,
+            derive_seed(seed, "batches"),
+            self.device,
+            poisson=dp_sgd,  # DP-SGD's accounting assumes Poisson sampling
         )
         self.group = group
         self.source: BatchSource = self.full_source
+        if group.world > 1 and dp_sgd:
+            raise DataError(
+                "DP-SGD (train.dp_sgd_clip) runs in one process per silo, not under torchrun"
+            )
         if group.world > 1:  # this rank trains on its shard of every batch (distributed.py)
             if self.full_source.batch_size < group.world:
                 raise DataError(
@@ -142,6 +152,14 @@ class ClientRuntime:
         payload = self.client.payload(weight) if self.algorithm.communicates else {}
         metrics["payload_seconds"] = time.perf_counter() - t0
         metrics.update(self.client.dp_metrics)
+        train = self.algorithm.cfg.train
+        if train.dp_sgd_clip is not None:  # record-level: stays with the silo's metrics
+            metrics["dp_sgd_epsilon"] = accountant.epsilon(
+                train.dp_sgd_noise_multiplier,
+                self.client.trainer.step,
+                train.dp_sgd_delta,
+                sample_rate=self.full_source.sample_rate,
+            )
         return RoundResult(payload, metrics)
 
     def evaluate(self, global_state: Mapping[str, Tensor]) -> dict[str, float]:

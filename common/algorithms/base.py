@@ -75,7 +75,7 @@ class AlgorithmConfig:
         for name in ("hetlora_min_rank", "hetlora_max_rank"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1, MAX_RANK)
-        check_supported(self.name, self.dp)
+        check_supported(self.name, self.dp, self.train)
 
     def replace(self, **changes: Any) -> AlgorithmConfig:
         return dataclasses.replace(self, **changes)

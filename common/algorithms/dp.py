@@ -23,9 +23,12 @@ from pf2lora.common.algorithms.aggregate import (
     weighted_payload,
 )
 from pf2lora.common.errors import ConfigError, DataError
+from pf2lora.common.learning.config import TrainConfig
 from pf2lora.common.privacy import mechanism
 from pf2lora.common.privacy.config import DPConfig
 
+# Algorithms whose local step is one gradient of a mean loss over one batch (DP-SGD applies).
+DP_SGD_PLAIN = ("homlora", "fedsa", "local")
 # Algorithms whose payload is not a plain mean of the shared tensors, or that send nothing.
 UNSUPPORTED = {
     "hetlora": "its payload is weighted per module by the update's norm, not a plain mean",
@@ -33,12 +36,25 @@ UNSUPPORTED = {
 }
 
 
-def check_supported(algorithm: str, dp: DPConfig) -> None:
+def check_supported(algorithm: str, dp: DPConfig, train: TrainConfig) -> None:
     if dp.enabled and algorithm in UNSUPPORTED:
         raise ConfigError(
             f"dp.enabled=true with algorithm={algorithm!r}: {UNSUPPORTED[algorithm]}; use "
             "pf2lora, homlora, fedsa or perfedavg"
         )
+    if train.dp_sgd_clip is None:
+        return
+    estimator = f"pf2lora with hypergrad {train.hypergrad}" if algorithm == "pf2lora" else algorithm
+    if algorithm in DP_SGD_PLAIN or (algorithm == "pf2lora" and train.hypergrad == "joint"):
+        return
+    raise ConfigError(
+        f"train.dp_sgd_clip with {estimator}: DP-SGD runs only where every step is one gradient "
+        "of a mean over one batch (homlora, fedsa, local, pf2lora with hypergrad joint). The "
+        "bilevel estimators also learn from the lower-level batch, unclipped (first-order: "
+        "not yet; unroll and implicit: their hypergradient mixes both batches' examples, so one "
+        "example's influence is not bounded by clipping per example); HETLoRA's "
+        "regulariser and Per-FedAvg's meta-gradient are not yet supported"
+    )
 
 
 def private_payload(

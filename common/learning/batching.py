@@ -47,7 +47,7 @@ class EncodedData:
 
     def select(self, index: Tensor) -> dict[str, Tensor]:
         out = {k: v[index] for k, v in self.tensors.items()}
-        if "attention_mask" in out:
+        if "attention_mask" in out and len(index):
             # trim padding columns the whole batch does not use (speed; results unchanged)
             used = int(out["attention_mask"].sum(dim=1).max().item())
             for k in ("input_ids", "attention_mask"):
@@ -99,7 +99,13 @@ class BatchSource:
     """
 
     def __init__(
-        self, data: EncodedData, batch_size: int, seed: int, device: torch.device | str = "cpu"
+        self,
+        data: EncodedData,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+        *,
+        poisson: bool = False,
     ) -> None:
         if len(data) == 0:
             raise DataError("client has no training examples")
@@ -107,10 +113,20 @@ class BatchSource:
         self.batch_size = min(batch_size, len(data))
         self.seed = seed
         self.device = torch.device(device)
+        # Poisson sampling (DP-SGD): every example joins a batch with probability
+        # batch_size / examples, independently; batch sizes vary (and may be 0).
+        self.poisson = poisson
+
+    @property
+    def sample_rate(self) -> float:
+        return self.batch_size / len(self.data)
 
     def batch(self, step: int, stream: int) -> dict[str, Tensor]:
         # indices are drawn on the CPU with a seeded generator: the same on every device
         gen = torch.Generator().manual_seed(derive_seed(self.seed, step, stream))
+        if self.poisson:
+            drawn = torch.rand(len(self.data), generator=gen) < self.sample_rate
+            return to_device(self.data.select(torch.nonzero(drawn).flatten()), self.device)
         index = torch.randperm(len(self.data), generator=gen)[: self.batch_size]
         return to_device(self.data.select(index), self.device)
 

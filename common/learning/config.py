@@ -182,6 +182,12 @@ class TrainConfig:
     # differentiates through the clip. None (default), 0 or false: no clipping.
     ll_max_grad_norm: float | None = None
     progress: bool = False  # a progress bar over local steps
+    # Record-level DP-SGD on the silo (learning/per_example.py): each example's gradient clipped
+    # to this L2 norm, N(0, (dp_sgd_noise_multiplier * clip)^2) added to their sum, batches drawn
+    # by Poisson sampling (rate batch_size / examples). None: off.
+    dp_sgd_clip: float | None = None
+    dp_sgd_noise_multiplier: float = 1.0
+    dp_sgd_delta: float = 1e-5  # the record-level epsilon is reported at this delta
 
     def __post_init__(self) -> None:
         check_int("local_steps", self.local_steps, 1, 1_000_000)
@@ -194,6 +200,11 @@ class TrainConfig:
         )
         check_int("neumann_terms", self.neumann_terms, 0, 100)
         check_int("ll_steps", self.ll_steps, 1, 16)
+        if self.dp_sgd_clip is not None:
+            check_number("dp_sgd_clip", self.dp_sgd_clip, 0, 1e6)
+        check_number("dp_sgd_noise_multiplier", self.dp_sgd_noise_multiplier, 0, 1e3)
+        check_number("dp_sgd_delta", self.dp_sgd_delta, 0, 1)
+        _check(self.dp_sgd_delta < 1, "dp_sgd_delta", self.dp_sgd_delta, "must be below 1")
         for name in ("max_grad_norm", "ll_max_grad_norm"):
             v = getattr(self, name)
             if v is not None and not v:

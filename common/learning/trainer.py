@@ -87,6 +87,9 @@ class BilevelTrainer:
         self.extra_loss = extra_loss
         self.grad_mask = grad_mask
         self.group: Group = SINGLE  # several processes per silo: distribute()
+        self._per_example: Any = None  # DP-SGD: Opacus hooks on the model (learning/per_example)
+        self._dp_noise: torch.Generator | None = None
+        self._last_loss = float("nan")
         self.x = model.shared_parameters()
         self.y = model.private_parameters()
         self.step = 0  # local steps taken over the silo's lifetime
@@ -180,8 +183,10 @@ class BilevelTrainer:
             return outer, outer
         if self.objective == "plain" or cfg.hypergrad == "joint":
             batch = source.batch(self.step, STREAM_UL)
-            loss = loss_fn({}, batch)
             params = {n: p for n, p in {**self.x, **self.y}.items() if n in self.ul_names}
+            if cfg.dp_sgd_clip is not None:
+                return self._dp_sgd_step(loss_fn, batch, params, source.batch_size)
+            loss = loss_fn({}, batch)
             grads = self.group.mean(hg.grad_named(loss, params))
             self._apply_ul(grads)
             value = float(loss.detach())
@@ -224,6 +229,41 @@ class BilevelTrainer:
                 p.copy_(res.y_new[n])  # y <- y_hat (detached)
         self._apply_ul(res.h)
         return res.ll_loss, res.ul_loss
+
+    def _dp_sgd_step(
+        self,
+        loss_fn: hg.LossFn,
+        batch: Mapping[str, Tensor],
+        params: dict[str, nn.Parameter],
+        expected_batch: int,
+    ) -> tuple[float, float]:
+        """One DP-SGD step: per-example gradients clipped, summed, noised (per_example.py)."""
+        from pf2lora.common.learning.per_example import PerExampleGrads, clip_and_noise
+
+        cfg = self.cfg
+        assert cfg.dp_sgd_clip is not None
+        if self._per_example is None:
+            import secrets
+
+            self._per_example = PerExampleGrads(self.model.peft)
+            self._dp_noise = torch.Generator().manual_seed(secrets.randbits(63))
+        assert self._dp_noise is not None
+        rows = next(iter(batch.values())).shape[0]
+        if rows:
+            per_example, value = self._per_example(lambda: loss_fn({}, batch), params)
+            self._last_loss = value
+        else:  # Poisson sampling drew nobody: the step is noise alone
+            per_example = {n: p.detach()[None][:0] for n, p in params.items()}
+            value = self._last_loss
+        grads = clip_and_noise(
+            per_example,
+            cfg.dp_sgd_clip,
+            cfg.dp_sgd_noise_multiplier,
+            expected_batch,
+            self._dp_noise,
+        )
+        self._apply_ul(grads)
+        return value, value
 
     def _apply_ul(self, grads: dict[str, Tensor]) -> None:
         if self.ul_opt is None:
