@@ -112,6 +112,7 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
 
     from pf2lora.common.algorithms.base import AlgorithmConfig
     from pf2lora.common.learning.config import AdapterConfig, ModelConfig, TrainConfig
+    from pf2lora.common.privacy.config import DPConfig
     from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
 
     torch.set_num_threads(1)
@@ -128,6 +129,7 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         name=METHODS[spec["method"]][0],
         train=train,
         perfedavg_alpha=hp.get("perfedavg_alpha", AlgorithmConfig.perfedavg_alpha),
+        dp=DPConfig(**hp["dp"]) if "dp" in hp else DPConfig(),  # bench_dp_utility.py
     )
     adapters = AdapterConfig(
         shared_rank=s["shared_rank"],
@@ -207,6 +209,14 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         ],
         "parameters": res.parameters,
         "wall_seconds": time.perf_counter() - t0,
+        **(
+            {
+                "epsilon": last.get("epsilon"),
+                "dp_update_norms": [n for r in res.rounds for n in r.get("dp_update_norm", [])],
+            }
+            if algo.dp.enabled
+            else {}
+        ),
     }
 
 

@@ -302,6 +302,7 @@ def run_simulation(
         }
         if dp.enabled:  # after this round's release (docs/security.md, differential privacy)
             record["epsilon"] = accountant.epsilon(dp.noise_multiplier, rnd, dp.delta)
+            record["dp_update_norm"] = [r.metrics["dp_update_norm"] for r in results]
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             last_eval = [rt.evaluate(global_state) for rt in runtimes]
             record["eval"] = last_eval
