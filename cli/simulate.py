@@ -155,6 +155,11 @@ def print_table(result: Any) -> None:
         f"(shared {p['shared']:,}, private {p['private']:,}), communicated "
         f"{p['communicated_per_client']:,}"
     )
+    if "epsilon" in last:  # silo-level differential privacy
+        print(
+            f"differential privacy: epsilon {last['epsilon']:.3f} after {last['round']} round(s) "
+            f"(delta {result.config['algorithm']['dp']['delta']:g})"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
