@@ -108,10 +108,44 @@ def make_runtime(
     return rt, g
 
 
+def offline() -> None:
+    """No model hub, no dataset downloads, no tokenizer threads."""
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_DATASETS_OFFLINE", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(key, value)
+
+
+def interleaved(
+    runtimes: dict[str, tuple[Any, Any]], labels: list[str], repeats: int
+) -> dict[str, list[float]]:
+    """One untimed warm-up round per variant, then `repeats` timed rounds of every variant,
+    the order rotating each repeat (background load hits every variant alike)."""
+    for rt, g in runtimes.values():
+        timed_round(rt, g)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for rep in range(repeats):
+        order = labels[rep % len(labels) :] + labels[: rep % len(labels)]
+        for label in order:
+            rt, g = runtimes[label]
+            times[label].append(timed_round(rt, g))
+        print(
+            f"repeat {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True
+        )
+    return times
+
+
 def timed_round(rt: Any, g: Any) -> float:
     rt.client.trainer.step = 0  # the same batches every repeat, for every variant
+    cuda = torch.cuda.is_available() and rt.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     rt.run_round(g, 1.0)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -230,9 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline()
     if args.child:
         return child(args)
     torch.set_num_threads(args.threads)
@@ -245,17 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mc, base, train, test = setup(args)
     runtimes = {label: make_runtime(args, label, mc, base, train, test) for label in labels}
-    for rt, g in runtimes.values():  # warm-up
-        timed_round(rt, g)
-    times: dict[str, list[float]] = {label: [] for label in labels}
-    for rep in range(args.repeats):
-        order = labels[rep % len(labels) :] + labels[: rep % len(labels)]
-        for label in order:
-            rt, g = runtimes[label]
-            times[label].append(timed_round(rt, g))
-        print(
-            f"repeat {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True
-        )
+    times = interleaved(runtimes, labels, args.repeats)
     del runtimes
     gc.collect()
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from _common import machine_info  # benchmarks/_common.py (scripts run from benchmarks/)
-from bench_local_cost import _status_kib, timed_round
+from bench_local_cost import _status_kib, interleaved, offline, timed_round
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline()
     if args.child:
         return child(args)
     torch.set_num_threads(args.threads)
@@ -211,17 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     train, test = client_data(args)
     runtimes = {label: runtime(args, label, train, test) for label in labels}
     tokens = tokens_per_round(runtimes[BASELINE][0], args)
-    for rt, g in runtimes.values():  # warm-up
-        timed_round(rt, g)
-    times: dict[str, list[float]] = {label: [] for label in labels}
-    for rep in range(args.repeats):
-        order = labels[rep % len(labels) :] + labels[: rep % len(labels)]
-        for label in order:
-            rt, g = runtimes[label]
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[label].append(timed_round(rt, g))
-        print(f"repeat {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    times = interleaved(runtimes, labels, args.repeats)  # CUDA: synchronised around each round
     del runtimes
     gc.collect()
     memory = measure_memory(args, labels)
