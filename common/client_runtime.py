@@ -156,7 +156,7 @@ class ClientRuntime:
         if train.dp_sgd_clip is not None:  # record-level: stays with the silo's metrics
             metrics["dp_sgd_epsilon"] = accountant.epsilon(
                 train.dp_sgd_noise_multiplier,
-                self.client.trainer.step,
+                self.client.trainer.dp_sgd_queries(),
                 train.dp_sgd_delta,
                 sample_rate=self.full_source.sample_rate,
             )

@@ -45,15 +45,16 @@ def check_supported(algorithm: str, dp: DPConfig, train: TrainConfig) -> None:
     if train.dp_sgd_clip is None:
         return
     estimator = f"pf2lora with hypergrad {train.hypergrad}" if algorithm == "pf2lora" else algorithm
-    if algorithm in DP_SGD_PLAIN or (algorithm == "pf2lora" and train.hypergrad == "joint"):
+    pf2lora_ok = algorithm == "pf2lora" and train.hypergrad in ("joint", "first-order")
+    if algorithm in DP_SGD_PLAIN or pf2lora_ok:
         return
     raise ConfigError(
-        f"train.dp_sgd_clip with {estimator}: DP-SGD runs only where every step is one gradient "
-        "of a mean over one batch (homlora, fedsa, local, pf2lora with hypergrad joint). The "
-        "bilevel estimators also learn from the lower-level batch, unclipped (first-order: "
-        "not yet; unroll and implicit: their hypergradient mixes both batches' examples, so one "
-        "example's influence is not bounded by clipping per example); HETLoRA's "
-        "regulariser and Per-FedAvg's meta-gradient are not yet supported"
+        f"train.dp_sgd_clip with {estimator}: DP-SGD runs where every gradient a step uses is "
+        "a mean over one batch (homlora, fedsa, local, pf2lora with hypergrad joint or "
+        "first-order). Unroll and implicit differentiate the upper-level loss through the "
+        "lower-level step, so one hypergradient mixes both batches' examples and clipping per "
+        "example does not bound one example's influence; HETLoRA's regulariser and "
+        "Per-FedAvg's meta-gradient are not yet supported"
     )
 
 

@@ -46,7 +46,7 @@ class PerExampleGrads:
             return out, float(value.detach())
         finally:
             self.gsm.disable_hooks()
-            for p in params.values():
+            for p in self.gsm.parameters():  # every trainable layer's hooks fired, not only ours
                 p.grad_sample = None  # type: ignore[attr-defined]
 
 

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -185,12 +186,16 @@ class BilevelTrainer:
             batch = source.batch(self.step, STREAM_UL)
             params = {n: p for n, p in {**self.x, **self.y}.items() if n in self.ul_names}
             if cfg.dp_sgd_clip is not None:
-                return self._dp_sgd_step(loss_fn, batch, params, source.batch_size)
+                grads, value = self._dp_grads(lambda: loss_fn({}, batch), batch, params, source)
+                self._apply_ul(grads)
+                return value, value
             loss = loss_fn({}, batch)
             grads = self.group.mean(hg.grad_named(loss, params))
             self._apply_ul(grads)
             value = float(loss.detach())
             return value, value
+        if cfg.dp_sgd_clip is not None:  # first-order only (algorithms/dp.py refuses the rest)
+            return self._dp_first_order(loss_fn, source)
         beta = cfg.ll_lr
         clip = cfg.ll_max_grad_norm
         group = self.group
@@ -230,14 +235,41 @@ class BilevelTrainer:
         self._apply_ul(res.h)
         return res.ll_loss, res.ul_loss
 
-    def _dp_sgd_step(
+    def dp_sgd_queries(self) -> int:
+        """DP-SGD gradient queries so far (each on its own Poisson batch): one per step, or
+        ll_steps + 1 for the first-order estimator (every lower-level step and the upper)."""
+        first_order = self.objective == "bilevel" and self.cfg.hypergrad == "first-order"
+        return self.step * (self.cfg.ll_steps + 1 if first_order else 1)
+
+    def _dp_first_order(self, loss_fn: hg.LossFn, source: BatchSource) -> tuple[float, float]:
+        """First-order step under DP-SGD: every lower-level SGD step on y and the upper-level
+        gradient at (x, y_hat) are DP-SGD queries, so nothing that shapes x sees an example
+        unclipped and un-noised. y is updated in place, so the upper-level loss at y_hat needs
+        no substitution."""
+        cfg = self.cfg
+        ll = float("nan")
+        for i in range(cfg.ll_steps):
+            stream = STREAM_LL_EXTRA + i if i < cfg.ll_steps - 1 else STREAM_LL
+            batch = source.batch(self.step, stream)
+            g, ll = self._dp_grads(partial(loss_fn, {}, batch), batch, dict(self.y), source)
+            g = hg.clip_named(g, cfg.ll_max_grad_norm)  # after the noise: post-processing
+            with torch.no_grad():
+                for n, p in self.y.items():
+                    p.sub_(cfg.ll_lr * g[n])
+        ul_batch = source.batch(self.step, STREAM_UL)
+        h, ul = self._dp_grads(lambda: loss_fn({}, ul_batch), ul_batch, dict(self.x), source)
+        self._apply_ul(h)
+        return ll, ul
+
+    def _dp_grads(
         self,
-        loss_fn: hg.LossFn,
+        loss: Callable[[], Tensor],
         batch: Mapping[str, Tensor],
         params: dict[str, nn.Parameter],
-        expected_batch: int,
-    ) -> tuple[float, float]:
-        """One DP-SGD step: per-example gradients clipped, summed, noised (per_example.py)."""
+        source: BatchSource,
+    ) -> tuple[dict[str, Tensor], float]:
+        """One DP-SGD query: per-example gradients of `params`, each clipped, summed, noised,
+        over the expected batch size (per_example.py); and the batch's loss."""
         from pf2lora.common.learning.per_example import PerExampleGrads, clip_and_noise
 
         cfg = self.cfg
@@ -250,20 +282,15 @@ class BilevelTrainer:
         assert self._dp_noise is not None
         rows = next(iter(batch.values())).shape[0]
         if rows:
-            per_example, value = self._per_example(lambda: loss_fn({}, batch), params)
+            per_example, value = self._per_example(loss, params)
             self._last_loss = value
-        else:  # Poisson sampling drew nobody: the step is noise alone
+        else:  # Poisson sampling drew nobody: the query is noise alone
             per_example = {n: p.detach()[None][:0] for n, p in params.items()}
             value = self._last_loss
-        grads = clip_and_noise(
-            per_example,
-            cfg.dp_sgd_clip,
-            cfg.dp_sgd_noise_multiplier,
-            expected_batch,
-            self._dp_noise,
-        )
-        self._apply_ul(grads)
-        return value, value
+        sigma = cfg.dp_sgd_noise_multiplier
+        expected = source.batch_size
+        grads = clip_and_noise(per_example, cfg.dp_sgd_clip, sigma, expected, self._dp_noise)
+        return grads, value
 
     def _apply_ul(self, grads: dict[str, Tensor]) -> None:
         if self.ul_opt is None:

@@ -92,7 +92,7 @@ def test_homlora_round_with_dp_sgd_reports_the_record_level_epsilon() -> None:
     ("name", "hypergrad"),
     [
         ("pf2lora", "unroll"),
-        ("pf2lora", "first-order"),
+        ("pf2lora", "implicit"),
         ("hetlora", "unroll"),
         ("perfedavg", "unroll"),
     ],
@@ -102,7 +102,8 @@ def test_dp_sgd_is_refused_where_per_example_clipping_does_not_bound_an_example(
 ) -> None:
     with pytest.raises(ConfigError, match="train.dp_sgd_clip with"):
         AlgorithmConfig(name=name, train=TrainConfig(hypergrad=hypergrad, dp_sgd_clip=1.0))  # type: ignore[arg-type]
-    AlgorithmConfig(name="pf2lora", train=TrainConfig(hypergrad="joint", dp_sgd_clip=1.0))
+    for allowed in ("joint", "first-order"):
+        AlgorithmConfig(name="pf2lora", train=TrainConfig(hypergrad=allowed, dp_sgd_clip=1.0))
 
 
 @pytest.mark.parametrize(
@@ -112,3 +113,37 @@ def test_dp_sgd_is_refused_where_per_example_clipping_does_not_bound_an_example(
 def test_invalid_dp_sgd_settings_are_refused_by_name(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_first_order_dp_sgd_bounds_each_lower_level_step_and_counts_every_query() -> None:
+    """Every lower-level step is a DP-SGD query too: with (almost) no noise, one step moves the
+    private adapter by at most beta * C * rows / B; epsilon counts ll_steps + 1 queries a step."""
+    from pf2lora.common.learning.batching import STREAM_LL, STREAM_LL_EXTRA
+
+    clip, beta = 1e-3, 0.1
+    train = TrainConfig(
+        local_steps=1,
+        batch_size=6,
+        hypergrad="first-order",
+        ll_lr=beta,
+        ll_steps=2,
+        dp_sgd_clip=clip,
+        dp_sgd_noise_multiplier=1e-9,
+    )
+    algo = make_algorithm(AlgorithmConfig(name="pf2lora", train=train), MINI.adapters)
+    data = text_data()
+    rt = ClientRuntime(algo, MINI, client_index=0, seed=0, train=data, test=data)
+    before = {n: p.detach().clone() for n, p in rt.model.private_parameters().items()}
+    metrics = rt.run_round(initial_global_state(algo, MINI, run_seed=0), 1.0).metrics
+    moved = (
+        sum(
+            float((p.detach() - before[n]).pow(2).sum())
+            for n, p in rt.model.private_parameters().items()
+        )
+        ** 0.5
+    )
+    rows = [rt.source.batch(0, s)["input_ids"].shape[0] for s in (STREAM_LL_EXTRA, STREAM_LL)]
+    assert 0 < moved <= beta * clip * sum(rows) / 6 * (1 + 1e-3)
+    assert metrics["dp_sgd_epsilon"] == pytest.approx(
+        accountant.epsilon(1e-9, 3, 1e-5, 0.25)  # 1 step x (2 lower-level + 1 upper) queries
+    )
