@@ -4,7 +4,7 @@ method on its validation-selected settings (bench_personalization.py).
 
     cd benchmarks
     # 1. the clip bound C per method: the median update norm of a run on the validation split
-    #    of the training data (seed 0, noise 1e-6, no clipping): test data never used
+    #    of the training data (seed 0, no clipping, noise std z C = 1e-6): test data never used
     ../.venv/bin/python bench_dp_utility.py --phase calibrate --workers 2
     # 2. the table: noise multipliers x methods x seeds (resumable, one record per run)
     ../.venv/bin/python bench_dp_utility.py --phase table --workers 2
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     choice = selected(args.out)
     if args.phase == "calibrate":  # validation split; no clipping in effect, negligible noise
         specs = [
-            task(m, dp_hp(choice[m], 1e6, 1e-6, s["clients"]), SPLIT, 0, "tune", s) for m in METHODS
+            task(m, dp_hp(choice[m], 1e6, 1e-12, s["clients"]), SPLIT, 0, "tune", s)
+            for m in METHODS
         ]
         run_all(specs, args.out / LOG, args.workers)
     elif args.phase == "table":
