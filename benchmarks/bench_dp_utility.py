@@ -36,6 +36,8 @@ from bench_personalization import (
     task,
 )
 
+from pf2lora.common.privacy import accountant
+
 LOG = "dp_utility_runs.jsonl"
 SPLIT = "trec/s=0.1"
 METHODS = ("pf2lora", "homlora")
@@ -83,14 +85,15 @@ def report(out: Path, s: dict[str, Any], command: str) -> None:
                 for r in runs
                 if r["method"] == method and r["config"]["dp"]["noise_multiplier"] == z
             ]
-            if mine:
+            if mine:  # epsilon after all rounds (a diverged run scores 0, counted apart)
                 rows.append(
                     {
                         "method": method,
                         "noise_multiplier": z,
-                        "epsilon": mine[0]["epsilon"],
+                        "epsilon": accountant.epsilon(z, s["rounds"], DELTA),
                         "acc": [r["personalised_acc"] or 0.0 for r in mine],
                         "worst": [r["worst_client_acc"] or 0.0 for r in mine],
+                        "diverged": sum(1 for r in mine if r.get("diverged")),
                     }
                 )
     lines = [
@@ -101,8 +104,8 @@ def report(out: Path, s: dict[str, Any], command: str) -> None:
         f"validation split: {json.dumps(calibrated(out))}; delta {DELTA}; mode silo.",
         "",
         "| method | noise multiplier z | epsilon after all rounds | personalised acc % "
-        "(mean ± sd) | worst client % | seeds |",
-        "|---|---:|---:|---:|---:|---:|",
+        "(mean ± sd) | worst client % | seeds | diverged (scored 0) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         acc = [100 * a for a in r["acc"]]
@@ -111,7 +114,7 @@ def report(out: Path, s: dict[str, Any], command: str) -> None:
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         lines.append(
             f"| {r['method']} | {z} | {eps} | {statistics.mean(acc):.1f} ± {sd:.1f} | "
-            f"{100 * statistics.mean(r['worst']):.1f} | {len(acc)} |"
+            f"{100 * statistics.mean(r['worst']):.1f} | {len(acc)} | {r.get('diverged', 0)} |"
         )
     save_results(
         out,
