@@ -131,16 +131,36 @@ def report(out: Path, s: dict[str, Any], command: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in METHODS:
-        pts = [
-            (r["epsilon"], statistics.mean(r["acc"]))
-            for r in rows
-            if r["method"] == method and r["epsilon"]
-        ]
-        if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
+        mine = [r for r in rows if r["method"] == method and r["epsilon"]]
+        if not mine:
+            continue
+        eps = [r["epsilon"] for r in mine]
+        (line,) = ax.plot(
+            eps,
+            [100 * statistics.mean(r["acc"]) for r in mine],
+            marker="o",
+            label=f"{method} (diverged runs count 0)",
+        )
+        color = line.get_color()
+        bad = [r for r in mine if r.get("diverged")]
+        if bad:
+            ax.scatter(
+                [r["epsilon"] for r in bad],
+                [100 * statistics.mean(r["acc"]) for r in bad],
+                marker="x",
+                s=80,
+                color="black",
+                zorder=3,
+            )
         base = [r for r in rows if r["method"] == method and r["epsilon"] is None]
         if base:
-            ax.axhline(100 * statistics.mean(base[0]["acc"]), linestyle="--", linewidth=0.8)
+            ax.axhline(
+                100 * statistics.mean(base[0]["acc"]),
+                color=color,
+                linestyle="--",
+                linewidth=0.8,
+                label=f"{method}, no DP",
+            )
     ax.set_xscale("log")
     ax.set_xlabel(f"epsilon after all rounds (delta {DELTA:g})")
     ax.set_ylabel("mean personalised accuracy %")
