@@ -30,6 +30,7 @@ from _common import read_log, save_results
 from bench_personalization import (
     RESULTS,
     RUN_LOG,
+    parser,
     run_all,
     selected,
     settings,
@@ -178,20 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    base = argparse.Namespace(
-        layers=2,
-        max_length=64,
-        clients=8,
-        rounds=args.rounds,
-        local_steps=10,
-        batch_size=8,
-        max_train=500,
-        max_test=200,
-        eval_every=3,
-        val_fraction=0.2,
-        tune_seed=0,
-    )
-    s = {**settings(base), "layers": 2}
+    # the personalisation benchmark's settings, defaults included: its no-DP runs are the reference
+    base = parser().parse_args(["--phase", "table", "--rounds", str(args.rounds)])
+    s = {**settings(base), "layers": base.layers}
     command = " ".join(shlex.quote(a) for a in ["benchmarks/bench_dp_utility.py", *sys.argv[1:]])
     choice = selected(args.out)
     if args.phase == "calibrate":  # validation split; no clipping in effect, negligible noise

@@ -282,7 +282,8 @@ def selected(out: Path) -> dict[str, dict[str, Any]]:
     return choice
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options and defaults (bench_dp_utility.py takes its settings from here)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phase", choices=("tune", "table", "report"), required=True)
     p.add_argument("--workers", type=int, default=2)
@@ -301,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=3)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     s = {**settings(args), "layers": args.layers}
     command = " ".join(
         shlex.quote(a) for a in ["benchmarks/bench_personalization.py", *sys.argv[1:]]

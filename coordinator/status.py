@@ -49,7 +49,8 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
         row = store.run(run_id)
         active = run if run is not None and run.run_id == run_id else None
         train = store.metrics(run_id, kind="train")
-        dp = from_json(RunConfig, row.config_json).algorithm.dp
+        cfg = from_json(RunConfig, row.config_json)  # once per status call
+        dp = cfg.algorithm.dp
         history: list[RoundView] = []
         for rr in store.rounds(run_id):
             if rr.round == 0 or rr.state != "complete":
@@ -103,7 +104,7 @@ def run_status(engine: Engine, run_id: str = "") -> RunView:
             run_id=run_id,
             state=row.state,
             phase=phase,
-            rounds=from_json(RunConfig, row.config_json).rounds,
+            rounds=cfg.rounds,
             completed_rounds=row.completed_rounds,
             current_round=current,
             attempt=attempt,

@@ -122,7 +122,8 @@ class ClientAlgorithm:
         if self.model.has_shared:
             keys = self.communicated_keys()
             self.model.load_shared_state(global_state, keys=keys)
-            self.received = {k: global_state[k].detach().clone() for k in keys}
+            if self.algorithm.cfg.dp.enabled:  # a DP payload is the update from this state
+                self.received = {k: global_state[k].detach().clone() for k in keys}
 
     def communicated_keys(self) -> set[str]:
         """The shared-state keys that travel (all of them unless the algorithm keeps some)."""

@@ -17,17 +17,12 @@ Two properties of an estimator decide it:
 from __future__ import annotations
 
 from pf2lora.common.algorithms.base import AlgorithmConfig
+from pf2lora.common.algorithms.dp import estimator_name
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.config import ModelConfig
 
 ONCE = ("pf2lora with hypergrad first-order or joint", "homlora", "hetlora", "fedsa", "local")
 NO_SUBSTITUTION = ("pf2lora with hypergrad joint", "homlora", "hetlora", "fedsa", "local")
-
-
-def _estimator(algo: AlgorithmConfig) -> str:
-    if algo.name == "pf2lora":
-        return f"pf2lora with hypergrad {algo.train.hypergrad}"
-    return algo.name
 
 
 def second_order(algo: AlgorithmConfig) -> bool:
@@ -46,15 +41,16 @@ def substitutes(algo: AlgorithmConfig) -> bool:
 
 def check_model_support(algo: AlgorithmConfig, model: ModelConfig) -> None:
     """ConfigError naming the option and what works with it, for a combination that cannot run."""
+    step = estimator_name(algo.name, algo.train)
     if model.quantize != "none" and second_order(algo):
         raise ConfigError(
-            f"model.quantize={model.quantize!r} with {_estimator(algo)}: this estimator "
+            f"model.quantize={model.quantize!r} with {step}: this estimator "
             "differentiates twice through the base model, which bitsandbytes' quantized layers "
             f"do not support reliably. Use one of: {', '.join(ONCE)}; or quantize='none'"
         )
     if model.gradient_checkpointing and substitutes(algo):
         raise ConfigError(
-            f"model.gradient_checkpointing=true with {_estimator(algo)}: checkpointing "
+            f"model.gradient_checkpointing=true with {step}: checkpointing "
             "recomputes activations without the parameters this estimator substitutes. Use one "
             f"of: {', '.join(NO_SUBSTITUTION)}; or gradient_checkpointing=false"
         )

@@ -36,6 +36,11 @@ UNSUPPORTED = {
 }
 
 
+def estimator_name(algorithm: str, train: TrainConfig) -> str:
+    """How an error names the local step: the algorithm, and PF2LoRA's hypergradient."""
+    return f"pf2lora with hypergrad {train.hypergrad}" if algorithm == "pf2lora" else algorithm
+
+
 def check_supported(algorithm: str, dp: DPConfig, train: TrainConfig) -> None:
     if dp.enabled and algorithm in UNSUPPORTED:
         raise ConfigError(
@@ -44,7 +49,7 @@ def check_supported(algorithm: str, dp: DPConfig, train: TrainConfig) -> None:
         )
     if train.dp_sgd_clip is None:
         return
-    estimator = f"pf2lora with hypergrad {train.hypergrad}" if algorithm == "pf2lora" else algorithm
+    estimator = estimator_name(algorithm, train)
     pf2lora_ok = algorithm == "pf2lora" and train.hypergrad in ("joint", "first-order")
     if algorithm in DP_SGD_PLAIN or pf2lora_ok:
         return

@@ -200,3 +200,31 @@ def test_a_budget_below_one_round_is_refused() -> None:
     with pytest.raises(ConfigError, match="dp.max_epsilon=.*below one round's epsilon"):
         DPConfig(enabled=True, noise_multiplier=1.0, max_epsilon=one / 2)
     DPConfig(enabled=True, noise_multiplier=1.0, max_epsilon=one)  # exactly one round: fine
+
+
+def test_dp_without_noise_or_clipping_is_equal_weight_fedavg() -> None:
+    """The DP path (updates with weight 1, previous + mean update) changes nothing but the noise
+    and the clip: with both negligible it trains what plain FedAvg with equal weights trains."""
+    from pf2lora.common.algorithms.base import AlgorithmConfig
+    from pf2lora.common.learning.config import TrainConfig
+    from pf2lora.common.simulation import DataConfig, SimulationConfig, run_simulation
+    from tests.helpers.tiny import MINI
+
+    finals = []
+    for dp in (DPConfig(), DPConfig(enabled=True, clip=1e6, noise_multiplier=1e-12, min_silos=4)):
+        cfg = SimulationConfig(
+            algorithm=AlgorithmConfig(
+                name="homlora",
+                weighting="equal",
+                train=TrainConfig(local_steps=3, batch_size=8, ul_lr=1e-2),
+                dp=dp,
+            ),
+            model=MINI,
+            data=DataConfig(num_clients=4, max_train_per_client=24, max_test_per_client=8),
+            rounds=3,
+        )
+        finals.append(run_simulation(cfg).final_global)
+    plain, private = finals
+    assert max(float(plain[k].abs().max()) for k in plain) > 1e-2  # it trained
+    for k in plain:
+        torch.testing.assert_close(private[k], plain[k], rtol=0, atol=1e-5)
