@@ -103,6 +103,7 @@ def make_config(
         ul_lr=hp["ul_lr"],
         ll_lr=hp.get("ll_lr", TrainConfig.ll_lr),
         ll_max_grad_norm=hp.get("ll_max_grad_norm"),
+        ll_steps=1,  # what the committed selection and table ran (the default was 1 then)
     )
     algo = AlgorithmConfig(name=name, train=train, perfedavg_alpha=hp.get("perfedavg_alpha", 0.05))
     return SimulationConfig(

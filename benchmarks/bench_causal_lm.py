@@ -81,6 +81,7 @@ def run_one(
         ul_lr=hp["ul_lr"],
         ll_lr=hp.get("ll_lr", TrainConfig.ll_lr),
         ll_max_grad_norm=hp.get("ll_max_grad_norm"),
+        ll_steps=1,  # what the committed selection and table ran (the causal-lm default)
     )
     tune = phase == "tune"
     cfg = SimulationConfig(

@@ -97,8 +97,11 @@ def make_runtime(
     cfg = AlgorithmConfig(
         name=name,
         train=TrainConfig(
-            local_steps=args.local_steps, batch_size=args.batch_size, hypergrad=hypergrad
-        ),  # type: ignore[arg-type]
+            local_steps=args.local_steps,
+            batch_size=args.batch_size,
+            hypergrad=hypergrad,  # type: ignore[arg-type]
+            ll_steps=1,  # the cost of one lower-level step per upper step (ll_steps k adds k - 1)
+        ),
     )
     alg = make_algorithm(cfg, mc.adapters)
     g = initial_global_state(alg, mc, 0, base=copy.deepcopy(base))

@@ -93,6 +93,7 @@ def runtime(args: argparse.Namespace, label: str, train: Any, test: Any) -> tupl
         local_steps=args.local_steps,
         batch_size=args.batch_size,
         hypergrad=hypergrad,  # type: ignore[arg-type]
+        ll_steps=1,  # one lower-level step per upper step, as bench_local_cost.py
     )
     alg = make_algorithm(AlgorithmConfig(name=name, train=train_cfg), mc.adapters)
     base = load_base_model(mc)

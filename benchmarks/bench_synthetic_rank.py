@@ -67,6 +67,7 @@ def make_config(
                 ul_lr=ul_lr,
                 max_grad_norm=None,
                 hypergrad="unroll",
+                ll_steps=1,
             ),
         ),
         model=ModelConfig(

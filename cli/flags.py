@@ -14,7 +14,11 @@ from typing import Any
 Flag = tuple[tuple[str, ...], Any, str]
 
 ALGORITHM_FLAGS: dict[str, Flag] = {
-    "algorithm": (("algorithm", "name"), str, "pf2lora | homlora | hetlora | perfedavg | local"),
+    "algorithm": (
+        ("algorithm", "name"),
+        str,
+        "pf2lora | homlora | hetlora | perfedavg | fedsa | local",
+    ),
     "weighting": (("algorithm", "weighting"), str, "silo weights: samples | equal"),
     "hypergrad": (
         ("algorithm", "train", "hypergrad"),
@@ -24,6 +28,11 @@ ALGORITHM_FLAGS: dict[str, Flag] = {
     "local_steps": (("algorithm", "train", "local_steps"), int, "local steps per round"),
     "batch_size": (("algorithm", "train", "batch_size"), int, "minibatch size"),
     "ll_lr": (("algorithm", "train", "ll_lr"), float, "lower-level SGD step (private adapter)"),
+    "ll_steps": (
+        ("algorithm", "train", "ll_steps"),
+        int,
+        "lower-level SGD steps per upper-level step (default 3; 1 for causal-lm)",
+    ),
     "ul_lr": (("algorithm", "train", "ul_lr"), float, "upper-level AdamW lr (shared adapter)"),
     "weight_decay": (("algorithm", "train", "weight_decay"), float, "AdamW weight decay"),
     "max_grad_norm": (

@@ -8,8 +8,9 @@ DEFAULT_SOURCE = "vader"  # what DataConfig.source defaults to (common/simulatio
 
 # Settings a data source brings with it, used where the config file and flags say nothing.
 # synthetic-rank: the rank-recovery regime (benchmarks/results/synthetic_rank.md): the lower
-# level must be much faster than the upper (ll_lr / ul_lr = 100) and unclipped; with the plain
-# defaults every client learns rank 9.
+# level must be much faster than the upper (ll_lr / ul_lr = 100) and unclipped, one lower-level
+# step per upper step as measured there; with the classification defaults every client learned
+# rank 9.
 SOURCE_DEFAULTS: dict[str, dict[tuple[str, ...], Any]] = {
     "synthetic-rank": {
         ("rounds",): 600,
@@ -19,6 +20,7 @@ SOURCE_DEFAULTS: dict[str, dict[tuple[str, ...], Any]] = {
         ("algorithm", "train", "batch_size"): 64,
         ("algorithm", "train", "ll_lr"): 0.2,
         ("algorithm", "train", "ul_lr"): 0.002,
+        ("algorithm", "train", "ll_steps"): 1,
         ("algorithm", "train", "max_grad_norm"): None,
         ("model", "path"): "",
         ("model", "task"): "regression",

@@ -161,10 +161,15 @@ def test_a_data_source_brings_its_own_defaults_and_flags_and_files_win(tmp_path)
     cfg = _parsed(["--data", "synthetic-rank"])
     train = cfg.algorithm.train
     assert (cfg.rounds, train.ll_lr, train.ul_lr, train.max_grad_norm) == (600, 0.2, 0.002, None)
+    assert train.ll_steps == 1  # as the rank benchmark measured (the classification default: 3)
     assert cfg.model.task == "regression" and cfg.data.num_clients == 5
     assert _parsed(["--data", "synthetic-rank", "--ll-lr", "0.1"]).algorithm.train.ll_lr == 0.1
     toml = tmp_path / "run.toml"
     toml.write_text('rounds = 7\n[data]\nsource = "synthetic-rank"\n')
     assert _parsed(["--config", str(toml)]).rounds == 7
     plain = _parsed(["--data", "vader"])  # other sources keep the built-in defaults
-    assert (plain.rounds, plain.algorithm.train.ll_lr) == (3, 0.1)
+    assert (plain.rounds, plain.algorithm.train.ll_lr, plain.algorithm.train.ll_steps) == (
+        3,
+        0.1,
+        3,
+    )

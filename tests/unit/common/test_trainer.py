@@ -112,7 +112,12 @@ def test_lower_level_clip_bounds_every_private_step() -> None:
             for p in m.private_parameters().values():
                 p.normal_(0, 1.0)  # far from the optimum: large lower-level gradients
         cfg = TrainConfig(
-            local_steps=1, batch_size=32, ll_lr=0.05, ul_lr=0.01, ll_max_grad_norm=clip
+            local_steps=1,
+            batch_size=32,
+            ll_lr=0.05,
+            ul_lr=0.01,
+            ll_max_grad_norm=clip,
+            ll_steps=1,  # one private step per round: the round's movement is that step
         )
         tr = BilevelTrainer(m, cfg, seed=0)
         src = source(data, 32)
