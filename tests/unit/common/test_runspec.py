@@ -12,6 +12,7 @@ import pytest
 from pf2lora.common.algorithms.base import AlgorithmConfig
 from pf2lora.common.errors import ConfigError
 from pf2lora.common.learning.config import ModelConfig, TrainConfig, from_mapping
+from pf2lora.common.privacy.config import DPConfig
 from pf2lora.common.runspec import (
     RunConfig,
     SecAggSettings,
@@ -89,5 +90,7 @@ def test_secure_aggregation_needs_two_silos_and_its_threshold() -> None:
     assert RunConfig(min_silos=1).round_min_silos == 2
     assert RunConfig(min_silos=1, secure_aggregation=False).round_min_silos == 1
     assert RunConfig(secagg=SecAggSettings(threshold=3)).round_min_silos == 3
+    dp = DPConfig(enabled=True, clip=1.0, noise_multiplier=1.0, min_silos=4)
+    assert RunConfig(min_silos=1, algorithm=AlgorithmConfig(dp=dp)).round_min_silos == 4
     assert RunConfig(algorithm=AlgorithmConfig(name="hetlora")).secagg_clip == 256.0
     assert RunConfig().secagg_clip == 4.0

@@ -20,6 +20,7 @@ from pf2lora.common.errors import (
     NotFound,
     PermissionDenied,
 )
+from pf2lora.common.privacy.config import DPConfig
 from pf2lora.common.runspec import RunConfig, from_json, to_json
 from pf2lora.common.wire.tasks import EvaluateTask, IdleTask, StopTask, TrainTask
 from pf2lora.coordinator.checkpoints import CheckpointStore, state_digest
@@ -164,6 +165,33 @@ def test_deadline_closes_without_a_silent_silo_and_refuses_its_late_update(tmp_p
     assert torch.allclose(g["layer.lora_A.weight"], torch.full((2, 4), 2.5))
     with pytest.raises(FailedPrecondition, match="round 1 refused"):
         push(eng, "c", tasks["c"], 5.0)
+
+
+def test_a_dp_round_with_fewer_updates_than_dp_min_silos_is_not_released(tmp_path: Path) -> None:
+    """Each DP update carries 1/dp.min_silos of the noise's variance: a sum of fewer updates is
+    under-noised, so the deadline re-opens the round instead of releasing it, although the
+    run's own min_silos (1) is met. Two guards: the round needs dp.min_silos updates
+    (RunConfig.round_min_silos), and the DP aggregate refuses a shorter sum (DataError)."""
+    dp = DPConfig(enabled=True, clip=1.0, noise_multiplier=1.0, min_silos=3)
+    for with_dp in (False, True):
+        clock = Clock()
+        eng = make_engine(tmp_path / str(with_dp), clock)
+        join_all(eng)
+        algorithm = AlgorithmConfig(dp=dp if with_dp else DPConfig())
+        run_id = eng.start_run(run_cfg(rounds=1, min_silos=1, algorithm=algorithm))
+        for s in "abc":
+            eng.get_task(s)
+        tasks = {s: eng.get_task(s) for s in "abc"}
+        push(eng, "a", tasks["a"], 1.0)
+        push(eng, "b", tasks["b"], 3.0)
+        clock.t += 61
+        eng.tick()
+        view = run_status(eng, run_id)
+        if with_dp:
+            assert view.completed_rounds == 0 and not view.history
+            assert view.phase is Phase.ENROLLING and view.attempt == 2
+        else:  # the same two updates release the round without DP
+            assert view.completed_rounds == 1 and view.history[0].reported == ("a", "b")
 
 
 def test_too_few_updates_reopen_the_round_and_refuse_the_old_attempt(tmp_path: Path) -> None:
