@@ -64,6 +64,18 @@ def push(engine: Engine, silo: str, task: TrainTask, value: float) -> None:
     )
 
 
+def two_of_three_report(engine: Engine, clock: Clock) -> dict[str, TrainTask]:
+    """Silos a, b, c enrol in round 1; a and b send (1.0, 3.0); the deadline passes."""
+    for s in "abc":
+        engine.get_task(s)
+    tasks = {s: engine.get_task(s) for s in "abc"}
+    push(engine, "a", tasks["a"], 1.0)
+    push(engine, "b", tasks["b"], 3.0)
+    clock.t += 61
+    engine.tick()
+    return tasks  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------- store
 
 
@@ -151,13 +163,7 @@ def test_deadline_closes_without_a_silent_silo_and_refuses_its_late_update(tmp_p
     eng = make_engine(tmp_path, clock)
     join_all(eng)
     run_id = eng.start_run(run_cfg(rounds=1))
-    for s in "abc":
-        eng.get_task(s)
-    tasks = {s: eng.get_task(s) for s in "abc"}
-    push(eng, "a", tasks["a"], 1.0)
-    push(eng, "b", tasks["b"], 3.0)
-    clock.t += 61
-    eng.tick()
+    tasks = two_of_three_report(eng, clock)
     view = run_status(eng, run_id)
     assert view.completed_rounds == 1 and view.history[0].reported == ("a", "b")
     g, _ = eng.global_state("a", run_id, 1)
@@ -179,13 +185,7 @@ def test_a_dp_round_with_fewer_updates_than_dp_min_silos_is_not_released(tmp_pat
         join_all(eng)
         algorithm = AlgorithmConfig(dp=dp if with_dp else DPConfig())
         run_id = eng.start_run(run_cfg(rounds=1, min_silos=1, algorithm=algorithm))
-        for s in "abc":
-            eng.get_task(s)
-        tasks = {s: eng.get_task(s) for s in "abc"}
-        push(eng, "a", tasks["a"], 1.0)
-        push(eng, "b", tasks["b"], 3.0)
-        clock.t += 61
-        eng.tick()
+        two_of_three_report(eng, clock)
         view = run_status(eng, run_id)
         if with_dp:
             assert view.completed_rounds == 0 and not view.history
