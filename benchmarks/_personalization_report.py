@@ -60,8 +60,11 @@ def table_markdown(
         "it chose on validation data (personalization_selection.md). Accuracy in % on each "
         "client's own held-out split, mean ± sd over seeds of the mean over clients; worst = "
         "the lowest client's accuracy (mean over seeds); Δ = PF2LoRA minus the method, paired "
-        "by seed (positive: PF2LoRA better); s/round = one silo's local training seconds per "
-        "round; sent = parameters each silo sends per round.",
+        "by seed (positive: PF2LoRA better); most a client loses = the largest (shared-only "
+        "minus personalised) over the clients of a run, mean ± sd over seeds (0 or less: no "
+        "client's personalised model is below its shared-only one); s/round = one silo's local "
+        "training seconds per round, median over seeds (some runs shared the 2 cores with "
+        "other jobs); sent = parameters each silo sends per round.",
         "",
     ]
     splits = sorted({r["split"] for r in runs})
@@ -73,7 +76,7 @@ def table_markdown(
             f"## {split} ({len(seeds)} seed(s): {seeds})",
             "",
             "| method | personalised | shared-only | worst client | Δ vs PF2LoRA (paired) "
-            "| worst client below its shared-only | s/round | sent |",
+            "| most a client loses to its shared-only (points) | s/round | sent |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         pf2 = {r["seed"]: r for r in here if r["method"] == "pf2lora"}
@@ -96,7 +99,7 @@ def table_markdown(
                 ]
                 if gaps:
                     drops.append(max(gaps))
-            sec = statistics.fmean(r["seconds_per_round"] for r in rs)
+            sec = statistics.median(r["seconds_per_round"] for r in rs)
             sent = rs[0]["parameters"]["communicated_per_client"]
             lines.append(
                 f"| {m} | {_ms(pers)} | {_ms(shared)} | {_ms(worst)} | "
