@@ -244,11 +244,35 @@ def write_report(
             {k: r[k] for k in ("split", "method", "config", "seed", "diverged")} for r in diverged
         ],
     }
-    md = table_markdown(runs, choice, s, command)
+    shown, partial = complete_seeds(table)
+    md = table_markdown([r for r in runs if (r["split"], r["seed"]) in shown], choice, s, command)
+    if partial:
+        md += "\nSeeds not every method has finished yet (in the JSON, not in the tables):\n\n"
+        md += "".join(f"- {split} seed {seed}: {what}\n" for (split, seed), what in partial)
     if diverged:
         md += "\nRuns that diverged (local training stopped; not in the table above):\n\n"
         md += "".join(
             f"- {r['split']} {r['method']} seed {r['seed']}: {r['diverged']}\n" for r in diverged
         )
     save_results(out, "personalization", doc, md)
-    plot_curves(runs, out)
+    plot_curves([r for r in runs if (r["split"], r["seed"]) in shown], out)
+
+
+def complete_seeds(
+    table: list[dict[str, Any]],
+) -> tuple[set[tuple[str, int]], list[tuple[tuple[str, int], str]]]:
+    """(split, seed) pairs every method of the split has a run for (diverged runs count), and
+    the others with the methods they have so far: a seed still running is kept out of the
+    means so that no method's row mixes other seeds than the rest."""
+    methods: dict[str, set[str]] = {}
+    have: dict[tuple[str, int], set[str]] = {}
+    for r in table:
+        methods.setdefault(r["split"], set()).add(r["method"])
+        have.setdefault((r["split"], r["seed"]), set()).add(r["method"])
+    shown = {k for k, ms in have.items() if ms == methods[k[0]]}
+    partial = [
+        (k, f"{len(ms)} of {len(methods[k[0]])} methods ({', '.join(sorted(ms))})")
+        for k, ms in sorted(have.items())
+        if k not in shown
+    ]
+    return shown, partial
